@@ -374,3 +374,13 @@ def test_fit_layer_probes_same_split_for_every_layer():
         res = fit_layer_probes({"x": feats["L1"], "y": feats["L1"].copy()}, y, groups, progress=False)
     assert res.test_score[0] == res.test_score[1]
     assert res.train_score[0] == res.train_score[1]
+
+
+def test_fit_layer_probes_emits_one_summary_convergence_warning():
+    feats, y, groups = _synthetic_layers()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_layer_probes(feats, y, groups, max_iter=1, progress=False)
+    conv = [w for w in caught if "max_iter" in str(w.message)]
+    assert len(conv) == 1
+    assert "3/3 layers" in str(conv[0].message)

