@@ -158,6 +158,8 @@ def test_ridge_recovers_linear_target_and_matches_sklearn():
 
     with pytest.raises(AttributeError, match="logistic"):
         probe.predict_proba(X[te])
+    assert not hasattr(probe, "predict_proba")
+    assert hasattr(LinearProbe(), "predict_proba")
 
 
 def test_ridge_multi_output():
