@@ -394,8 +394,9 @@ class LinearProbe(BaseEstimator):
             # float64 std would materialise a float64 copy of X (slow at 20k x 576).
             var_t, mean_t = torch.var_mean(torch.from_numpy(X), dim=0, correction=0)
             mean, std = mean_t.double().numpy(), var_t.double().sqrt().numpy()
-            # Constant features: leave them unscaled (as StandardScaler does).
-            std = np.where(std > 1e-6 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+            # Constant features: leave them unscaled (as StandardScaler does);
+            # "constant" = zero, or below float32 resolution of the feature's mean.
+            std = np.where((std > 0) & (std > 1e-6 * np.abs(mean)), std, 1.0)
             Xs = ((X - mean.astype(np.float32)) / std.astype(np.float32)).astype(np.float32, copy=False)
         else:
             mean, std, Xs = np.zeros(d), np.ones(d), X
@@ -475,9 +476,9 @@ class LinearProbe(BaseEstimator):
         # float32 inputs and features of scale 1e4, X @ coef_ + intercept_ loses
         # precision to cancellation.
         Xs = (X - self.mean_.astype(np.float32)) / self.scale_.astype(np.float32)
-        W_std = (self.coef_ * self.scale_).T
+        W_std = (self.coef_ * self.scale_).T.astype(np.float32)
         b_std = self.intercept_ + self.mean_ @ self.coef_.T
-        return Xs.astype(np.float64) @ W_std + b_std
+        return (Xs @ W_std).astype(np.float64) + b_std
 
     def predict(self, X: Any) -> np.ndarray:
         """Predict class labels (logistic) or targets (ridge).
