@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -246,7 +246,7 @@ def _row_meta(ids: torch.Tensor, mask: torch.Tensor, doc_idx: list[int], positio
 
 
 def capture(model, inputs, config: CaptureConfig, *, writer: ActivationWriter | None = None,
-            tokenizer=None) -> CaptureResult:
+            tokenizer=None, batch_filter: Callable[[int], bool] | None = None) -> CaptureResult:
     """Run ``inputs`` through ``model`` and hand the requested activations to ``writer``.
 
     Parameters
@@ -255,14 +255,16 @@ def capture(model, inputs, config: CaptureConfig, *, writer: ActivationWriter | 
         ``nn.Module`` (names are module paths).
     inputs : list of str (tokenised with ``tokenizer`` or the bridge's), list of token-id lists, or — for
         non-sequence modules — a tensor ``(n_samples, …)``.
-    writer : defaults to a ``MemoryWriter`` whose rows are returned in the result.
+    writer : defaults to a ``MemoryWriter`` whose rows are returned in the result. A writer with a
+        ``resume_batches`` attribute (the cache's ``RunWriter``) has that many leading batches skipped.
+    batch_filter : keep only batches whose index passes (scale-out: each rank takes its own batches).
     """
     own = writer is None
     writer = writer or MemoryWriter()
     if isinstance(inputs, torch.Tensor):
         res = _capture_tensor(model, inputs, config, writer)
     else:
-        res = _capture_sequences(model, inputs, config, writer, tokenizer)
+        res = _capture_sequences(model, inputs, config, writer, tokenizer, batch_filter)
     writer.close()
     if own:
         res.acts, res.meta = writer.acts, writer.meta
@@ -285,7 +287,7 @@ def _capture_tensor(module, x: torch.Tensor, cfg: CaptureConfig, writer) -> Capt
     return CaptureResult(cfg, hs.mechanism, len(x), len(x), len(x), time.perf_counter() - t0)
 
 
-def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer) -> CaptureResult:
+def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer, batch_filter=None) -> CaptureResult:
     inputs = list(inputs)
     if not inputs:
         raise ValueError("capture got no documents")
@@ -315,12 +317,16 @@ def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer) -> 
     dtype = DTYPES[cfg.dtype]
 
     lengths = [len(d) for d in docs]
-    n_tokens = sum(lengths)
+    batches = _batches(lengths, cfg.batch_size, cfg.sort_by_length)
+    if batch_filter is not None:
+        batches = [b for i, b in enumerate(batches) if batch_filter(i)]
+    done = getattr(writer, "resume_batches", 0)  # already committed by an earlier, interrupted capture
+    n_tokens = sum(lengths[i] for b in batches[done:] for i in b)
     skipped = 0
     n_rows = 0
     t0 = time.perf_counter()
     with hs, tqdm(total=n_tokens, unit="tok", unit_scale=True, disable=not cfg.progress, desc="capture") as bar:
-        for batch in _batches(lengths, cfg.batch_size, cfg.sort_by_length):
+        for batch in batches[done:]:
             P = max(lengths[i] for i in batch)
             ids = torch.full((len(batch), P), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), P), dtype=torch.bool)

@@ -1,0 +1,190 @@
+"""Activation cache: round trips, reuse, corruption detection, readers during writes, locking."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from probekit.cache import ActivationCache, CacheError, Run
+from probekit.capture import CaptureConfig, capture, tokenize
+from tests.conftest import TEXTS
+
+DOCS_TEXT = TEXTS * 3
+
+
+@pytest.fixture
+def docs(tiny_llama):
+    _, tok = tiny_llama
+    return tokenize(tok, DOCS_TEXT, max_length=64)
+
+
+def cfg(**kw):
+    base = dict(hooks=["blocks.0.hook_resid_post", "blocks.2.attn.hook_z"], batch_size=2, progress=False)
+    base.update(kw)
+    return CaptureConfig(**base)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_round_trip_exact(tiny_llama, docs, tmp_path, dtype):
+    bridge, _ = tiny_llama
+    run = ActivationCache(tmp_path).capture(bridge, docs, cfg(dtype=dtype), batches_per_shard=2)
+    mem = capture(bridge, docs, cfg(dtype=dtype))
+    assert run.complete and len(run.manifest["shards"]) > 1
+    for h in run.hooks:
+        got = run.load(h)
+        assert got.dtype == getattr(torch, dtype)
+        assert torch.equal(got.view(torch.uint8) if dtype != "float32" else got,
+                           mem.acts[h].view(torch.uint8) if dtype != "float32" else mem.acts[h])
+    meta = run.meta_tensors()
+    for k in meta:
+        assert torch.equal(meta[k], mem.meta[k])
+    # any rows, any order, across shard boundaries
+    rows = np.array([5, 0, run.n_rows - 1, 17, 17])
+    assert torch.equal(run.load("blocks.0.hook_resid_post", rows), mem.acts["blocks.0.hook_resid_post"][rows])
+    assert torch.equal(run.load("blocks.0.hook_resid_post", slice(3, 40)), mem.acts["blocks.0.hook_resid_post"][3:40])
+
+
+def test_same_config_reuses_different_config_never_collides(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    cache = ActivationCache(tmp_path)
+    a = cache.capture(bridge, docs, cfg())
+    mtime = (a.path / "manifest.json").stat().st_mtime_ns
+    b = cache.capture(bridge, docs, cfg())
+    assert b.path == a.path and (a.path / "manifest.json").stat().st_mtime_ns == mtime  # reused, not rewritten
+    c = cache.capture(bridge, docs, cfg(dtype="bfloat16"))
+    d = cache.capture(bridge, docs[:-1], cfg())
+    e = cache.capture(bridge, docs, cfg(positions="last"))
+    assert len({a.path, c.path, d.path, e.path}) == 4
+
+
+def test_metadata_filter(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    run = ActivationCache(tmp_path).capture(bridge, docs, cfg())
+    rows = run.rows_where(doc_index=[1, 3], position=[0, 1])
+    meta = run.meta_tensors()
+    assert len(rows) == 4
+    assert set(meta["doc_index"][rows].tolist()) == {1, 3} and set(meta["position"][rows].tolist()) == {0, 1}
+    ds = run.metadata()
+    assert ds.num_rows == run.n_rows and set(ds.column_names) >= {"doc_index", "position", "token_id"}
+
+
+def _first_bin(run: Run):
+    return run.path / run.manifest["shards"][1]["files"]["blocks.0.hook_resid_post"]["path"]
+
+
+def test_truncated_shard_detected_naming_file(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    cache = ActivationCache(tmp_path)
+    run = cache.capture(bridge, docs, cfg(), batches_per_shard=1)
+    other = cache.capture(bridge, docs, cfg(positions="last"))
+    before = {p: p.read_bytes() for p in other.path.rglob("*") if p.is_file()}
+    f = _first_bin(run)
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CacheError, match=str(f.name)):
+        Run(run.path)
+    assert any(str(f) in p and "size" in p for p in _unchecked(run.path).verify())
+    # the other run is untouched and still reads
+    assert {p: p.read_bytes() for p in other.path.rglob("*") if p.is_file()} == before
+    Run(other.path).load("blocks.0.hook_resid_post")
+
+
+def _unchecked(path):
+    """A Run object without the open-time size check, to call verify() on a damaged run."""
+    r = Run.__new__(Run)
+    r.path = path
+    from probekit.cache import _read_manifest
+
+    r.manifest = _read_manifest(path / "manifest.json")
+    r._verified = set()
+    return r
+
+
+def test_flipped_byte_detected_on_read_and_by_verify(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    run = ActivationCache(tmp_path).capture(bridge, docs, cfg(), batches_per_shard=1)
+    f = _first_bin(run)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    fresh = Run(run.path)  # sizes are fine; content is not
+    fresh.load("blocks.0.hook_resid_post", slice(0, 2))  # shard 0 is intact and reads
+    with pytest.raises(CacheError, match=f.name):
+        fresh.load("blocks.0.hook_resid_post")
+    problems = fresh.verify()
+    assert len(problems) == 1 and f.name in problems[0] and "sha256" in problems[0]
+
+
+def test_edited_manifest_detected(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    run = ActivationCache(tmp_path).capture(bridge, docs, cfg())
+    m = run.path / "manifest.json"
+    doc = json.loads(m.read_text())
+    doc["body"]["shards"][0]["rows"] += 1
+    m.write_text(json.dumps(doc))
+    with pytest.raises(CacheError, match="manifest.json"):
+        Run(run.path)
+
+
+def test_reader_during_write_sees_only_committed_rows(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    cache = ActivationCache(tmp_path)
+    key = cache.key_for(bridge, docs, cfg(), batches_per_shard=1)
+    w = cache.writer(key)
+    seen = []
+
+    class Watch:
+        """Forward writes to the run writer; after each, open the run as an independent reader."""
+
+        resume_batches = 0
+
+        def write(self, acts, meta):
+            w.write(acts, meta)
+            r = Run(w.path)
+            seen.append((r.n_rows, r.complete))
+            assert r.load("blocks.0.hook_resid_post").shape[0] == r.n_rows
+
+        def close(self):
+            w.close()
+
+    res = capture(bridge, docs, cfg(), writer=Watch())
+    assert [c for _, c in seen] == [False] * len(seen)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen) and seen[-1][0] == res.n_rows
+    assert Run(w.path).complete
+
+
+def test_two_writers_of_one_config_serialize(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(ActivationCache(tmp_path).capture(bridge, docs, cfg(), batches_per_shard=1))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results[0].path == results[1].path
+    run = Run(results[0].path)
+    assert run.complete and not run.verify()
+    assert run.n_rows == capture(bridge, docs, cfg()).n_rows
+
+
+def test_cache_list_open_rm(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    cache = ActivationCache(tmp_path)
+    run = cache.capture(bridge, docs, cfg())
+    assert [r.run_id for r in cache.list()] == [run.run_id]
+    assert cache.open(run.run_id[:8]).path == run.path
+    with pytest.raises(CacheError, match="no run"):
+        cache.open("zzzz")
+    cache.rm(run.run_id)
+    assert cache.list() == []
