@@ -95,6 +95,9 @@ def weights_fingerprint(model) -> str:
     known = getattr(model, "probekit_weights", None)
     if known:
         return known
+    from .models import plain_model
+
+    model = plain_model(model) or model  # a bridge's own state_dict has aliases; its twin's is plain HF
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())

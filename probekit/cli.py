@@ -1,9 +1,8 @@
-"""``probekit`` command line: ``models list|fetch``, ``capture``, ``demo``."""
+"""``probekit`` command line: ``models list|fetch``, ``capture``, ``cache list|show|verify|rm``, ``demo``."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -42,7 +41,9 @@ def _read_texts(path: str) -> list[str]:
 
 
 def _cmd_capture(args) -> int:
-    from .capture import CaptureConfig, SafetensorsWriter, capture
+    from .cache import ActivationCache
+    from .capture import CaptureConfig
+    from .distributed import init_from_env
     from .models import load_model
 
     if bool(args.texts) == bool(args.stdlib_functions):
@@ -56,17 +57,47 @@ def _cmd_capture(args) -> int:
     positions = args.positions
     if positions not in ("all", "last"):
         positions = [int(p) for p in positions.split(",")]
+    rank, world, device = init_from_env()  # (0, 1, …) unless started by torchrun
     cfg = CaptureConfig(hooks=args.hooks, positions=positions, batch_size=args.batch_size,
-                        max_length=args.max_length, dtype=args.dtype)
-    bridge, tok = load_model(args.model)
-    key = hashlib.sha256(json.dumps([args.model, texts, cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
-    from .paths import cache_root
+                        max_length=args.max_length, dtype=args.dtype, progress=rank == 0)
+    bridge, tok = load_model(args.model, device=device)
+    cache = ActivationCache(args.cache_root)
+    run = cache.capture(bridge, texts, cfg, tokenizer=tok, batches_per_shard=args.batches_per_shard,
+                        rank=rank, world_size=world)
+    if rank == 0:
+        print(f"run {run.run_id}: {run.n_rows:,} rows × {len(run.hooks)} hooks, "
+              f"{run.nbytes() / 2**20:,.1f} MiB, {'complete' if run.complete else 'partial'} → {run.path}")
+    return 0
 
-    out = Path(args.out) if args.out else cache_root() / "captures" / key
-    writer = SafetensorsWriter(out, config=dict(model=args.model, **cfg.to_dict()))
-    res = capture(bridge, texts, cfg, writer=writer, tokenizer=tok)
-    print(f"captured {res.n_rows:,} rows × {len(cfg.hooks)} hooks from {res.n_docs} documents "
-          f"({res.tokens_per_second:,.0f} tokens/s, {res.mechanism} hooks) → {out}")
+
+def _cmd_cache(args) -> int:
+    from .cache import ActivationCache
+
+    cache = ActivationCache(args.cache_root)
+    if args.cache_command == "list":
+        runs = cache.list()
+        if not runs:
+            print(f"no runs under {cache.runs_dir}")
+        for r in runs:
+            key = r.config["key"]
+            print(f"{r.run_id[:12]}  {'complete' if r.complete else 'partial ':<8}  {r.n_rows:>10,} rows  "
+                  f"{r.nbytes() / 2**20:>9,.1f} MiB  {key['model']}  {len(r.hooks)} hooks  {key['dtype']}")
+    elif args.cache_command == "show":
+        r = cache.open(args.run)
+        print(json.dumps(dict(run=r.run_id, path=str(r.path), complete=r.complete, rows=r.n_rows,
+                              bytes=r.nbytes(), shards=len(r.manifest["shards"]), config=r.config,
+                              hooks={h: dict(shape=list(r.shape(h)), dtype=str(r.dtype(h))) for h in r.hooks}),
+                         indent=2))
+    elif args.cache_command == "verify":
+        r = cache.open(args.run)
+        problems = r.verify()
+        for p in problems:
+            print(f"CORRUPT {p}")
+        print(f"run {r.run_id}: {'OK' if not problems else f'{len(problems)} corrupt file(s)'} "
+              f"({len(r.manifest['shards'])} shards, {r.nbytes() / 2**20:,.1f} MiB re-hashed)")
+        return 1 if problems else 0
+    elif args.cache_command == "rm":
+        print(f"removed {cache.rm(args.run)}")
     return 0
 
 
@@ -104,8 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-length", type=int, default=256)
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", help="output folder (default: <cache root>/captures/<hash of the request>)")
+    c.add_argument("--batches-per-shard", type=int, default=4, help="capture batches per committed shard")
+    c.add_argument("--cache-root", help="cache root (default: $PROBEKIT_CACHE or ./cache)")
     c.set_defaults(func=_cmd_capture)
+
+    k = sub.add_parser("cache", help="list, show, verify or remove activation runs")
+    ksub = k.add_subparsers(dest="cache_command", required=True)
+    for name, hlp in [("list", "runs with sizes"), ("show", "one run's manifest summary"),
+                      ("verify", "re-hash every shard; exit 1 on corruption"), ("rm", "delete a run")]:
+        kp = ksub.add_parser(name, help=hlp)
+        if name != "list":
+            kp.add_argument("run", help="run id (a unique prefix is enough)")
+        kp.add_argument("--cache-root", help="cache root (default: $PROBEKIT_CACHE or ./cache)")
+        kp.set_defaults(func=_cmd_cache)
 
     d = sub.add_parser("demo", help="per-layer syntax probes on SmolLM2 over stdlib functions")
     d.add_argument("--model", default=DEFAULT_MODEL)
@@ -118,13 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cache import CacheError
     from .hooks import HookNameError
     from .models import ModelError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelError, HookNameError, ValueError) as e:
+    except (ModelError, HookNameError, CacheError, ValueError) as e:
         print(f"probekit: error: {e}", file=sys.stderr)
         return 2
 

@@ -419,6 +419,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, fetch: bool = True, dtype: 
     _match_attention(twin, hf_model)
     _TWINS[bridge] = twin.eval()
     bridge.probekit_name = spec.name if spec else str(name_or_path)  # type: ignore[attr-defined]
+    bridge.probekit_weights = spec.sha256 if spec else None  # type: ignore[attr-defined]
     return bridge, bridge.tokenizer
 
 
