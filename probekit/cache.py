@@ -392,13 +392,14 @@ class RunWriter:
         files = {}
         hooks = self._pending[0][0].keys()
         for hook in hooks:
-            t = torch.cat([a[hook] for a, _ in self._pending]).contiguous()
+            parts = [a[hook] for a, _ in self._pending]
+            t = (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
             dtype = {v: k for k, v in _TORCH.items()}[t.dtype]
             info = self.body["hooks"].setdefault(hook, dict(shape=list(t.shape[1:]), dtype=dtype))
             if info["shape"] != list(t.shape[1:]) or info["dtype"] != dtype:
                 raise CacheError(f"hook {hook}: rows of shape {tuple(t.shape[1:])} {dtype} do not match the run's "
                                  f"{tuple(info['shape'])} {info['dtype']}")
-            raw = (t.view(torch.uint16) if dtype == "bfloat16" else t).numpy().tobytes()
+            raw = memoryview((t.view(torch.uint16) if dtype == "bfloat16" else t).numpy()).cast("B")  # no copy
             files[hook] = (f"{hook}/{name}.bin", raw)
         cols = {k: torch.cat([m[k] for _, m in self._pending]).numpy() for k in self._pending[0][1]}
         rows = len(next(iter(cols.values())))

@@ -17,14 +17,16 @@ depends only on ``seed`` and the epoch number, not on the path (resident or stre
 
 Example
 -------
->>> from probekit.cache import ActivationCache                               # doctest: +SKIP
->>> from probekit.device_cache import DeviceCache                            # doctest: +SKIP
->>> run = ActivationCache().open("3f2a")                                     # doctest: +SKIP
->>> dc = DeviceCache(run, budget_gb=8)         # cuda when available, else cpu   # doctest: +SKIP
->>> x = dc.get("blocks.6.hook_resid_post")     # (n_rows, 576), resident          # doctest: +SKIP
->>> labels = run.meta_tensors(["token_id"])["token_id"].to(dc.device)          # doctest: +SKIP
->>> for b in dc.batches(["blocks.6.hook_resid_post"], 1024, shuffle=True, epochs=3, dtype=torch.float32):
-...     loss = probe_step(b["blocks.6.hook_resid_post"], labels[b["rows"]])  # doctest: +SKIP
+>>> import torch                                                              # doctest: +SKIP
+>>> from probekit.cache import ActivationCache                                # doctest: +SKIP
+>>> from probekit.device_cache import DeviceCache                             # doctest: +SKIP
+>>> run = ActivationCache().list()[0]            # any captured run            # doctest: +SKIP
+>>> hook = run.hooks[0]                                                       # doctest: +SKIP
+>>> dc = DeviceCache(run, budget_gb=8)           # cuda when available, else cpu   # doctest: +SKIP
+>>> x = dc.get(hook)                             # (n_rows, *row_shape), resident  # doctest: +SKIP
+>>> token_id = run.meta_tensors(["token_id"])["token_id"].to(dc.device)     # doctest: +SKIP
+>>> for b in dc.batches(hook, 1024, shuffle=True, epochs=2, dtype=torch.float32):  # doctest: +SKIP
+...     x, y = b[hook], token_id[b["rows"]]      # (1024, *row_shape) float32, (1024,) labels
 """
 
 from __future__ import annotations
@@ -317,11 +319,19 @@ class DeviceCache:
 
     # ---- streamed: a buffer of blocks at a time from the memory map
 
-    def _read_buffer(self, hooks, sel, starts, stops, perm, pin):
-        """Read one buffer's blocks from the run into fresh host tensors, already in output order.
+    def _shard_views(self, hook: str) -> list[tuple[int, int, torch.Tensor]]:
+        """``(first_row, stop_row, view)`` per non-empty shard: zero-copy views of the memory maps, held while an
+        iterator lives, so blocks are plain slices (no map per block; pages faulted once stay mapped)."""
+        b = self._shard_bounds()
+        return [(lo, hi, self.run.load(hook, slice(lo, hi))) for lo, hi in zip(b[:-1], b[1:]) if hi > lo]
 
-        Each block is one ``run.load`` (a zero-copy view of the map when its rows are consecutive within a
-        shard) scattered straight to its shuffled positions, so every byte is copied once."""
+    def _read_buffer(self, hooks, views, sel, starts, stops, perm, *, pin=False, reuse=None):
+        """Read one buffer's blocks from the run into host tensors, already in output order.
+
+        A block of consecutive rows is copied from the shard views straight to its (shuffled) positions, so every
+        byte is copied once; a block of scattered rows (a ``rows`` subset) is gathered with ``run.load``. With
+        ``reuse`` (a dict), the buffers are kept there and refilled by the next call (CPU); otherwise they are
+        fresh (``pin``: in pinned memory, for an async upload)."""
         lens = [b - a for a, b in zip(starts, stops)]
         length = sum(lens)
         offs = np.cumsum([0] + lens).tolist()
@@ -330,15 +340,25 @@ class DeviceCache:
             inv[perm] = torch.arange(length)
         out = {}
         for h in hooks:
-            t = torch.empty((length, *self.run.shape(h)[1:]), dtype=self.run.dtype(h), pin_memory=pin)
+            if reuse is not None and h in reuse and len(reuse[h]) >= length:
+                t = reuse[h][:length]
+            else:
+                t = torch.empty((length, *self.run.shape(h)[1:]), dtype=self.run.dtype(h), pin_memory=pin)
+                if reuse is not None:
+                    reuse[h] = t
             for a, b, o in zip(starts, stops, offs):
                 r = sel[a:b]
-                src = self.run.load(h, slice(int(r[0]), int(r[-1]) + 1)
-                                    if r[-1] - r[0] == len(r) - 1 and np.all(np.diff(r) == 1) else r)
-                if perm is None:
-                    t[o : o + len(r)].copy_(src)
+                lo, hi = int(r[0]), int(r[-1]) + 1
+                if hi - lo == len(r) and np.all(np.diff(r) == 1):
+                    pieces = [(v[max(lo, s0) - s0 : min(hi, s1) - s0], o + max(lo, s0) - lo)
+                              for s0, s1, v in views[h] if s0 < hi and lo < s1]
                 else:
-                    t.index_copy_(0, inv[o : o + len(r)], src)
+                    pieces = [(self.run.load(h, r), o)]
+                for src, d in pieces:
+                    if perm is None:
+                        t[d : d + len(src)].copy_(src)
+                    else:
+                        t.index_copy_(0, inv[d : d + len(src)], src)
             out[h] = t
         rows = torch.from_numpy(np.concatenate([sel[a:b] for a, b in zip(starts, stops)]))
         rows = rows if perm is None else rows[perm]
@@ -347,18 +367,18 @@ class DeviceCache:
 
     def _streamed_batches(self, hooks, *, sel, batch_size, shuffle, seed, epochs, drop_last, rpb, buffer_blocks,
                           dtype):
-        cuda = self.device.type == "cuda"
         n = len(sel)
+        views = {h: self._shard_views(h) for h in hooks}
 
-        def cast(buf):
-            if dtype is not None:
-                buf = {k: (v if k == "rows" else v.to(dtype)) for k, v in buf.items()}
-            return buf
+        if self.device.type != "cuda":
+            reuse: dict[str, torch.Tensor] = {}  # one host buffer per hook, refilled: no fresh pages per buffer
 
-        if not cuda:
+            def own(part):  # batches must outlive the buffer's refill: each gets its own copy (cast included)
+                return {k: v if k == "rows" else v.to(dtype or v.dtype, copy=True) for k, v in part.items()}
+
             for buffers in self._epochs(n, rpb, buffer_blocks, shuffle, seed, epochs):
-                yield from _rebatch((cast(self._read_buffer(hooks, sel, *b, pin=False)) for b in buffers),
-                                    batch_size, drop_last)
+                yield from _rebatch((self._read_buffer(hooks, views, sel, *b, reuse=reuse) for b in buffers),
+                                    batch_size, drop_last, own)
             return
 
         main = torch.cuda.current_stream(self.device)
@@ -366,7 +386,7 @@ class DeviceCache:
 
         def stage(b):
             """Host read into pinned memory, then an async upload on the side stream; returns (tensors, event)."""
-            host = self._read_buffer(hooks, sel, *b, pin=True)
+            host = self._read_buffer(hooks, views, sel, *b, pin=True)
             # device memory is allocated on the main stream; the side stream must not write it before main-stream
             # work that used the same memory (before it was freed) is done
             dev = {k: torch.empty_like(v, device=self.device) for k, v in host.items()}
@@ -387,20 +407,23 @@ class DeviceCache:
                 nxt = stage(nxt) if nxt is not None else None  # prefetch: uploads while `cur` is consumed
                 dev, ev = cur
                 main.wait_event(ev)
-                yield cast(dev)
+                yield dev
                 cur = nxt
+
+        def cast(part):  # device buffers are fresh per buffer: batches may stay views of them
+            return {k: v if k == "rows" or dtype is None else v.to(dtype) for k, v in part.items()}
 
         try:
             for buffers in self._epochs(n, rpb, buffer_blocks, shuffle, seed, epochs):
-                yield from _rebatch(chunks(buffers), batch_size, drop_last)
+                yield from _rebatch(chunks(buffers), batch_size, drop_last, cast)
         finally:  # closed early with an upload in flight: order its buffer's reuse after the copy
             main.wait_stream(side)
 
 
-def _rebatch(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int, drop_last: bool):
-    """Cut a stream of equally long tensor dicts into batches of ``batch_size`` rows (views where a batch lies
-    within one chunk; a batch straddling two chunks is concatenated). One epoch: the remainder is yielded unless
-    ``drop_last``."""
+def _rebatch(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int, drop_last: bool, convert):
+    """Cut a stream of equally long tensor dicts into batches of ``batch_size`` rows, passing each piece through
+    ``convert`` before the next chunk is pulled (so a chunk's memory may be refilled afterwards). A batch
+    straddling two chunks is concatenated. One epoch: the remainder is yielded unless ``drop_last``."""
     pending: list[dict[str, torch.Tensor]] = []
     npend = 0
     for c in chunks:
@@ -408,7 +431,7 @@ def _rebatch(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int, drop_la
         i = 0
         if npend:
             take = min(batch_size - npend, length)
-            pending.append({k: v[:take] for k, v in c.items()})
+            pending.append(convert({k: v[:take] for k, v in c.items()}))
             npend += take
             i = take
             if npend < batch_size:
@@ -416,9 +439,9 @@ def _rebatch(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int, drop_la
             yield {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
             pending, npend = [], 0
         while length - i >= batch_size:
-            yield {k: v[i : i + batch_size] for k, v in c.items()}
+            yield convert({k: v[i : i + batch_size] for k, v in c.items()})
             i += batch_size
         if i < length:
-            pending, npend = [{k: v[i:] for k, v in c.items()}], length - i
+            pending, npend = [convert({k: v[i:] for k, v in c.items()})], length - i
     if npend and not drop_last:
-        yield {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+        yield pending[0] if len(pending) == 1 else {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
