@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .capture import CaptureConfig, capture
+from .cache import ActivationCache
+from .capture import CaptureConfig
 from .data.code import encode_labels, iter_stdlib_functions, label_vocabulary, token_syntax_labels
 from .models import DEFAULT_MODEL, load_model
 from .paths import results_dir
@@ -67,24 +67,30 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     vocab = label_vocabulary(labels, top_k=cfg.top_k_labels)
 
     hooks = ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in range(n_layers)]
-    say(f"[probekit demo] capturing {len(hooks)} residual-stream sites for {sum(map(len, docs)):,} tokens …")
-    res = capture(bridge, docs, CaptureConfig(hooks=hooks, positions="all", batch_size=cfg.batch_size,
-                                              max_length=cfg.max_length, dtype="bfloat16",
-                                              progress=cfg.progress))
-    say(f"[probekit demo] capture: {res.tokens_per_second:,.0f} tokens/s ({res.mechanism} hooks)")
+    say(f"[probekit demo] capturing {len(hooks)} residual-stream sites for {sum(map(len, docs)):,} tokens "
+        "into the activation cache …")
+    t_cap = time.perf_counter()
+    run = ActivationCache().capture(bridge, docs, CaptureConfig(hooks=hooks, positions="all",
+                                                                batch_size=cfg.batch_size,
+                                                                max_length=cfg.max_length, dtype="bfloat16",
+                                                                progress=cfg.progress))
+    cap_seconds = time.perf_counter() - t_cap
+    say(f"[probekit demo] run {run.run_id[:12]}: {run.n_rows:,} rows, {run.nbytes() / 2**20:,.0f} MiB "
+        f"({cap_seconds:.0f} s; a second demo run reuses it)")
 
-    doc_idx = res.meta["doc_index"].numpy()
-    pos = res.meta["position"].numpy()
+    meta = run.meta_tensors()
+    doc_idx, pos = meta["doc_index"].numpy(), meta["position"].numpy()
     row_labels = [labels[d][p] for d, p in zip(doc_idx, pos)]
     y = encode_labels(row_labels, vocab)
     keep = y >= 0  # special and whitespace-only tokens carry no syntax label
     names = {"hook_embed": "embed", **{f"blocks.{l}.hook_resid_post": str(l) for l in range(n_layers)}}
-    features = {names[h]: res.acts[h][torch.from_numpy(keep)] for h in hooks}
+    rows = np.flatnonzero(keep)
+    features = {names[h]: run.load(h, rows) for h in hooks}
 
     say(f"[probekit demo] fitting {len(features)} per-layer probes on {int(keep.sum()):,} tokens, "
         f"{len(vocab)} labels …")
     result = fit_layer_probes(features, y[keep], doc_idx[keep], kind="logistic", alpha=cfg.alpha,
-                              max_iter=cfg.max_iter, seed=cfg.seed, token_ids=res.meta["token_id"].numpy()[keep],
+                              max_iter=cfg.max_iter, seed=cfg.seed, token_ids=meta["token_id"].numpy()[keep],
                               task="parent node type of each token (tree-sitter)", progress=cfg.progress)
 
     out = Path(cfg.out) if cfg.out else results_dir() / "demo" / cfg.model.replace("/", "--")
@@ -95,8 +101,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         config=asdict(cfg),
         labels=vocab,
         n_functions=len(snippets),
-        capture=dict(tokens=res.n_tokens, rows=res.n_rows, seconds=round(res.seconds, 2),
-                     tokens_per_second=round(res.tokens_per_second, 1), mechanism=res.mechanism),
+        capture=dict(run=run.run_id, rows=run.n_rows, tokens=int(sum(map(len, docs))),
+                     seconds=round(cap_seconds, 2)),
         result=result.to_dict(),
         seconds_total=round(time.perf_counter() - t0, 1),
     )

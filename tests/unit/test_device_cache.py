@@ -53,7 +53,8 @@ def cache(run, path: str) -> DeviceCache:
 
 
 def collect(it):
-    return [{k: v.clone() for k, v in b.items()} for b in it]
+    """Batches kept as yielded (not cloned): each must stay valid while later ones are produced."""
+    return list(it)
 
 
 def epochs_of(batches, n):
