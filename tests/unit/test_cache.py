@@ -188,3 +188,23 @@ def test_cache_list_open_rm(tiny_llama, docs, tmp_path):
         cache.open("zzzz")
     cache.rm(run.run_id)
     assert cache.list() == []
+
+
+def test_cli_cache_verify_names_the_corrupt_file(tiny_llama, docs, tmp_path, capsys):
+    from probekit.cli import main
+
+    bridge, _ = tiny_llama
+    run = ActivationCache(tmp_path).capture(bridge, docs, cfg(), batches_per_shard=1)
+    assert main(["cache", "verify", run.run_id[:10], "--cache-root", str(tmp_path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    f = _first_bin(run)
+    data = bytearray(f.read_bytes())
+    data[0] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert main(["cache", "verify", run.run_id[:10], "--cache-root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"CORRUPT {f}" in out and "1 corrupt file" in out
+    assert main(["cache", "list", "--cache-root", str(tmp_path)]) == 0
+    assert run.run_id[:12] in capsys.readouterr().out
+    assert main(["cache", "show", "nope", "--cache-root", str(tmp_path)]) == 2  # clear error, no traceback
+    assert "no run matching" in capsys.readouterr().err

@@ -112,3 +112,13 @@ def test_bridge_and_twin_share_weights(tiny_llama):
     # same storage, not a copy: the twin costs no weight memory
     assert p_twin["model.layers.0.mlp.down_proj.weight"].data_ptr() == \
         bridge.blocks[0].mlp.out.original_component.weight.data_ptr()
+
+
+def test_cli_models_list(cache_root, capsys):
+    from probekit.cli import main
+
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "not fetched" in out and "Apache-2.0" in out
+    assert main(["models", "fetch", "smollm2-13"]) == 2
+    assert "Did you mean 'smollm2-135m'" in capsys.readouterr().err
