@@ -4,7 +4,7 @@ Layout of one run (``<cache root>/runs/<run_id>/``; ``run_id`` is the hash of th
 
     manifest.json              config, per-hook row shape and dtype, committed shards, "complete" flag,
                                and a checksum of its own body (an edited manifest is detected)
-    <hook name>/shard-00000.bin   raw little-endian rows, shape (rows, *row_shape); bf16 stays bf16
+    acts/<hook>/shard-00000.bin   raw little-endian rows, shape (rows, *row_shape); bf16 stays bf16
     meta/shard-00000.arrow     token metadata (doc_index, position, token_id, …): Arrow IPC stream
     .lock                      held by the writer (two captures of one config never interleave)
 
@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 _NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw bits
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 META_DIR = "meta"
+ACTS_DIR = "acts"
 
 
 class CacheError(RuntimeError):
@@ -88,6 +89,14 @@ def fingerprint_docs(docs: Sequence[Sequence[int]]) -> str:
         a = np.asarray(d, dtype=np.int64)
         h.update(len(a).to_bytes(8, "little"))
         h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_tensor(x: torch.Tensor) -> str:
+    """sha256 of a tensor dataset (shape, dtype and bytes)."""
+    t = x.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -192,9 +201,13 @@ class Run:
 
     # ---- integrity
     def _check_sizes(self) -> None:
+        root = self.path.resolve()
         for s in self.manifest["shards"]:
             for f in s["files"].values():
                 p = self.path / f["path"]
+                if Path(f["path"]).is_absolute() or not p.resolve().is_relative_to(root):
+                    raise CacheError(f"{self.path / 'manifest.json'}: file path {f['path']!r} points outside the "
+                                     "run folder; refusing to read it.")
                 try:
                     size = p.stat().st_size
                 except FileNotFoundError:
@@ -248,13 +261,13 @@ class Run:
         info = self.manifest["hooks"][hook]
         if s["rows"] == 0:
             return np.zeros((0, *info["shape"]), dtype=_NP_STORAGE[info["dtype"]])
-        return np.memmap(self.path / f["path"], dtype=_NP_STORAGE[info["dtype"]], mode="r",
+        # copy-on-write map: still zero-copy, and a caller writing into a loaded tensor gets private pages
+        # instead of a segfault on a read-only mapping
+        return np.memmap(self.path / f["path"], dtype=_NP_STORAGE[info["dtype"]], mode="c",
                          shape=(s["rows"], *info["shape"]))
 
     def _to_torch(self, arr: np.ndarray, hook: str) -> torch.Tensor:
-        with warnings.catch_warnings():  # read-only memmaps: torch warns that it cannot write; we never do
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(arr)
+        t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if self.manifest["hooks"][hook]["dtype"] == "bfloat16" else t
 
     def load(self, hook: str, rows: slice | Sequence[int] | np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
@@ -270,6 +283,9 @@ class Run:
             rows = slice(0, n)
         if isinstance(rows, slice):
             start, stop, step = rows.indices(n)
+            if step == 1 and stop <= start:
+                return self._to_torch(np.empty((0, *self._hook(hook)["shape"]),
+                                               dtype=_NP_STORAGE[self._hook(hook)["dtype"]]), hook)
             if step == 1:
                 first = int(np.searchsorted(bounds, start, side="right") - 1)
                 if first < len(bounds) - 1 and stop <= bounds[first + 1]:
@@ -282,7 +298,12 @@ class Run:
                         parts.append(self._to_torch(np.asarray(self._shard_array(hook, i)[lo - bounds[i] : hi - bounds[i]]), hook))
                 return torch.cat(parts) if parts else self._to_torch(self._shard_array(hook, 0)[:0], hook)
             rows = np.arange(start, stop, step)
-        idx = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
+        idx = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean row mask of shape {idx.shape} for a run of {n} rows")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64, copy=False)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"row index out of range for a run of {n} rows")
         info = self.manifest["hooks"][hook]
@@ -307,9 +328,10 @@ class Run:
             raise CacheError(f"run {self.run_id} has no committed rows yet")
         return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
-    def meta_tensors(self, columns: Iterable[str] = ("doc_index", "position", "token_id")) -> dict[str, torch.Tensor]:
+    def meta_tensors(self, columns: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Metadata columns (all by default) as int64 tensors ``(n_rows,)``."""
         ds = self.metadata().with_format("numpy")
-        return {c: torch.from_numpy(np.asarray(ds[c])) for c in columns}
+        return {c: torch.from_numpy(np.asarray(ds[c])) for c in (columns or ds.column_names)}
 
     def rows_where(self, *, doc_index: Iterable[int] | None = None, position: Iterable[int] | None = None) -> np.ndarray:
         """Row indices whose metadata matches (document ids and/or positions)."""
@@ -320,6 +342,13 @@ class Run:
         if position is not None:
             keep &= torch.isin(m["position"], torch.as_tensor(list(position)))
         return torch.nonzero(keep).flatten().numpy()
+
+
+def _check_hook_name(hook: str) -> None:
+    """Hook names become folder names: refuse anything that could leave the run folder."""
+    if not hook or hook.startswith(".") or "/" in hook or "\\" in hook or "\x00" in hook:
+        raise CacheError(f"hook name {hook!r} cannot be stored: it must be non-empty, not start with '.', and "
+                         "contain no path separators")
 
 
 def write_manifest(run_dir: Path, body: dict) -> None:
@@ -365,9 +394,13 @@ class RunWriter:
             fcntl.flock(self._lock, fcntl.LOCK_EX)
         mpath = path / "manifest.json"
         if mpath.is_file():
-            self.body = _read_manifest(mpath)
-            if self.body["config"]["key"] != key.to_dict():
-                raise CacheError(f"{mpath}: run id collision with a different config; remove the run.")
+            try:
+                self.body = _read_manifest(mpath)
+                if self.body["config"]["key"] != key.to_dict():
+                    raise CacheError(f"{mpath}: run id collision with a different config; remove the run.")
+            except BaseException:
+                self._release()
+                raise
         else:
             self.body = dict(format=FORMAT_VERSION, config=dict(key=key.to_dict(), **(extra_config or {})),
                              hooks={}, shards=[], complete=False)
@@ -395,6 +428,7 @@ class RunWriter:
         files = {}
         hooks = self._pending[0][0].keys()
         for hook in hooks:
+            _check_hook_name(hook)
             parts = [a[hook] for a, _ in self._pending]
             t = (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
             dtype = {v: k for k, v in _TORCH.items()}[t.dtype]
@@ -402,8 +436,9 @@ class RunWriter:
             if info["shape"] != list(t.shape[1:]) or info["dtype"] != dtype:
                 raise CacheError(f"hook {hook}: rows of shape {tuple(t.shape[1:])} {dtype} do not match the run's "
                                  f"{tuple(info['shape'])} {info['dtype']}")
-            raw = memoryview((t.view(torch.uint16) if dtype == "bfloat16" else t).numpy()).cast("B")  # no copy
-            files[hook] = (f"{hook}/{name}.bin", raw)
+            arr = (t.view(torch.uint16) if dtype == "bfloat16" else t).numpy()
+            raw = memoryview(arr).cast("B") if arr.size else b""  # no copy
+            files[hook] = (f"{ACTS_DIR}/{hook}/{name}.bin", raw)
         cols = {k: torch.cat([m[k] for _, m in self._pending]).numpy() for k in self._pending[0][1]}
         rows = len(next(iter(cols.values())))
         sink = pa.BufferOutputStream()
@@ -479,16 +514,25 @@ class ActivationCache:
 
     def rm(self, run_id: str) -> Path:
         path = self._resolve(run_id)
-        if path.resolve().parent != self.runs_dir.resolve():
+        if path.resolve().parent != self.runs_dir.resolve() or not path.is_dir():
             raise CacheError(f"refusing to remove {path}: not a run folder under {self.runs_dir}")
-        shutil.rmtree(path)
+        with open(path / ".lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise CacheError(f"run {path.name} is being written by another process; stop it first") from None
+            shutil.rmtree(path)
         return path
 
-    def key_for(self, model, docs: Sequence[Sequence[int]], cfg, *, batches_per_shard: int = 4,
+    def key_for(self, model, docs: Sequence[Sequence[int]] | torch.Tensor, cfg, *, batches_per_shard: int = 4,
                 model_name: str | None = None, world_size: int = 1) -> RunKey:
         positions = cfg.positions if isinstance(cfg.positions, str) else tuple(cfg.positions)
         name = model_name or getattr(model, "probekit_name", None) or type(model).__name__
-        return RunKey(model=name, weights=weights_fingerprint(model), dataset=fingerprint_docs(docs),
+        p = next(model.parameters(), None)
+        # same weights in another dtype or on another device type give other bytes: part of the identity
+        weights = f"{weights_fingerprint(model)}:{p.dtype if p is not None else ''}:{p.device.type if p is not None else ''}"
+        dataset = fingerprint_tensor(docs) if isinstance(docs, torch.Tensor) else fingerprint_docs(docs)
+        return RunKey(model=name, weights=weights, dataset=dataset,
                       hooks=tuple(cfg.hooks), positions=positions, dtype=cfg.dtype, max_length=cfg.max_length,
                       batch_size=cfg.batch_size, sort_by_length=cfg.sort_by_length,
                       batches_per_shard=batches_per_shard, world_size=world_size)
@@ -502,11 +546,12 @@ class ActivationCache:
         from .capture import capture as run_capture
         from .capture import tokenize
 
-        docs = list(docs)
-        if docs and isinstance(docs[0], str):
-            tok = tokenizer or getattr(model, "tokenizer", None)
-            docs = tokenize(tok, docs, max_length=cfg.max_length)
-        docs = [list(map(int, d))[: cfg.max_length] for d in docs]
+        if not isinstance(docs, torch.Tensor):  # a tensor is a batch of samples for a plain module
+            docs = list(docs)
+            if docs and isinstance(docs[0], str):
+                tok = tokenizer or getattr(model, "tokenizer", None)
+                docs = tokenize(tok, docs, max_length=cfg.max_length)
+            docs = [list(map(int, d))[: cfg.max_length] for d in docs]
         key = self.key_for(model, docs, cfg, batches_per_shard=batches_per_shard, model_name=model_name,
                            world_size=world_size)
         if world_size > 1:

@@ -1,4 +1,4 @@
-"""Batched activation capture into a writer (memory, safetensors shards, or the activation cache).
+"""Batched activation capture into a writer (memory, or a run of the activation cache).
 
 Sequence models (a ``TransformerBridge`` from ``load_model``, or any HF-style module taking
 ``input_ids``/``attention_mask``): documents are tokenised (or given as token ids), bucketed by length so
@@ -20,11 +20,8 @@ torch.Size([9, 576])
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -117,65 +114,6 @@ class NullWriter:
         pass
 
 
-class SafetensorsWriter:
-    """Plain safetensors shards: ``<dir>/shard-00000.safetensors`` … plus ``manifest.json``.
-
-    Each shard holds every hook (key = hook name) and the metadata (key = ``meta.<name>``). Shards are
-    written to a temporary name and renamed, the manifest last.
-    """
-
-    def __init__(self, directory: str | Path, *, shard_rows: int = 65536, config: dict | None = None):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.shard_rows = shard_rows
-        self.config = config or {}
-        self.shards: list[dict] = []
-        self._buf = MemoryWriter()
-        self._rows = 0
-
-    def write(self, acts, meta) -> None:
-        self._buf.write(acts, meta)
-        self._rows += next(iter(meta.values())).shape[0]
-        if self._rows >= self.shard_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._rows:
-            return
-        self._buf.close()
-        tensors = {k: v.contiguous() for k, v in self._buf.acts.items()}
-        tensors.update({f"meta.{k}": v.contiguous() for k, v in self._buf.meta.items()})
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        tmp = self.dir / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.dir / name)
-        self.shards.append(dict(file=name, rows=self._rows))
-        self._buf, self._rows = MemoryWriter(), 0
-
-    def close(self) -> None:
-        self._flush()
-        manifest = dict(config=self.config, shards=self.shards, rows=sum(s["rows"] for s in self.shards))
-        tmp = self.dir / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, self.dir / "manifest.json")
-
-
-def load_safetensors_run(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Read a ``SafetensorsWriter`` folder back: ``(acts, meta)`` concatenated over shards."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    manifest = json.loads((d / "manifest.json").read_text())
-    acts: dict[str, list] = {}
-    meta: dict[str, list] = {}
-    for s in manifest["shards"]:
-        for k, v in load_file(str(d / s["file"])).items():
-            (meta if k.startswith("meta.") else acts).setdefault(k.removeprefix("meta."), []).append(v)
-    return {k: torch.cat(v) for k, v in acts.items()}, {k: torch.cat(v) for k, v in meta.items()}
-
-
 @dataclass
 class CaptureResult:
     """Summary of a capture. With a ``MemoryWriter`` (the default) ``acts``/``meta`` hold the rows."""
@@ -207,22 +145,28 @@ def _batches(lengths: list[int], batch_size: int, sort: bool) -> list[list[int]]
 
 
 def _select_rows(act: torch.Tensor, pos_axis: int, mask: torch.Tensor, positions, max_length: int):
-    """Rows of one hook's batch activation. ``act`` is ``(B, P, …)`` after moving ``pos_axis`` to 1."""
+    """Rows of one hook's batch activation ``act`` (``(B, P, …)`` once ``pos_axis`` is moved to 1).
+
+    ``mask`` is the CPU padding mask; indices are built on the CPU and moved to ``act``'s device.
+    """
     if pos_axis != 1:
         act = act.movedim(pos_axis, 1)
         if act.shape[-1] != max_length:  # key axis of patterns: pad to a fixed width so rows stack
             act = torch.nn.functional.pad(act, (0, max_length - act.shape[-1]))
+    dev = act.device
+    if positions == "all":  # integer indices from the CPU mask: no device-side nonzero/sync
+        bi, pi = mask.nonzero(as_tuple=True)
+        return act[bi.to(dev), pi.to(dev)]
     lengths = mask.sum(1)
-    if positions == "all":
-        return act[mask]
     b = torch.arange(act.shape[0])
     if positions == "last":
-        return act[b, lengths - 1]
+        return act[b.to(dev), (lengths - 1).to(dev)]
     idx, keep = _fixed_positions(lengths, positions)
-    return act[b.repeat_interleave(len(positions))[keep], idx[keep]]
+    return act[b.repeat_interleave(len(positions))[keep].to(dev), idx[keep].to(dev)]
 
 
 def _fixed_positions(lengths: torch.Tensor, positions: list[int]):
+    """Flattened ``(B * len(positions),)`` indices (negatives from each document's end) and which exist."""
     p = torch.tensor(positions).unsqueeze(0).expand(len(lengths), -1)
     idx = torch.where(p < 0, lengths.unsqueeze(1) + p, p)
     keep = (idx >= 0) & (idx < lengths.unsqueeze(1))
@@ -262,6 +206,8 @@ def capture(model, inputs, config: CaptureConfig, *, writer: ActivationWriter | 
     own = writer is None
     writer = writer or MemoryWriter()
     if isinstance(inputs, torch.Tensor):
+        if batch_filter is not None:
+            raise ValueError("scale-out (batch_filter) is for token sequences; split a tensor dataset yourself")
         res = _capture_tensor(model, inputs, config, writer)
     else:
         res = _capture_sequences(model, inputs, config, writer, tokenizer, batch_filter)
@@ -277,11 +223,12 @@ def _capture_tensor(module, x: torch.Tensor, cfg: CaptureConfig, writer) -> Capt
     t0 = time.perf_counter()
     param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    with hs, tqdm(total=len(x), unit="sample", disable=not cfg.progress, desc="capture") as bar:
-        for start in range(0, len(x), cfg.batch_size):
+    first = getattr(writer, "resume_batches", 0) * cfg.batch_size  # resume after committed batches
+    with hs, tqdm(total=len(x) - first, unit="sample", disable=not cfg.progress, desc="capture") as bar:
+        for start in range(first, len(x), cfg.batch_size):
             xb = x[start : start + cfg.batch_size].to(device)
             acts = hs.run(lambda: module(xb))
-            writer.write({k: v.to("cpu", dtype) for k, v in acts.items()},
+            writer.write({k: v.to(dtype).to("cpu") for k, v in acts.items()},
                          dict(doc_index=torch.arange(start, start + len(xb))))
             bar.update(len(xb))
     return CaptureResult(cfg, hs.mechanism, len(x), len(x), len(x), time.perf_counter() - t0)
@@ -341,8 +288,8 @@ def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer, bat
             rows = {}
             for site in hs.sites:
                 a = acts[site.name]
-                rows[site.name] = _select_rows(a, site.pos_axis or 1, mask.to(a.device), cfg.positions,
-                                               cfg.max_length).to("cpu", dtype)
+                rows[site.name] = _select_rows(a, site.pos_axis or 1, mask, cfg.positions,
+                                               cfg.max_length).to(dtype).to("cpu")
             meta = _row_meta(ids, mask, batch, cfg.positions)
             if not isinstance(cfg.positions, str):
                 skipped += len(batch) * len(cfg.positions) - len(meta["doc_index"])

