@@ -90,3 +90,20 @@ def test_demo_end_to_end_small(tmp_path):
     assert best > res["majority_baseline"] + 0.2
     assert best > max(res["random_feature_control"]) + 0.2
     assert (tmp_path / "layer_probes.html").stat().st_size > 100_000  # plotly inlined: works offline
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_linearscope_reconstructs_smollm2_logits(smollm2, dtype, tol):
+    from probekit.probes.linearscope_transformer import TransformerLinearScope
+
+    bridge, tok = smollm2
+    ids = tok("def add(a, b):\n    return a +", return_tensors="pt")["input_ids"][0]
+    scope = TransformerLinearScope(bridge, dtype=dtype)
+    rec = scope.reconstruction(ids)
+    assert rec["relative_error"] <= tol
+    assert rec["hf_relative_error"] <= 1e-5  # the real stream is SmolLM2's own forward
+    if dtype == torch.float64:
+        target = int(tok(" b", add_special_tokens=False)["input_ids"][0])
+        tc = scope.token_contributions(ids, target, tokenizer=tok)
+        assert abs(sum(tc.linearscope) + tc.bias - tc.logit) < 1e-9 * abs(tc.logit)
+        assert tc.bias == 0.0  # SmolLM2 has no biases: every bit of the logit comes from the input

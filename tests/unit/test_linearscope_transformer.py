@@ -1,0 +1,83 @@
+"""TransformerLinearScope on tiny random-init decoders: exact reconstruction, linearity, transpose, bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probekit.models import load_model, plain_model
+from probekit.probes.linearscope_transformer import LinearScopeError, TransformerLinearScope
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def scope_and_ids(request, tiny_dir):
+    bridge, tok = load_model(str(tiny_dir[request.param]))
+    if request.param == "qwen2":  # HF initialises biases to zero; give the value biases something to carry
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in plain_model(bridge).model.layers:
+                layer.self_attn.v_proj.bias.copy_(torch.randn(layer.self_attn.v_proj.bias.shape, generator=g))
+    ids = tok("def f(x):\n    return x * 2", return_tensors="pt")["input_ids"][0]
+    return request.param, TransformerLinearScope(bridge, dtype=torch.float64), ids, tok
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_probe_stream_at_x0_reproduces_the_network(tiny_dir, dtype, tol):
+    bridge, tok = load_model(str(tiny_dir["llama"]))
+    ids = tok("import os\nx = os.sep", return_tensors="pt")["input_ids"][0]
+    rec = TransformerLinearScope(bridge, dtype=dtype).reconstruction(ids)
+    assert rec["relative_error"] <= tol
+    # the real stream is the network: it matches HF's own forward (fp32 parts of HF bound the fp64 case)
+    assert rec["hf_relative_error"] <= (1e-5 if dtype == torch.float32 else 1e-6)
+
+
+def test_linear_in_x1_and_transpose_consistent(scope_and_ids):
+    arch, s, ids, _ = scope_and_ids
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        x0 = s.embed(ids)
+        dec = s.decisions(x0)
+        b = s.bias(dec, x0)
+        u, v = (torch.randn(x0.shape, generator=g, dtype=torch.float64) for _ in range(2))
+        Au, Av = s.apply(dec, u, b), s.apply(dec, v, b)
+        torch.testing.assert_close(s.apply(dec, 2.5 * u - 0.7 * v, b), 2.5 * Au - 0.7 * Av, rtol=1e-10, atol=1e-10)
+        batched = s.apply(dec, torch.stack([u, v]), b)  # leading batch dims
+        torch.testing.assert_close(batched[1], Av, rtol=1e-12, atol=1e-12)
+    w = torch.randn(b.shape[-1], generator=g, dtype=torch.float64)
+    ATw = s.apply_transpose(dec, x0, w, position=-1)
+    torch.testing.assert_close(w @ Au[-1], (ATw * u).sum(), rtol=1e-10, atol=1e-10)  # <w, A u> = <Aᵀw, u>
+    # y = A x0 + b, and without any model bias b = 0 (Llama); Qwen2 has q/k/v biases
+    y = s.apply(dec, x0, b) + b
+    torch.testing.assert_close(y, dec["logits"], rtol=1e-12, atol=1e-12)
+    if arch == "llama":
+        assert b.abs().max() == 0
+    else:
+        assert b.abs().max() > 0
+
+
+def test_frozen_decisions_differ_from_the_jacobian(scope_and_ids):
+    """A is not the Jacobian (norm scales and patterns are frozen): the two must differ for a real net."""
+    _, s, ids, _ = scope_and_ids
+    x0 = s.embed(ids).detach()
+    with torch.no_grad():
+        dec = s.decisions(x0)
+    w = torch.zeros(dec["logits"].shape[-1], dtype=torch.float64)
+    w[3] = 1
+    row = s.apply_transpose(dec, x0, w)
+    xg = x0.clone().requires_grad_(True)
+    (jac_row,) = torch.autograd.grad(s.decisions(xg)["logits"][-1, 3], xg)
+    assert not torch.allclose(row, jac_row, rtol=1e-3, atol=1e-6)
+
+
+def test_token_contributions_add_up_to_the_logit(scope_and_ids):
+    _, s, ids, tok = scope_and_ids
+    tc = s.token_contributions(ids, target_id=40, tokenizer=tok)
+    assert len(tc.linearscope) == len(ids) == len(tc.grad_x_input)
+    assert abs(sum(tc.linearscope) + tc.bias - tc.logit) < 1e-10 * max(1.0, abs(tc.logit))
+    assert tc.figures()[0].data[0].type == "heatmap"
+
+
+def test_unsupported_layout_is_named():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(LinearScopeError, match="model.embed_tokens"):
+        TransformerLinearScope(net)
