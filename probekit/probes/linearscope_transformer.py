@@ -214,6 +214,38 @@ class TransformerLinearScope:
             (g,) = torch.autograd.grad(y, x1, grad_outputs=u.to(y))
         return g
 
+    def svd(self, ids: torch.Tensor, k: int = 4, position: int = -1):
+        """Top-k singular triplets of A (logits at ``position`` ← all input embeddings) by Lanczos.
+
+        Returns ``(U (V, k), S (k,), Vt (k, T, D))``, largest first. Uses ``scipy.sparse.linalg.svds`` on a
+        ``LinearOperator`` whose products are one probe-stream forward (A·v) or backward (Aᵀ·u).
+        """
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator, svds
+
+        x0 = self.embed(ids).detach()
+        with torch.no_grad():
+            dec = self.decisions(x0)
+            b = self.bias(dec, x0)[position]
+        T, D = x0.shape
+        n_out = b.shape[-1]
+
+        def matvec(v):
+            v = torch.as_tensor(np.asarray(v).reshape(T, D), dtype=self.dtype, device=self.device)
+            with torch.no_grad():
+                return (self.linear_stream(dec, v)[position] - b).cpu().numpy()
+
+        def rmatvec(u):
+            u = torch.as_tensor(np.asarray(u).reshape(-1), dtype=self.dtype, device=self.device)
+            return self.apply_transpose(dec, x0, u, position).reshape(-1).cpu().numpy()
+
+        op = LinearOperator((n_out, T * D), matvec=matvec, rmatvec=rmatvec,
+                            dtype=np.float64 if self.dtype == torch.float64 else np.float32)
+        U, S, Vt = svds(op, k=k, random_state=0)
+        order = np.argsort(S)[::-1]
+        return (torch.from_numpy(U[:, order].copy()), torch.from_numpy(S[order].copy()),
+                torch.from_numpy(Vt[order].copy()).reshape(k, T, D))
+
     def token_contributions(self, ids: torch.Tensor, target_id: int, tokenizer=None, position: int = -1
                             ) -> TokenContributions:
         """Exact per-token split of one logit (LinearScope) beside gradient × input (a first-order guess)."""

@@ -81,3 +81,19 @@ def test_unsupported_layout_is_named():
     net = torch.nn.Sequential(torch.nn.Linear(3, 3))
     with pytest.raises(LinearScopeError, match="model.embed_tokens"):
         TransformerLinearScope(net)
+
+
+def test_lanczos_singular_values_match_the_dense_matrix(tiny_dir):
+    bridge, tok = load_model(str(tiny_dir["llama"]))
+    s = TransformerLinearScope(bridge, dtype=torch.float64)
+    ids = tok("a = 1", return_tensors="pt")["input_ids"][0]
+    x0 = s.embed(ids)
+    with torch.no_grad():
+        dec = s.decisions(x0)
+        b = s.bias(dec, x0)
+        T, D = x0.shape
+        basis = torch.eye(T * D, dtype=torch.float64).reshape(T * D, T, D)
+        A = s.apply(dec, basis, b)[:, -1, :].T  # (V, T*D): column j = A e_j, built by one batched forward
+    U, S, Vt = s.svd(ids, k=3)
+    torch.testing.assert_close(S, torch.linalg.svdvals(A)[:3], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close((A @ Vt.reshape(3, -1).T).abs(), (U * S).abs(), rtol=1e-6, atol=1e-8)
