@@ -1,4 +1,5 @@
-"""``probekit`` command line: ``models list|fetch``, ``capture``, ``cache list|show|verify|rm``, ``demo``."""
+"""``probekit`` command line: ``models list|fetch``, ``capture``, ``cache list|show|verify|rm``, ``linearscope``,
+``demo``."""
 
 from __future__ import annotations
 
@@ -112,6 +113,14 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_linearscope(args) -> int:
+    from .linearscope_run import LinearScopeRunConfig, run_linearscope
+
+    run_linearscope(LinearScopeRunConfig(digit_index=args.digit_index, model=args.model, prompt=args.prompt,
+                                         k=args.k, out=args.out, skip_lm=args.skip_lm))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -153,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
             kp.add_argument("run", help="run id (a unique prefix is enough)")
         kp.add_argument("--cache-root", help="cache root (default: $PROBEKIT_CACHE or ./cache)")
         kp.set_defaults(func=_cmd_cache)
+
+    ls = sub.add_parser("linearscope", help="exact linear interpreters: digits CNN and a prompt on an LM")
+    ls.add_argument("--digit-index", type=int, default=0, help="index into the digits test split")
+    ls.add_argument("--model", default=DEFAULT_MODEL, help="decoder LM for the token contributions")
+    ls.add_argument("--prompt", default="def add(a, b):\n    return a +")
+    ls.add_argument("--k", type=int, default=4, help="singular vectors to show")
+    ls.add_argument("--skip-lm", action="store_true", help="only the digits CNN")
+    ls.add_argument("--out", help="output folder (default: <cache root>/results/linearscope)")
+    ls.set_defaults(func=_cmd_linearscope)
 
     d = sub.add_parser("demo", help="per-layer syntax probes on SmolLM2 over stdlib functions")
     d.add_argument("--model", default=DEFAULT_MODEL)

