@@ -214,6 +214,22 @@ class TransformerLinearScope:
             (g,) = torch.autograd.grad(y, x1, grad_outputs=u.to(y))
         return g
 
+    def matrix(self, ids: torch.Tensor, position: int = -1, *, chunk_size: int = 64) -> torch.Tensor:
+        """The full A ``(V, T·D)`` at ``position`` for a short input: basis vectors as a batch of probe inputs,
+        ``chunk_size`` per forward (a per-column loop would run T·D forwards)."""
+        x0 = self.embed(ids).detach()
+        T, D = x0.shape
+        with torch.no_grad():
+            dec = self.decisions(x0)
+            b = self.bias(dec, x0)[position]
+            cols = []
+            for start in range(0, T * D, chunk_size):
+                idx = torch.arange(start, min(start + chunk_size, T * D), device=self.device)
+                basis = torch.zeros(len(idx), T * D, dtype=self.dtype, device=self.device)
+                basis[torch.arange(len(idx)), idx] = 1
+                cols.append(self.linear_stream(dec, basis.view(-1, T, D))[:, position] - b)
+        return torch.cat(cols).T
+
     def svd(self, ids: torch.Tensor, k: int = 4, position: int = -1):
         """Top-k singular triplets of A (logits at ``position`` ← all input embeddings) by Lanczos.
 

@@ -94,6 +94,11 @@ def test_lanczos_singular_values_match_the_dense_matrix(tiny_dir):
         T, D = x0.shape
         basis = torch.eye(T * D, dtype=torch.float64).reshape(T * D, T, D)
         A = s.apply(dec, basis, b)[:, -1, :].T  # (V, T*D): column j = A e_j, built by one batched forward
+    torch.testing.assert_close(s.matrix(ids, chunk_size=7), A, rtol=1e-12, atol=1e-12)
+    # rows by the transposed interpreter agree with the columns
+    w = torch.zeros(A.shape[0], dtype=torch.float64)
+    w[11] = 1
+    torch.testing.assert_close(s.apply_transpose(dec, x0, w).reshape(-1), A[11], rtol=1e-12, atol=1e-12)
     U, S, Vt = s.svd(ids, k=3)
     torch.testing.assert_close(S, torch.linalg.svdvals(A)[:3], rtol=1e-8, atol=1e-10)
     torch.testing.assert_close((A @ Vt.reshape(3, -1).T).abs(), (U * S).abs(), rtol=1e-6, atol=1e-8)
