@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _timing import interleaved_times
+
 from probekit.cache import ActivationCache, Run, RunKey
 from probekit.device_cache import DeviceCache
 
@@ -55,16 +57,7 @@ def build_run(root: Path, mb: int, dim: int, rows_per_write: int, batches_per_sh
 def timed(methods: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
     """Best (minimum) seconds per method, the least disturbed on a shared machine; repeats interleaved so drift
     hits every method alike. Medians go to ``MEDIANS`` for the JSON."""
-    for f in methods.values():  # warm-up: page cache, allocator
-        f()
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for _ in range(repeats):
-        for k, f in methods.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_times(methods, repeats, sync)
     MEDIANS.update({k: statistics.median(v) for k, v in times.items()})
     return {k: min(v) for k, v in times.items()}
 

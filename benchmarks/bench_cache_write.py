@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from _timing import interleaved_times
+
 from probekit.cache import ActivationCache
 from probekit.capture import CaptureConfig, NullWriter, capture, tokenize
 from probekit.data.code import iter_stdlib_functions
@@ -53,13 +55,7 @@ def main() -> None:
         shutil.rmtree(root)
 
     stats: dict = {}
-    to_null(), to_cache()  # warm-up
-    times = {"null": [], "cache": []}
-    for _ in range(args.repeats):
-        for k, f in (("null", to_null), ("cache", to_cache)):
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_times({"null": to_null, "cache": to_cache}, args.repeats)
     shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["cache"] / med["null"]

@@ -15,10 +15,11 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
+
+from _timing import interleaved_times
 
 from probekit.capture import CaptureConfig, NullWriter, _batches, capture
 from probekit.data.code import iter_stdlib_functions
@@ -79,16 +80,7 @@ def main() -> None:
     methods = {"bare": bare_forward, "run_with_cache": run_with_cache, "capture_all": cap(resid)}
     methods.update({f"capture_L{l}": cap([f"blocks.{l}.hook_resid_post"]) for l in layers})
 
-    for f in methods.values():  # warm-up: allocator, kernels, page cache
-        f()
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for _ in range(args.repeats):  # interleaved, so drift hits every method alike
-        for k, f in methods.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_times(methods, args.repeats, sync)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     base = med["bare"]
