@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .models import DEFAULT_MODEL
 from .paths import results_dir
 
 
@@ -24,7 +25,7 @@ class LinearScopeRunConfig:
     """What ``probekit linearscope`` computes."""
 
     digit_index: int = 0
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     prompt: str = "def add(a, b):\n    return a +"
     k: int = 4
     out: str | None = None
