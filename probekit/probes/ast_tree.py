@@ -493,7 +493,9 @@ def tree_f1(pred: Node, gold: Node) -> tuple[float, float, float]:
     p_set, g_set = constituents(pred), constituents(gold)
     n_pred, n_gold = len(leaves(pred)), len(leaves(gold))
     if n_pred != n_gold:
-        raise ValueError(f"pred has {n_pred} leaves but gold has {n_gold}; compare trees of one snippet.")
+        raise ValueError(
+            f"pred has {n_pred} leaves but gold has {n_gold}; compare trees of one snippet."
+        )
     hit = len(p_set & g_set)
     precision = hit / len(p_set) if p_set else float(not g_set)
     recall = hit / len(g_set) if g_set else float(not p_set)
