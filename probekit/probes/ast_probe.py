@@ -1,0 +1,684 @@
+"""AST-Probe: a low-dimensional syntactic subspace read out as ``(d, c, u)``.
+
+Hernández López et al. (ASE 2022); see METHODS.md §1. With ``h_i`` the leaf
+vector at one layer and ``t_i = Pᵀ h_i`` (``P`` of shape ``(D, k)``)::
+
+    d̂_i = ‖t_{i+1} − t_i‖²
+    ĉ_i = softmax(V_cᵀ (t_{i+1} − t_i))
+    û_j = softmax(V_uᵀ t_j)
+    loss = L_d + L_c + L_u + λ ‖PᵀP − I‖²_F
+
+``L_d`` is the mean, over pairs ``(i, j)`` of boundaries of the same snippet
+with ``d_i > d_j``, of ``max(0, 1 − (d̂_i − d̂_j))``; ``L_c``, ``L_u`` are
+cross-entropies.
+
+:class:`ASTProbe` fits one probe per layer, all layers at once as one batched
+model (``P`` of shape ``(L, D, k)``): each mini-batch updates every layer, the
+loss is the sum of the per-layer losses, and every layer has its own Adam
+parameter group, learning-rate schedule and early stopping, so the result is
+the same as separate fits that see the same batches.
+
+Data format
+-----------
+``X``: list of snippets, snippet ``s`` a tensor / array of shape
+``(n_layers, n_s, D)`` (leaf vectors, already standardised).
+``y``: list of gold tuples ``(d, c, u)`` with ``d`` of shape ``(n_s − 1,)``
+(int), ``c`` of shape ``(n_s − 1,)`` and ``u`` of shape ``(n_s,)`` (labels,
+strings, :data:`~probekit.probes.ast_tree.EMPTY` included).
+
+Public API
+----------
+ASTProbe
+ASTProbeResult
+pairwise_rank_loss
+score_ast_predictions
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from probekit.probes.ast_tree import tree_f1, tuple_to_tree
+from probekit.probes.linear import _json_safe
+
+__all__ = ["ASTProbe", "ASTProbeResult", "pairwise_rank_loss", "score_ast_predictions"]
+
+UNK = "<unk>"
+_IGNORE = -100
+
+
+# ---------------------------------------------------------------------------
+# loss pieces
+# ---------------------------------------------------------------------------
+
+
+def pairwise_rank_loss(d_hat: torch.Tensor, d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``L_d``: mean hinge over pairs of boundaries of one snippet with ``d_i > d_j``.
+
+    Parameters
+    ----------
+    d_hat : Tensor of shape (..., B, M)
+        Predicted distances (any leading batch dims, e.g. layers).
+    d : Tensor of shape (B, M)
+        Gold distances (padding values arbitrary).
+    mask : bool Tensor of shape (B, M)
+        Valid boundaries.
+
+    Returns
+    -------
+    Tensor of shape (...)
+        ``mean over (b, i, j) with mask, d[b,i] > d[b,j] of
+        max(0, 1 − (d_hat[b,i] − d_hat[b,j]))``; pairs are pooled over the
+        batch (ties ignored). 0 when no pair exists.
+    """
+    pair = (d[:, :, None] > d[:, None, :]) & mask[:, :, None] & mask[:, None, :]
+    diff = d_hat[..., :, :, None] - d_hat[..., :, None, :]
+    hinge = torch.relu(1.0 - diff) * pair
+    n = pair.sum().clamp_min(1)
+    return hinge.sum(dim=(-3, -2, -1)) / n
+
+
+def _layer_losses(
+    P: torch.Tensor, Vc: torch.Tensor, Vu: torch.Tensor, batch: dict[str, torch.Tensor], lam: float
+) -> torch.Tensor:
+    """Per-layer loss, shape (L,). ``P`` (L, D, k), ``Vc`` (L, k, n_c), ``Vu`` (L, k, n_u)."""
+    T = torch.einsum("lbnd,ldk->lbnk", batch["H"], P)
+    diff = T[:, :, 1:] - T[:, :, :-1]
+    d_hat = diff.pow(2).sum(-1)
+    L = P.shape[0]
+    l_d = pairwise_rank_loss(d_hat, batch["d"], batch["bmask"])
+    logit_c = torch.einsum("lbik,lkc->lbic", diff, Vc)
+    logit_u = torch.einsum("lbnk,lkc->lbnc", T, Vu)
+    c_t = batch["c"].expand(L, *batch["c"].shape)
+    u_t = batch["u"].expand(L, *batch["u"].shape)
+    l_c = _masked_ce(logit_c, c_t)
+    l_u = _masked_ce(logit_u, u_t)
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    orth = (P.transpose(1, 2) @ P - eye).pow(2).sum(dim=(1, 2))
+    return l_d + l_c + l_u + lam * orth
+
+
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per layer: logits (L, B, N, C), target (L, B, N) with -100 = ignore."""
+    L = logits.shape[0]
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=_IGNORE, reduction="none"
+    ).reshape(L, -1)
+    n = (target[0] != _IGNORE).sum().clamp_min(1)
+    return ce.sum(1) / n
+
+
+# ---------------------------------------------------------------------------
+# data handling
+# ---------------------------------------------------------------------------
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    t = t.to("cpu", torch.float32)
+    if t.ndim != 3:
+        raise ValueError(f"each snippet must have shape (n_layers, n_leaves, D); got {tuple(t.shape)}.")
+    return t
+
+
+def _check_X(X: Sequence[Any]) -> list[torch.Tensor]:
+    if len(X) == 0:
+        raise ValueError("need at least one snippet.")
+    out = [_as_tensor(x) for x in X]
+    L, _, D = out[0].shape
+    for i, t in enumerate(out):
+        if t.shape[0] != L or t.shape[2] != D:
+            raise ValueError(f"snippet {i} has shape {tuple(t.shape)}; expected ({L}, n, {D}).")
+        if t.shape[1] < 1:
+            raise ValueError(f"snippet {i} has no leaves.")
+    return out
+
+
+def _check_gold(y: Sequence[Any], X: list[torch.Tensor]) -> list[tuple[np.ndarray, list[str], list[str]]]:
+    if len(y) != len(X):
+        raise ValueError(f"{len(y)} gold tuples for {len(X)} snippets.")
+    out = []
+    for i, (g, x) in enumerate(zip(y, X)):
+        d, c, u = g[0], g[1], g[2]
+        n = x.shape[1]
+        d = np.asarray(d, dtype=np.float64).reshape(-1)
+        c, u = [str(v) for v in c], [str(v) for v in u]
+        if len(d) != n - 1 or len(c) != n - 1 or len(u) != n:
+            raise ValueError(
+                f"snippet {i}: {n} leaves need len(d) == len(c) == {n - 1} and len(u) == {n}; "
+                f"got {len(d)}, {len(c)}, {len(u)}."
+            )
+        out.append((d, c, u))
+    return out
+
+
+def _collate(
+    X: list[torch.Tensor],
+    gold: list[tuple[np.ndarray, list[str], list[str]]] | None,
+    idx: Sequence[int],
+    c_index: dict[str, int] | None,
+    u_index: dict[str, int] | None,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    B = len(idx)
+    L, _, D = X[idx[0]].shape
+    N = max(X[i].shape[1] for i in idx)
+    M = max(N - 1, 1)
+    H = torch.zeros(L, B, N, D)
+    lens = torch.zeros(B, dtype=torch.long)
+    for b, i in enumerate(idx):
+        n = X[i].shape[1]
+        H[:, b, :n] = X[i]
+        lens[b] = n
+    out = {"H": H.to(device), "lens": lens}
+    if gold is not None:
+        d = torch.zeros(B, M)
+        bmask = torch.zeros(B, M, dtype=torch.bool)
+        c = torch.full((B, M), _IGNORE, dtype=torch.long)
+        u = torch.full((B, N), _IGNORE, dtype=torch.long)
+        for b, i in enumerate(idx):
+            gd, gc, gu = gold[i]
+            m = len(gd)
+            d[b, :m] = torch.as_tensor(gd)
+            bmask[b, :m] = True
+            c[b, :m] = torch.as_tensor([c_index.get(v, 0) for v in gc], dtype=torch.long)
+            u[b, : len(gu)] = torch.as_tensor([u_index.get(v, 0) for v in gu], dtype=torch.long)
+        out.update(d=d.to(device), bmask=bmask.to(device), c=c.to(device), u=u.to(device))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------
+
+
+def score_ast_predictions(
+    preds: Sequence[tuple[Any, Sequence[str], Sequence[str]]],
+    golds: Sequence[tuple[Any, Sequence[str], Sequence[str]]],
+) -> dict[str, float]:
+    """Score predicted tuples of one layer against gold tuples.
+
+    Parameters
+    ----------
+    preds, golds : sequence of (d, c, u)
+        One per snippet; ``d`` of shape (n − 1,) (predicted distances or gold
+        heights), ``c`` (n − 1,) and ``u`` (n,) labels.
+
+    Returns
+    -------
+    dict
+        ``precision``, ``recall``, ``f1``: constituent scores of the tree
+        rebuilt with :func:`tuple_to_tree`, averaged over snippets;
+        ``c_accuracy``, ``u_accuracy``: label accuracy pooled over all
+        boundaries / leaves; ``d_order_accuracy``: pooled over pairs of
+        boundaries of one snippet with ``d_i ≠ d_j`` (gold), the fraction
+        where ``sign(d̂_i − d̂_j) == sign(d_i − d_j)`` (NaN if no such pair).
+    """
+    if len(preds) != len(golds):
+        raise ValueError(f"{len(preds)} predictions for {len(golds)} gold tuples.")
+    prec, rec, f1s = [], [], []
+    c_hit = c_n = u_hit = u_n = 0
+    o_hit = o_n = 0
+    for (pd, pc, pu), (gd, gc, gu) in zip(preds, golds):
+        pd = np.asarray(pd, dtype=np.float64).reshape(-1)
+        gd = np.asarray(gd, dtype=np.float64).reshape(-1)
+        pc, pu = [str(v) for v in pc], [str(v) for v in pu]
+        gc, gu = [str(v) for v in gc], [str(v) for v in gu]
+        leaves = [str(j) for j in range(len(gu))]
+        p, r, f = tree_f1(tuple_to_tree(pd, pc, pu, leaves), tuple_to_tree(gd, gc, gu, leaves))
+        prec.append(p)
+        rec.append(r)
+        f1s.append(f)
+        c_hit += sum(a == b for a, b in zip(pc, gc))
+        c_n += len(gc)
+        u_hit += sum(a == b for a, b in zip(pu, gu))
+        u_n += len(gu)
+        if len(gd) > 1:
+            sg = np.sign(gd[:, None] - gd[None, :])
+            sp = np.sign(pd[:, None] - pd[None, :])
+            upper = np.triu(np.ones_like(sg, dtype=bool), 1) & (sg != 0)
+            o_hit += int((sg[upper] == sp[upper]).sum())
+            o_n += int(upper.sum())
+    nan = float("nan")
+    return {
+        "precision": float(np.mean(prec)) if prec else nan,
+        "recall": float(np.mean(rec)) if rec else nan,
+        "f1": float(np.mean(f1s)) if f1s else nan,
+        "c_accuracy": c_hit / c_n if c_n else nan,
+        "u_accuracy": u_hit / u_n if u_n else nan,
+        "d_order_accuracy": o_hit / o_n if o_n else nan,
+    }
+
+
+@dataclass
+class ASTProbeResult:
+    """AST-Probe scores per layer.
+
+    Attributes
+    ----------
+    layers : list of str, length n_layers
+    precision, recall, f1 : list of float, length n_layers
+        Constituent scores averaged over snippets.
+    c_accuracy, u_accuracy : list of float
+        Label accuracy of ``c`` / ``u`` (pooled; unseen gold labels count as wrong).
+    d_order_accuracy : list of float
+        Pairwise order accuracy of ``d̂`` over pairs with ``d_i ≠ d_j``.
+    orthogonality : list of float
+        ``‖PᵀP − I‖_F`` of the evaluated (prefix of the) probe, per layer.
+    k : int
+        Subspace size evaluated.
+    n_snippets : int
+    controls : dict of str -> list of float
+        Optional control F1 curves (e.g. ``"random-init model"``), per layer.
+    """
+
+    layers: list[str]
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    c_accuracy: list[float]
+    u_accuracy: list[float]
+    d_order_accuracy: list[float]
+    orthogonality: list[float]
+    k: int
+    n_snippets: int
+    controls: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def best_layer(self) -> str:
+        return self.layers[int(np.nanargmax(self.f1))]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (NaN stays a float NaN)."""
+        return _json_safe(asdict(self))
+
+    def figures(self, controls: dict[str, Sequence[float]] | None = None) -> list[Any]:
+        """One plotly figure: F1 per layer, with control curves.
+
+        Parameters
+        ----------
+        controls : dict of str -> sequence of float, optional
+            Extra curves (length n_layers, or length 1 drawn as a constant),
+            added to ``self.controls``.
+
+        Returns
+        -------
+        list of plotly.graph_objects.Figure
+        """
+        import plotly.graph_objects as go
+
+        x = list(self.layers)
+        fig = go.Figure()
+        fig.add_trace(go.Scatter(x=x, y=self.f1, mode="lines+markers", name="AST-Probe F1"))
+        curves = {**self.controls, **(controls or {})}
+        for name, ys in curves.items():
+            ys = list(ys)
+            if len(ys) == 1:
+                ys = ys * len(x)
+            fig.add_trace(go.Scatter(x=x, y=ys, mode="lines", name=name, line={"dash": "dash"}))
+        fig.update_layout(
+            title=f"AST-Probe constituent F1 per layer (k={self.k}, n={self.n_snippets})",
+            xaxis_title="layer",
+            yaxis_title="F1",
+            template="plotly_white",
+        )
+        fig.update_xaxes(type="category")
+        fig.update_yaxes(range=[0, 1.02])
+        return [fig]
+
+
+# ---------------------------------------------------------------------------
+# estimator
+# ---------------------------------------------------------------------------
+
+
+class ASTProbe(BaseEstimator):
+    """AST-Probe, one probe per layer, all layers trained together.
+
+    Parameters
+    ----------
+    k : int, default=128
+        Subspace size.
+    lam : float, default=5.0
+        Weight λ of the orthogonality penalty ``‖PᵀP − I‖²_F``.
+    lr : float, default=1e-3
+        Adam learning rate.
+    epochs : int, default=20
+        Maximum passes over the training snippets.
+    patience : int, default=5
+        Early stopping: a layer stops after this many epochs without a lower
+        validation loss; its best-epoch parameters are restored.
+    lr_patience : int, default=0
+        Epochs without improvement before a layer's learning rate is divided
+        by 10 (ReduceLROnPlateau with factor 0.1; METHODS.md gives no value).
+    batch_size : int, default=32
+        Snippets per mini-batch.
+    seed : int, default=0
+        Seeds the initialisation and the batch order.
+    device : str, default="cpu"
+    matryoshka_ks : sequence of int or None, default=None
+        Beyond the paper: if given, the loss is the sum over these nested
+        prefixes ``P[:, :, :k']`` (with ``V_c``, ``V_u`` cut to their first
+        ``k'`` rows), each with its own orthogonality term; every value must
+        be ≤ ``k`` (include ``k`` itself to train the full probe).
+        ``evaluate(..., k=k')`` scores a prefix.
+    progress : bool, default=True
+        tqdm bar over epochs.
+
+    Attributes
+    ----------
+    P_ : ndarray of shape (n_layers, D, k)
+    Vc_ : ndarray of shape (n_layers, k, n_c)
+    Vu_ : ndarray of shape (n_layers, k, n_u)
+    c_labels_, u_labels_ : list of str
+        Vocabularies; index 0 is ``"<unk>"`` (labels unseen in training).
+    history_ : dict
+        ``train_loss``, ``val_loss`` (lists over epochs of per-layer lists),
+        ``lr`` (per epoch, per layer), ``best_epoch`` and ``stopped_epoch``
+        per layer.
+    orthogonality_ : ndarray of shape (n_layers,)
+        ``‖PᵀP − I‖_F`` per layer.
+    n_layers_, n_features_in_ : int
+    """
+
+    def __init__(
+        self,
+        *,
+        k: int = 128,
+        lam: float = 5.0,
+        lr: float = 1e-3,
+        epochs: int = 20,
+        patience: int = 5,
+        lr_patience: int = 0,
+        batch_size: int = 32,
+        seed: int = 0,
+        device: str = "cpu",
+        matryoshka_ks: Sequence[int] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.k = k
+        self.lam = lam
+        self.lr = lr
+        self.epochs = epochs
+        self.patience = patience
+        self.lr_patience = lr_patience
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.matryoshka_ks = matryoshka_ks
+        self.progress = progress
+
+    # -- helpers -----------------------------------------------------------
+
+    def _prefixes(self) -> list[int]:
+        if self.matryoshka_ks is None:
+            return [int(self.k)]
+        ks = sorted({int(v) for v in self.matryoshka_ks})
+        if not ks or ks[0] < 1 or ks[-1] > self.k:
+            raise ValueError(f"matryoshka_ks must lie in [1, k={self.k}]; got {self.matryoshka_ks!r}.")
+        return ks
+
+    def _loss(self, P, Vc, Vu, batch) -> torch.Tensor:
+        total = 0.0
+        for kk in self._prefixes():
+            total = total + _layer_losses(P[:, :, :kk], Vc[:, :kk], Vu[:, :kk], batch, self.lam)
+        return total
+
+    # -- fitting -----------------------------------------------------------
+
+    def fit(self, X: Sequence[Any], y: Sequence[Any], X_val: Sequence[Any], y_val: Sequence[Any]) -> ASTProbe:
+        """Fit all layers' probes.
+
+        Parameters
+        ----------
+        X : list of Tensor / array of shape (n_layers, n_s, D)
+            Training snippets' leaf vectors.
+        y : list of (d, c, u)
+            Gold tuples: d (n_s − 1,) int, c (n_s − 1,) labels, u (n_s,) labels.
+        X_val, y_val
+            Validation snippets (learning-rate schedule and early stopping).
+
+        Returns
+        -------
+        self
+        """
+        from tqdm.auto import tqdm
+
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}.")
+        prefixes = self._prefixes()
+        Xs = _check_X(X)
+        gold = _check_gold(y, Xs)
+        Xv = _check_X(X_val)
+        gold_v = _check_gold(y_val, Xv)
+        L, _, D = Xs[0].shape
+        if Xv[0].shape[0] != L or Xv[0].shape[2] != D:
+            raise ValueError("validation snippets must have the training snippets' n_layers and D.")
+        if self.k > D:
+            raise ValueError(f"k={self.k} exceeds the feature dimension D={D}.")
+        c_labels = [UNK] + sorted({v for _, c, _ in gold for v in c})
+        u_labels = [UNK] + sorted({v for _, _, u in gold for v in u})
+        c_index = {v: i for i, v in enumerate(c_labels)}
+        u_index = {v: i for i, v in enumerate(u_labels)}
+        dev = torch.device(self.device)
+        gen = torch.Generator().manual_seed(int(self.seed))
+        rng = np.random.default_rng(self.seed)
+
+        # Orthonormal start (orthogonality term 0); classifiers small uniform.
+        P0 = torch.linalg.qr(torch.randn(L, D, self.k, generator=gen))[0]
+        Ps = [torch.nn.Parameter(P0[l].clone().to(dev)) for l in range(L)]
+        Vcs = [
+            torch.nn.Parameter(((torch.rand(self.k, len(c_labels), generator=gen) - 0.5) * 0.1).to(dev))
+            for _ in range(L)
+        ]
+        Vus = [
+            torch.nn.Parameter(((torch.rand(self.k, len(u_labels), generator=gen) - 0.5) * 0.1).to(dev))
+            for _ in range(L)
+        ]
+        # One parameter group per layer: per-layer LR schedule and stopping
+        # (lr = 0 freezes a stopped layer exactly under Adam).
+        opt = torch.optim.Adam([{"params": [Ps[l], Vcs[l], Vus[l]], "lr": self.lr} for l in range(L)])
+
+        val_batches = [
+            _collate(Xv, gold_v, list(range(i, min(i + self.batch_size, len(Xv)))), c_index, u_index, dev)
+            for i in range(0, len(Xv), self.batch_size)
+        ]
+        best = np.full(L, np.inf)
+        best_state = [None] * L
+        bad = np.zeros(L, dtype=int)
+        lr_bad = np.zeros(L, dtype=int)
+        active = np.ones(L, dtype=bool)
+        best_epoch = np.full(L, -1)
+        stopped = np.full(L, -1)
+        hist: dict[str, Any] = {"train_loss": [], "val_loss": [], "lr": []}
+
+        def stack():
+            return torch.stack(Ps), torch.stack(Vcs), torch.stack(Vus)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            bar = tqdm(range(int(self.epochs)), desc="AST-Probe", disable=not self.progress)
+            for epoch in bar:
+                order = rng.permutation(len(Xs))
+                tr_sum = torch.zeros(L)
+                n_b = 0
+                for i in range(0, len(order), self.batch_size):
+                    batch = _collate(Xs, gold, order[i : i + self.batch_size].tolist(), c_index, u_index, dev)
+                    P, Vc, Vu = stack()
+                    per_layer = self._loss(P, Vc, Vu, batch)
+                    opt.zero_grad(set_to_none=True)
+                    per_layer.sum().backward()
+                    opt.step()
+                    tr_sum += per_layer.detach().cpu()
+                    n_b += 1
+                with torch.no_grad():
+                    P, Vc, Vu = stack()
+                    vl = torch.zeros(L)
+                    nv = 0
+                    for batch in val_batches:
+                        n_in = batch["lens"].numel()
+                        vl += self._loss(P, Vc, Vu, batch).cpu() * n_in
+                        nv += n_in
+                    vl = (vl / nv).numpy()
+                hist["train_loss"].append((tr_sum / max(n_b, 1)).tolist())
+                hist["val_loss"].append(vl.tolist())
+                hist["lr"].append([g["lr"] for g in opt.param_groups])
+                for l in range(L):
+                    if not active[l]:
+                        continue
+                    if vl[l] < best[l]:
+                        best[l] = vl[l]
+                        best_epoch[l] = epoch
+                        bad[l] = lr_bad[l] = 0
+                        best_state[l] = [t.detach().clone() for t in (Ps[l], Vcs[l], Vus[l])]
+                    else:
+                        bad[l] += 1
+                        lr_bad[l] += 1
+                        if bad[l] >= self.patience:
+                            active[l] = False
+                            stopped[l] = epoch
+                            opt.param_groups[l]["lr"] = 0.0
+                        elif lr_bad[l] > self.lr_patience:
+                            opt.param_groups[l]["lr"] *= 0.1
+                            lr_bad[l] = 0
+                bar.set_postfix(val=float(np.mean(vl)), active=int(active.sum()))
+                if not active.any():
+                    break
+
+        with torch.no_grad():
+            for l in range(L):
+                if best_state[l] is not None:
+                    for t, b in zip((Ps[l], Vcs[l], Vus[l]), best_state[l]):
+                        t.copy_(b)
+            P, Vc, Vu = stack()
+        self.P_ = P.detach().cpu().numpy().astype(np.float32)
+        self.Vc_ = Vc.detach().cpu().numpy().astype(np.float32)
+        self.Vu_ = Vu.detach().cpu().numpy().astype(np.float32)
+        self.c_labels_ = c_labels
+        self.u_labels_ = u_labels
+        hist["best_epoch"] = best_epoch.tolist()
+        hist["stopped_epoch"] = stopped.tolist()
+        self.history_ = hist
+        self.orthogonality_ = _orthogonality(self.P_)
+        self.n_layers_ = int(L)
+        self.n_features_in_ = int(D)
+        return self
+
+    # -- inference ---------------------------------------------------------
+
+    def predict(
+        self, X: Sequence[Any], *, k: int | None = None
+    ) -> list[list[tuple[np.ndarray, list[str], list[str]]]]:
+        """Predicted tuples.
+
+        Parameters
+        ----------
+        X : list of Tensor / array of shape (n_layers, n_s, D)
+        k : int, optional
+            Use the prefix ``P[:, :, :k]`` (and the first ``k`` rows of the
+            classifiers); default the full probe.
+
+        Returns
+        -------
+        list (n_layers) of list (n_snippets) of (d̂, c, u)
+            ``d̂`` ndarray of shape (n_s − 1,), ``c`` list of n_s − 1 labels
+            (argmax ĉ), ``u`` list of n_s labels (argmax û).
+        """
+        check_is_fitted(self, "P_")
+        kk = self._check_k(k)
+        Xs = _check_X(X)
+        if Xs[0].shape[0] != self.n_layers_ or Xs[0].shape[2] != self.n_features_in_:
+            raise ValueError(
+                f"snippets must have shape ({self.n_layers_}, n, {self.n_features_in_}); got {tuple(Xs[0].shape)}."
+            )
+        P = torch.from_numpy(self.P_[:, :, :kk])
+        Vc = torch.from_numpy(self.Vc_[:, :kk])
+        Vu = torch.from_numpy(self.Vu_[:, :kk])
+        out: list[list[Any]] = [[] for _ in range(self.n_layers_)]
+        with torch.no_grad():
+            for x in Xs:
+                T = torch.einsum("lnd,ldk->lnk", x, P)
+                diff = T[:, 1:] - T[:, :-1]
+                d_hat = diff.pow(2).sum(-1).numpy()
+                ci = torch.einsum("lik,lkc->lic", diff, Vc).argmax(-1).numpy()
+                ui = torch.einsum("lnk,lkc->lnc", T, Vu).argmax(-1).numpy()
+                for l in range(self.n_layers_):
+                    out[l].append(
+                        (
+                            d_hat[l].astype(np.float64),
+                            [self.c_labels_[i] for i in ci[l]],
+                            [self.u_labels_[i] for i in ui[l]],
+                        )
+                    )
+        return out
+
+    def _check_k(self, k: int | None) -> int:
+        full = self.P_.shape[2]
+        if k is None:
+            return full
+        if not 1 <= int(k) <= full:
+            raise ValueError(f"k must lie in [1, {full}], got {k}.")
+        return int(k)
+
+    def evaluate(
+        self,
+        X: Sequence[Any],
+        y: Sequence[Any],
+        *,
+        k: int | None = None,
+        layer_names: Sequence[str] | None = None,
+        controls: dict[str, Sequence[float]] | None = None,
+    ) -> ASTProbeResult:
+        """Score every layer's probe on snippets with gold tuples.
+
+        Parameters
+        ----------
+        X : list of Tensor / array of shape (n_layers, n_s, D)
+        y : list of gold (d, c, u)
+        k : int, optional
+            Evaluate the prefix ``P[:, :, :k]`` (meaningful for a Matryoshka fit).
+        layer_names : sequence of str, optional
+            Default ``"0", "1", ...``.
+        controls : dict of str -> sequence of float, optional
+            Control F1 curves stored in the result (for its figure).
+
+        Returns
+        -------
+        ASTProbeResult
+        """
+        check_is_fitted(self, "P_")
+        kk = self._check_k(k)
+        Xs = _check_X(X)
+        gold = _check_gold(y, Xs)
+        preds = self.predict(Xs, k=kk)
+        scores = [score_ast_predictions(p, gold) for p in preds]
+        names = [str(v) for v in layer_names] if layer_names is not None else [str(l) for l in range(len(preds))]
+        if len(names) != len(preds):
+            raise ValueError(f"{len(names)} layer names for {len(preds)} layers.")
+        return ASTProbeResult(
+            layers=names,
+            precision=[s["precision"] for s in scores],
+            recall=[s["recall"] for s in scores],
+            f1=[s["f1"] for s in scores],
+            c_accuracy=[s["c_accuracy"] for s in scores],
+            u_accuracy=[s["u_accuracy"] for s in scores],
+            d_order_accuracy=[s["d_order_accuracy"] for s in scores],
+            orthogonality=_orthogonality(self.P_[:, :, :kk]).tolist(),
+            k=kk,
+            n_snippets=len(Xs),
+            controls={str(a): [float(v) for v in b] for a, b in (controls or {}).items()},
+        )
+
+
+def _orthogonality(P: np.ndarray) -> np.ndarray:
+    """``‖PᵀP − I‖_F`` per layer for ``P`` of shape (L, D, k)."""
+    P64 = P.astype(np.float64)
+    G = np.einsum("ldk,ldj->lkj", P64, P64) - np.eye(P.shape[2])
+    return np.sqrt((G**2).sum(axis=(1, 2)))
