@@ -121,6 +121,16 @@ def _cmd_linearscope(args) -> int:
     return 0
 
 
+def _cmd_ast_probe(args) -> int:
+    from .ast_probe_run import ASTProbeRunConfig, run_ast_probe
+
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    run_ast_probe(ASTProbeRunConfig(model=args.model, n_functions=args.n_functions, layers=layers, k=args.k,
+                                    epochs=args.epochs, scheme=args.scheme, random_control=not args.no_random_control,
+                                    out=args.out, progress=not args.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -171,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--skip-lm", action="store_true", help="only the digits CNN")
     ls.add_argument("--out", help="output folder (default: <cache root>/results/linearscope)")
     ls.set_defaults(func=_cmd_linearscope)
+
+    a = sub.add_parser("ast-probe", help="AST-Probe: syntax trees from hidden states, per layer, with controls")
+    a.add_argument("--model", default=DEFAULT_MODEL)
+    a.add_argument("--n-functions", type=int, default=400, help="stdlib functions before the by-file split")
+    a.add_argument("--layers", help="comma-separated block indices (default: every 3rd and the last)")
+    a.add_argument("--k", type=int, default=64, help="probe subspace size")
+    a.add_argument("--epochs", type=int, default=20)
+    a.add_argument("--scheme", default="leaf-whitespace", choices=["leaf-whitespace", "paper", "offsets"])
+    a.add_argument("--no-random-control", action="store_true", help="skip the random-init model control")
+    a.add_argument("--out", help="output folder (default: <cache root>/results/ast-probe/<model>)")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=_cmd_ast_probe)
 
     d = sub.add_parser("demo", help="per-layer syntax probes on SmolLM2 over stdlib functions")
     d.add_argument("--model", default=DEFAULT_MODEL)
