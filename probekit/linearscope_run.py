@@ -74,9 +74,9 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
 
         bridge, tok = load_model(cfg.model)
         ids = tok(cfg.prompt, return_tensors="pt")["input_ids"][0]
-        rec = {str(dt).removeprefix("torch."): TransformerLinearScope(bridge, dtype=dt).reconstruction(ids)
-               for dt in (torch.float32, torch.float64)}
-        s64 = TransformerLinearScope(bridge, dtype=torch.float64)
+        scopes = {dt: TransformerLinearScope(bridge, dtype=dt) for dt in (torch.float32, torch.float64)}
+        rec = {str(dt).removeprefix("torch."): s.reconstruction(ids) for dt, s in scopes.items()}
+        s64 = scopes[torch.float64]  # reused: a float64 scope holds its own copy of the weights
         with torch.no_grad():
             target = int(s64.decisions(s64.embed(ids))["logits"][-1].argmax())
         tc = s64.token_contributions(ids, target, tokenizer=tok)
