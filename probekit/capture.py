@@ -253,11 +253,10 @@ def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer, bat
 
     if is_bridge(model):
         hs = HookSet.for_bridge(model, cfg.hooks)
-        runner = hs.model
     else:
         hs = HookSet.for_module(model, cfg.hooks)
         hs.sites = [replace(s, pos_axis=1) for s in hs.sites]  # module outputs are (batch, pos, …)
-        runner = model
+    runner = hs.model
     bridge_path = hs.mechanism == "bridge"
     param = next(runner.parameters())
     device = param.device

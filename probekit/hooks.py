@@ -145,9 +145,11 @@ class HookSet:
     sequence models (patterns: ``(batch, head, q, k)``), ``(batch, …)`` otherwise.
     """
 
-    def __init__(self, sites: list[HookSite], attach: Callable[["HookSet"], list], mechanism: str):
+    def __init__(self, sites: list[HookSite], attach: Callable[["HookSet"], list], mechanism: str,
+                 model: torch.nn.Module):
         self.sites = sites
         self.mechanism = mechanism
+        self.model = model  # the module whose forward fires these hooks (the plain twin, the bridge, or the module)
         self.acts: dict[str, torch.Tensor] = {}
         self._attach = attach
         self._handles: list = []
@@ -159,7 +161,7 @@ class HookSet:
         """Hooks on dotted module paths of any ``nn.Module`` (their outputs)."""
         _check_names(names, available_hooks(module), type(module).__name__)
         sites = [HookSite(n, n, "output", None, None) for n in names]
-        return cls(sites, lambda hs: hs._attach_modules(module), "plain")
+        return cls(sites, lambda hs: hs._attach_modules(module), "plain", module)
 
     @classmethod
     def for_bridge(cls, bridge, names: list[str], *, prefer_plain: bool = True) -> "HookSet":
@@ -171,13 +173,9 @@ class HookSet:
         if plain is not None:
             sites = plain_sites(plain, names, getattr(bridge.cfg, "n_heads", None))
             if sites is not None:
-                hs = cls(sites, lambda hs: hs._attach_modules(plain), "plain")
-                hs.model = plain
-                return hs
+                return cls(sites, lambda hs: hs._attach_modules(plain), "plain", plain)
         sites = [HookSite(n, n, "output", None, _pos_axis(n)) for n in names]
-        hs = cls(sites, lambda hs: hs._attach_bridge(bridge), "bridge")
-        hs.model = bridge
-        return hs
+        return cls(sites, lambda hs: hs._attach_bridge(bridge), "bridge", bridge)
 
     # ------------------------------------------------------------------ hook functions
     def _record(self, site: HookSite, value) -> None:
