@@ -25,7 +25,7 @@ Example
 >>> import torch
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
 >>> with HookSet.for_module(net, ["1"]) as hs:
-...     hs.run(lambda: net(torch.randn(3, 4)))
+...     _ = hs.run(lambda: net(torch.randn(3, 4)))
 ...     hs.acts["1"].shape
 torch.Size([3, 8])
 """
