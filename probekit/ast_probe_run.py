@@ -1,10 +1,21 @@
-"""``probekit ast-probe``: AST-Probe F1 per layer on held-out stdlib code, with both controls.
+"""``probekit ast-probe``: AST-Probe F1 per layer and per subspace size on held-out code, with both controls.
 
-Corpus: functions from the interpreter's standard library, split by file (train/val/test), aligned to the
-model's subwords (leaf-whitespace scheme by default), leaf vectors mean-pooled at ``hook_embed`` (layer 0
-control) and ``blocks.{l}.hook_resid_post``, standardised per dimension with training statistics. One
-``ASTProbe`` fits every layer at once. The second control is the same architecture with random weights.
-Results (JSON + plotly HTML) go to ``<cache root>/results/ast-probe/<model>/``.
+Pipeline:
+
+1. Corpus: functions from the interpreter's standard library, split by file (train/val/test), aligned to the
+   model's subwords (leaf-whitespace scheme by default).
+2. Capture: every token's vector at ``hook_embed`` (the layer-0 control) and ``blocks.{l}.hook_resid_post``
+   goes into the activation cache (content-addressed, so a rerun with other probe settings reuses it, and a
+   killed capture resumes).
+3. Device tier: each hook is made resident in a :class:`~probekit.device_cache.DeviceCache` (GPU when present),
+   leaf vectors are mean-pooled and standardised there with training statistics, and the probe trains on that
+   device from the packed leaves (no per-batch host round trip).
+4. One :class:`~probekit.probes.ast_probe.ASTProbe` fits every layer at once. The second control is the same
+   architecture with random weights. The best layer (by validation F1) then gets the published k sweep
+   (separate fits) and one Matryoshka fit whose nested prefixes give the whole F1-vs-k curve.
+
+Results (JSON, probe tensors as safetensors, one plotly HTML page) go to
+``<cache root>/results/ast-probe/<model>/``.
 """
 
 from __future__ import annotations
@@ -14,19 +25,26 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from .models import DEFAULT_MODEL
 from .paths import results_dir
+
+PUBLISHED = dict(codebert_best=0.751, layer0=0.357, random_init=0.371)
+DEFAULT_SWEEP = (8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass
 class ASTProbeRunConfig:
     """Sizes default to a CPU run of a few minutes; the paper used 20k/2k/4k snippets and k = 128.
 
-    Deviation, stated: the published lr is 1e-3 for 20k snippets (≈600 steps per epoch); with a few hundred
-    snippets (≈6 steps per epoch) the default here is 5e-3 so that 20 epochs train the probe.
+    Deviations, stated: the published lr is 1e-3 for 20k snippets (≈600 steps per epoch); with a few hundred
+    snippets (≈6 steps per epoch) the default here is 5e-3 so that 20 epochs train the probe. The heads have
+    biases (``bias=True``, see :class:`~probekit.probes.ast_probe.ASTProbe`); ``bias=False`` is the published
+    probe. Activations are stored in the cache as bfloat16 (``cache_dtype``) and pooled in float32.
     """
 
     model: str = DEFAULT_MODEL
@@ -37,10 +55,16 @@ class ASTProbeRunConfig:
     patience: int = 4
     lr: float = 5e-3
     batch_size: int = 32
+    bias: bool = True
     max_leaves: int = 80
     max_tokens: int = 192
     scheme: str = "leaf-whitespace"
     random_control: bool = True
+    k_sweep: tuple[int, ...] | None = DEFAULT_SWEEP  # None or (): no sweep; D is always added
+    cache_dtype: str = "bfloat16"
+    device: str | None = None  # None: cuda when available, else cpu
+    budget_gb: float = 4.0
+    tree_snippet: int | None = None  # test snippet to draw; None: a typical one (median F1, ≤ 40 leaves)
     seed: int = 0
     out: str | None = None
     progress: bool = True
@@ -50,6 +74,8 @@ class ASTProbeRunConfig:
             raise ValueError("n_functions must be at least 30 so that train, val and test are non-empty")
         if self.k < 1:
             raise ValueError("k must be positive")
+        if self.k_sweep and min(self.k_sweep) < 1:
+            raise ValueError(f"k_sweep values must be positive, got {self.k_sweep}")
 
 
 def _random_init_copy(name: str) -> str:
@@ -67,29 +93,83 @@ def _random_init_copy(name: str) -> str:
     return str(path)
 
 
-def _features(bridge, aligned_splits, hooks, progress):
-    from .probes.ast_align import Standardizer, capture_leaf_vectors
+def leaf_vectors_from_cache(run, aligned, hooks, *, device=None, budget_gb: float = 4.0, n_train: int):
+    """Pool and standardise leaf vectors of every snippet from a cached capture, on the device tier.
 
-    per_split = [capture_leaf_vectors(bridge, a, hooks, progress=progress) for a in aligned_splits]
-    # stack layers: snippet s -> (L, n_leaves, D); standardise each layer with TRAIN statistics
-    out = [[torch.stack([split[h][s] for h in hooks]) for s in range(len(split[hooks[0]]))] for split in per_split]
-    for li in range(len(hooks)):
-        st = Standardizer().fit([x[li] for x in out[0]])
-        for split in out:
-            for x in split:
-                x[li] = st.transform(x[li])
-    return out
+    Parameters
+    ----------
+    run : Run
+        A ``positions="all"`` capture of ``[a.input_ids for a in aligned]`` at ``hooks``.
+    aligned : list of AlignedSnippet
+        The captured snippets, in capture order (train split first).
+    hooks : list of str
+    device : str, optional
+        Device of the :class:`~probekit.device_cache.DeviceCache` (``None``: cuda when available).
+    n_train : int
+        The first ``n_train`` snippets are the training split: standardisation statistics come from them.
+
+    Returns
+    -------
+    PackedLeaves
+        ``H`` of shape (len(hooks), total leaves, D), float32, on the device; one hook is resident at a time.
+    """
+    from .device_cache import DeviceCache
+    from .probes.ast_align import Standardizer
+    from .probes.ast_probe import PackedLeaves
+
+    lengths = np.array([a.n_leaves for a in aligned])
+    leaf_off = np.concatenate([[0], np.cumsum(lengths)])
+    meta = run.meta_tensors(["doc_index", "position"])
+    doc, pos = meta["doc_index"].numpy(), meta["position"].numpy()
+    # row -> global leaf index (or -1 for special tokens), built once on the host
+    pool = [np.asarray(a.pool_index, dtype=np.int64) for a in aligned]
+    local = np.array([pool[d][p] for d, p in zip(doc, pos)], dtype=np.int64)
+    leaf = np.where(local >= 0, leaf_off[doc] + local, -1)
+    counts = np.bincount(leaf[leaf >= 0], minlength=int(leaf_off[-1]))
+    if (counts == 0).any():
+        raise ValueError(f"{int((counts == 0).sum())} leaves have no cached token; the run does not match the corpus.")
+    dc = DeviceCache(run, device=device, budget_gb=budget_gb)
+    keep = torch.as_tensor(np.nonzero(leaf >= 0)[0], device=dc.device)
+    idx = torch.as_tensor(leaf[leaf >= 0], device=dc.device)
+    cnt = torch.as_tensor(counts, device=dc.device, dtype=torch.float32)[:, None]
+    n_train_leaves = int(leaf_off[n_train])
+    layers = []
+    for h in hooks:
+        acts = dc.get(h)
+        sums = torch.zeros(int(leaf_off[-1]), acts.shape[1], device=dc.device)
+        sums.index_add_(0, idx, acts[keep].float())
+        x = sums / cnt
+        st = Standardizer().fit(x[:n_train_leaves])
+        layers.append(st.transform(x))
+        dc.evict(h)
+    return PackedLeaves(torch.stack(layers), lengths)
+
+
+def _pick_tree_snippet(result_test_f1: list[float], n_leaves: list[int], want: int | None) -> int:
+    if want is not None:
+        if not 0 <= want < len(n_leaves):
+            raise ValueError(f"tree_snippet={want} is outside the {len(n_leaves)} test snippets")
+        return want
+    ok = [i for i, n in enumerate(n_leaves) if n <= 40] or list(range(len(n_leaves)))
+    med = float(np.median([result_test_f1[i] for i in ok]))
+    return min(ok, key=lambda i: (abs(result_test_f1[i] - med), i))
 
 
 def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
-    """Fit and evaluate; write ``ast_probe.json`` and ``ast_probe.html``; return the payload."""
+    """Fit and evaluate; write ``ast_probe.json``, ``ast_probe.safetensors`` and ``ast_probe.html``."""
+    from safetensors.torch import save_file
+
+    from .cache import ActivationCache
+    from .capture import CaptureConfig
     from .data.code import iter_stdlib_functions, split_by_file
     from .models import load_model
     from .probes.ast_align import build_corpus
-    from .probes.ast_probe import ASTProbe
+    from .probes.ast_figures import f1_vs_k_figure, per_label_recall_figure, tree_comparison_figure
+    from .probes.ast_probe import ASTProbe, _score
 
     t0 = time.perf_counter()
     say = print
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bridge, tok = load_model(cfg.model)
     n_layers = bridge.cfg.n_layers
     layers = list(cfg.layers) if cfg.layers else sorted(set(range(2, n_layers, 3)) | {n_layers - 1})
@@ -103,37 +183,105 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
         aligned.append(a)
         for k, v in rej.items():
             rejected[k] = rejected.get(k, 0) + v
-    say(f"[probekit ast-probe] {len(aligned[0])}/{len(aligned[1])}/{len(aligned[2])} train/val/test snippets "
-        f"(rejected: {rejected or 'none'}); layers {names}")
+    n_tr, n_va, n_te = (len(a) for a in aligned)
+    if min(n_tr, n_va, n_te) == 0:
+        raise ValueError(f"a split is empty after filtering ({n_tr}/{n_va}/{n_te}); raise n_functions")
+    say(f"[probekit ast-probe] {n_tr}/{n_va}/{n_te} train/val/test snippets "
+        f"(rejected: {rejected or 'none'}); layers {names}; device {device}")
+    everything = [a for part in aligned for a in part]
     ys = [[(a.d, a.c, a.u) for a in part] for part in aligned]
+    cache = ActivationCache()
+    ccfg = CaptureConfig(hooks=hooks, positions="all", batch_size=8, max_length=max(a.n_tokens for a in everything),
+                         dtype=cfg.cache_dtype, progress=cfg.progress)
+
+    def features(model):
+        run = cache.capture(model, [a.input_ids for a in everything], ccfg)
+        X = leaf_vectors_from_cache(run, everything, hooks, device=device, budget_gb=cfg.budget_gb, n_train=n_tr)
+        return run, X.snippets(0, n_tr), X.snippets(n_tr, n_tr + n_va), X.snippets(n_tr + n_va, len(X))
+
+    def probe(**kw):
+        base = dict(k=cfg.k, lr=cfg.lr, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
+                    bias=cfg.bias, seed=cfg.seed, device=device, progress=cfg.progress)
+        return ASTProbe(**{**base, **kw})
 
     def fit_eval(model, label):
-        X = _features(model, aligned, hooks, cfg.progress)
-        probe = ASTProbe(k=cfg.k, lr=cfg.lr, epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
-                         seed=cfg.seed, progress=cfg.progress)
-        probe.fit(X[0], ys[0], X[1], ys[1])
-        res = probe.evaluate(X[2], ys[2], layer_names=names)
+        run, Xtr, Xva, Xte = features(model)
+        p = probe().fit(Xtr, ys[0], Xva, ys[1])
+        res = p.evaluate(Xte, ys[2], layer_names=names)
+        val = p.evaluate(Xva, ys[1], layer_names=names)
         say(f"[probekit ast-probe] {label}: best layer {res.best_layer} F1 {max(res.f1):.3f}; "
-            f"layer 0 (embed) F1 {res.f1[0]:.3f}")
-        return res
+            f"layer 0 (embed) F1 {res.f1[0]:.3f}; fit {p.history_['seconds']:.0f} s")
+        return dict(run=run, X=(Xtr, Xva, Xte), probe=p, test=res, val=val)
 
-    trained = fit_eval(bridge, cfg.model)
+    main = fit_eval(bridge, cfg.model)
+    trained = main["test"]
     controls = {"layer 0 (embeddings)": [trained.f1[0]] * len(names)}
     random_res = None
     if cfg.random_control:
         rbridge, _ = load_model(_random_init_copy(cfg.model))
-        random_res = fit_eval(rbridge, "random-init control")
+        rnd = fit_eval(rbridge, "random-init control")
+        random_res = rnd["test"]
         controls["random-init model"] = random_res.f1
+        del rnd, rbridge
     trained.controls = controls
+
+    # k sweep on the layer chosen on validation data: separate fits, and one Matryoshka fit
+    best_li = int(np.nanargmax(main["val"].f1))
+    D = main["X"][0].dim
+    sweep = None
+    if cfg.k_sweep:
+        ks = sorted({k for k in cfg.k_sweep if k < D} | {D})
+        Xtr, Xva, Xte = (x.layers([best_li]) for x in main["X"])
+        sep = []
+        for k in ks:
+            p = probe(k=k, progress=False).fit(Xtr, ys[0], Xva, ys[1])
+            sep.append(p.evaluate(Xte, ys[2]).f1[0])
+            say(f"[probekit ast-probe] k sweep, layer {names[best_li]}: k={k} F1 {sep[-1]:.3f}")
+        mp = probe(k=max(ks), matryoshka_ks=ks).fit(Xtr, ys[0], Xva, ys[1])
+        mat = [mp.evaluate(Xte, ys[2], k=k).f1[0] for k in ks]
+        gap = [m - s for m, s in zip(mat, sep)]
+        say(f"[probekit ast-probe] Matryoshka prefixes F1 {[round(v, 3) for v in mat]}; "
+            f"max |Matryoshka − separate| {max(abs(g) for g in gap):.3f}")
+        sweep = dict(layer=names[best_li], ks=ks, separate_f1=sep, matryoshka_f1=mat,
+                     best_k_separate=ks[int(np.argmax(sep))], best_k_matryoshka=ks[int(np.argmax(mat))],
+                     max_abs_gap=max(abs(g) for g in gap), mean_gap=float(np.mean(gap)),
+                     matryoshka_fit_seconds=mp.history_["seconds"])
+
+    # gold vs predicted tree of one test snippet at the best layer
+    p = main["probe"]
+    preds = p.predict(main["X"][2])[best_li]
+    per_snippet = [_score([pr], [g])[0]["f1"] for pr, g in zip(preds, ys[2])]
+    si = _pick_tree_snippet(per_snippet, [a.n_leaves for a in aligned[2]], cfg.tree_snippet)
+    leaves = list(aligned[2][si].leaves)
+    tree_fig = tree_comparison_figure(leaves, ys[2][si], preds[si],
+                                      title=f"{aligned[2][si].doc_id} — layer {names[best_li]}")
+
     out = Path(cfg.out) if cfg.out else results_dir() / "ast-probe" / cfg.model.replace("/", "--")
     out.mkdir(parents=True, exist_ok=True)
-    payload = dict(kind="ast_probe", model=cfg.model, config=asdict(cfg), rejected=rejected,
-                   n_snippets=[len(a) for a in aligned], result=trained.to_dict(),
-                   random_init=random_res.to_dict() if random_res else None,
-                   published=dict(codebert_best=0.751, layer0=0.357, random_init=0.371),
-                   seconds=round(time.perf_counter() - t0, 1))
-    (out / "ast_probe.json").write_text(json.dumps(payload, indent=2))
-    trained.figures(controls=controls)[0].write_html(str(out / "ast_probe.html"), include_plotlyjs=True)
-    say(f"[probekit ast-probe] wrote {out / 'ast_probe.json'} and ast_probe.html "
+    payload: dict[str, Any] = dict(
+        kind="ast_probe", model=cfg.model, config=asdict(cfg), device=device, rejected=rejected,
+        n_snippets=[n_tr, n_va, n_te], cache_run=main["run"].run_id, best_layer_by_validation=names[best_li],
+        validation_f1=main["val"].f1, result=trained.to_dict(),
+        random_init=random_res.to_dict() if random_res else None, k_sweep=sweep,
+        tree_snippet=dict(index=si, doc_id=aligned[2][si].doc_id, f1=per_snippet[si]),
+        history=p.history_, published=PUBLISHED, seconds=round(time.perf_counter() - t0, 1))
+    (out / "ast_probe.json").write_text(json.dumps(payload, indent=2, default=float))
+    tensors = {"P": p.P_, "Vc": p.Vc_, "Vu": p.Vu_, "bc": p.bc_, "bu": p.bu_}
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
+              str(out / "ast_probe.safetensors"),
+              metadata={"layers": json.dumps(names), "c_labels": json.dumps(p.c_labels_),
+                        "u_labels": json.dumps(p.u_labels_)})
+    figs = trained.figures(controls=controls)
+    if sweep:
+        figs.append(f1_vs_k_figure(sweep["ks"], sweep["separate_f1"], sweep["matryoshka_f1"], d_model=D,
+                                   controls={"layer 0 (embeddings), k=" + str(cfg.k): trained.f1[0]},
+                                   title=f"F1 vs k at layer {sweep['layer']}"))
+    figs.append(per_label_recall_figure(trained.label_recall[best_li], trained.label_support,
+                                        title=f"Recall per non-terminal, layer {names[best_li]}"))
+    figs.append(tree_fig)
+    with open(out / "ast_probe.html", "w") as f:  # one page, plotly.js inlined once: works offline
+        for i, fig in enumerate(figs):
+            f.write(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+    say(f"[probekit ast-probe] wrote {out / 'ast_probe.json'}, ast_probe.safetensors and ast_probe.html "
         f"({time.perf_counter() - t0:.0f} s)")
     return payload

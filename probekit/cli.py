@@ -125,9 +125,12 @@ def _cmd_ast_probe(args) -> int:
     from .ast_probe_run import ASTProbeRunConfig, run_ast_probe
 
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    sweep = () if args.k_sweep.strip().lower() in ("", "none") else tuple(int(x) for x in args.k_sweep.split(","))
     run_ast_probe(ASTProbeRunConfig(model=args.model, n_functions=args.n_functions, layers=layers, k=args.k,
                                     epochs=args.epochs, scheme=args.scheme, random_control=not args.no_random_control,
-                                    out=args.out, progress=not args.no_progress))
+                                    k_sweep=sweep, bias=not args.no_bias, device=args.device,
+                                    tree_snippet=args.tree_snippet, seed=args.seed, out=args.out,
+                                    progress=not args.no_progress))
     return 0
 
 
@@ -190,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--epochs", type=int, default=20)
     a.add_argument("--scheme", default="leaf-whitespace", choices=["leaf-whitespace", "paper", "offsets"])
     a.add_argument("--no-random-control", action="store_true", help="skip the random-init model control")
+    a.add_argument("--k-sweep", default="8,16,32,64,128,256,512",
+                   help="subspace sizes for the separate-fit and Matryoshka sweep at the best layer (D is added); "
+                        "'none' skips it")
+    a.add_argument("--no-bias", action="store_true", help="the published bias-free heads")
+    a.add_argument("--device", help="where the probe trains (default: cuda when available, else cpu)")
+    a.add_argument("--tree-snippet", type=int, help="test snippet drawn as gold vs predicted tree")
+    a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", help="output folder (default: <cache root>/results/ast-probe/<model>)")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=_cmd_ast_probe)

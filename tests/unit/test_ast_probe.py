@@ -134,15 +134,96 @@ def test_matryoshka_loss_is_sum_over_prefixes(gold_tuples):
     X = [torch.randn(2, len(u), 12) for _, _, u in golds]
     probe = ASTProbe(k=6, epochs=1, batch_size=4, matryoshka_ks=(2, 6), progress=False)
     probe.fit(X, golds, X, golds)
-    P, Vc, Vu = (torch.from_numpy(a) for a in (probe.P_, probe.Vc_, probe.Vu_))
+    P, Vc, Vu, bc, bu = (torch.from_numpy(a) for a in (probe.P_, probe.Vc_, probe.Vu_, probe.bc_, probe.bu_))
     ci = {v: i for i, v in enumerate(probe.c_labels_)}
     ui = {v: i for i, v in enumerate(probe.u_labels_)}
     batch = _collate(X, [(np.asarray(d, float), c, u) for d, c, u in golds], list(range(6)), ci, ui, torch.device("cpu"))
-    want = _layer_losses(P[:, :, :2], Vc[:, :2], Vu[:, :2], batch, 5.0) + _layer_losses(P, Vc, Vu, batch, 5.0)
-    assert torch.allclose(probe._loss(P, Vc, Vu, batch), want)
-    assert not torch.allclose(want, _layer_losses(P, Vc, Vu, batch, 5.0))
+    want = _layer_losses(P[:, :, :2], Vc[:, :2], Vu[:, :2], bc, bu, batch, 5.0) + _layer_losses(
+        P, Vc, Vu, bc, bu, batch, 5.0)
+    assert torch.allclose(probe._loss(P, Vc, Vu, batch, bc, bu), want)
+    assert not torch.allclose(want, _layer_losses(P, Vc, Vu, bc, bu, batch, 5.0))
     assert probe.evaluate(X, golds, k=2).k == 2
     with pytest.raises(ValueError):
         probe.evaluate(X, golds, k=7)
     with pytest.raises(ValueError):
         ASTProbe(k=6, matryoshka_ks=(8,), progress=False).fit(X, golds, X, golds)
+
+
+def test_batch_gather_matches_naive_padding(gold_tuples):
+    from probekit.probes.ast_probe import PackedLeaves, _Batches
+
+    golds = gold_tuples[:7]
+    X = [torch.randn(3, len(u), 5) for _, _, u in golds]
+    ci = {v: i for i, v in enumerate(sorted({x for _, c, _ in golds for x in c}))}
+    ui = {v: i for i, v in enumerate(sorted({x for _, _, u in golds for x in u}))}
+    idx = [5, 0, 3]
+    packed = PackedLeaves.from_list(X)
+    batch = _Batches(packed, [(np.asarray(d, float), c, u) for d, c, u in golds], ci, ui)(idx)
+    N = max(X[i].shape[1] for i in idx)
+    assert batch["H"].shape == (3, 3, N, 5)
+    for b, i in enumerate(idx):  # independent: pad each snippet by hand
+        d, c, u = golds[i]
+        n = len(u)
+        assert torch.equal(batch["H"][:, b, :n], X[i])
+        assert not batch["H"][:, b, n:].any()
+        assert batch["d"][b, : n - 1].tolist() == [float(v) for v in d]
+        assert batch["bmask"][b].tolist() == [j < n - 1 for j in range(N - 1)]
+        assert batch["c"][b, : n - 1].tolist() == [ci[v] for v in c]
+        assert batch["u"][b, :n].tolist() == [ui[v] for v in u]
+        assert (batch["u"][b, n:] == -100).all() and (batch["c"][b, n - 1 :] == -100).all()
+    assert torch.equal(packed.snippet(3), X[3])
+    assert torch.equal(packed.snippets(2, 5).snippet(1), X[3])
+    with pytest.raises(ValueError, match="lengths sum"):
+        PackedLeaves(torch.zeros(1, 4, 2), [2, 3])
+
+
+def test_batched_fit_equals_separate_layer_fits(gold_tuples):
+    from probekit.probes.ast_probe import PackedLeaves
+
+    X, _ = _planted(gold_tuples[:60], seed=3)
+    packed = PackedLeaves.from_list(X)
+    tr, va = packed.snippets(0, 45), packed.snippets(45, 60)
+    kw = dict(k=4, lr=1e-2, epochs=4, patience=2, batch_size=8, progress=False)
+    joint = ASTProbe(**kw).fit(tr, gold_tuples[:45], va, gold_tuples[45:60])
+    for layer in range(2):
+        alone = ASTProbe(**kw).fit(tr.layers([layer]), gold_tuples[:45], va.layers([layer]), gold_tuples[45:60])
+        np.testing.assert_allclose(alone.P_[0], joint.P_[layer], atol=1e-5)
+        np.testing.assert_allclose(alone.bu_[0], joint.bu_[layer], atol=1e-5)
+        assert alone.history_["best_epoch"][0] == joint.history_["best_epoch"][layer]
+
+
+def test_bias_lets_the_unary_head_learn_a_prior():
+    # u is EMPTY on 95% of leaves, independent of the (centred) inputs: only a bias can predict it
+    rng = np.random.default_rng(0)
+    X, y = [], []
+    for _ in range(120):
+        n = int(rng.integers(4, 12))
+        X.append(torch.tensor(rng.standard_normal((1, n, 6)), dtype=torch.float32))
+        u = [EMPTY if rng.random() < 0.95 else "identifier" for _ in range(n)]
+        y.append((rng.integers(1, 4, n - 1), [EMPTY] * (n - 1), u))
+    kw = dict(k=4, lr=2e-2, epochs=15, patience=15, batch_size=16, progress=False)
+    with_b = ASTProbe(**kw).fit(X[:80], y[:80], X[80:100], y[80:100]).evaluate(X[100:], y[100:])
+    without = ASTProbe(bias=False, **kw).fit(X[:80], y[:80], X[80:100], y[80:100]).evaluate(X[100:], y[100:])
+    assert with_b.u_accuracy[0] > 0.9, with_b.u_accuracy
+    assert without.u_accuracy[0] < with_b.u_accuracy[0] - 0.1, (without.u_accuracy, with_b.u_accuracy)
+
+
+def test_per_label_recall_counts_constituents_independently(gold_tuples):
+    from probekit.probes.ast_probe import per_label_recall
+    from probekit.probes.ast_tree import constituents, tuple_to_tree
+
+    golds = gold_tuples[:15]
+    preds = [(np.asarray(d, float)[::-1].copy(), c, u) for d, c, u in golds]  # reversed order: some misses
+    rec, sup = per_label_recall(preds, golds)
+    hit, n = {}, {}
+    for (pd, pc, pu), (gd, gc, gu) in zip(preds, golds):
+        lv = [str(j) for j in range(len(gu))]
+        g = constituents(tuple_to_tree(gd, gc, gu, lv))
+        p = constituents(tuple_to_tree(pd, pc, pu, lv))
+        for lab, span in g:
+            n[lab] = n.get(lab, 0) + 1
+            hit[lab] = hit.get(lab, 0) + ((lab, span) in p)
+    assert sup == n
+    assert rec == pytest.approx({lab: hit[lab] / n[lab] for lab in n})
+    assert min(rec.values()) < 1.0
+    assert per_label_recall(golds, golds)[0] == {lab: 1.0 for lab in n}
