@@ -2,8 +2,9 @@
 
 Pipeline:
 
-1. Corpus: functions from the interpreter's standard library, split by file (train/val/test), aligned to the
-   model's subwords (leaf-whitespace scheme by default).
+1. Corpus: functions from the interpreter's standard library (or, with ``language="javascript"``, from pinned
+   npm package sources), split by file (train/val/test), aligned to the model's subwords (leaf-whitespace
+   scheme by default).
 2. Capture: every token's vector at ``hook_embed`` (the layer-0 control) and ``blocks.{l}.hook_resid_post``
    goes into the activation cache (content-addressed, so a rerun with other probe settings reuses it, and a
    killed capture resumes).
@@ -48,6 +49,7 @@ class ASTProbeRunConfig:
     """
 
     model: str = DEFAULT_MODEL
+    language: str = "python"  # "python": stdlib functions; "javascript": pinned npm package sources
     n_functions: int = 400
     layers: tuple[int, ...] | None = None  # None: every 3rd block and the last
     k: int = 64
@@ -74,19 +76,19 @@ class ASTProbeRunConfig:
             raise ValueError("n_functions must be at least 30 so that train, val and test are non-empty")
         if self.k < 1:
             raise ValueError("k must be positive")
+        if self.language not in ("python", "javascript"):
+            raise ValueError(f"language must be 'python' or 'javascript', got {self.language!r}")
         if self.k_sweep and min(self.k_sweep) < 1:
             raise ValueError(f"k_sweep values must be positive, got {self.k_sweep}")
 
 
 def _random_init_copy(name: str) -> str:
     """A local folder holding the same architecture with freshly initialised weights (the random control)."""
-    from transformers import AutoModelForCausalLM
-
     from .models import load_hf
 
     hf, tok, _ = load_hf(name)
     torch.manual_seed(0)
-    rnd = AutoModelForCausalLM.from_config(hf.config)
+    rnd = type(hf)(hf.config)  # same class (causal LM or encoder), fresh initialisation
     path = Path(tempfile.mkdtemp(prefix="probekit-random-init-"))
     rnd.save_pretrained(str(path), safe_serialization=True)
     tok.save_pretrained(str(path))
@@ -175,11 +177,17 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     layers = list(cfg.layers) if cfg.layers else sorted(set(range(2, n_layers, 3)) | {n_layers - 1})
     hooks = ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in layers]
     names = ["embed"] + [str(l) for l in layers]
-    snippets = iter_stdlib_functions(max_functions=cfg.n_functions, seed=cfg.seed)
+    if cfg.language == "javascript":
+        from .data.javascript import iter_npm_functions
+
+        snippets = iter_npm_functions(max_functions=cfg.n_functions, seed=cfg.seed)
+    else:
+        snippets = iter_stdlib_functions(max_functions=cfg.n_functions, seed=cfg.seed)
     splits = split_by_file(snippets, seed=cfg.seed)
     aligned, rejected = [], {}
     for part in splits:
-        a, rej = build_corpus(part, tok, scheme=cfg.scheme, max_tokens=cfg.max_tokens, max_leaves=cfg.max_leaves)
+        a, rej = build_corpus(part, tok, scheme=cfg.scheme, max_tokens=cfg.max_tokens, max_leaves=cfg.max_leaves,
+                              language=cfg.language)
         aligned.append(a)
         for k, v in rej.items():
             rejected[k] = rejected.get(k, 0) + v
@@ -256,10 +264,11 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     tree_fig = tree_comparison_figure(leaves, ys[2][si], preds[si],
                                       title=f"{aligned[2][si].doc_id} — layer {names[best_li]}")
 
-    out = Path(cfg.out) if cfg.out else results_dir() / "ast-probe" / cfg.model.replace("/", "--")
+    default_out = results_dir() / "ast-probe" / cfg.model.replace("/", "--")
+    out = Path(cfg.out) if cfg.out else default_out if cfg.language == "python" else default_out / cfg.language
     out.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = dict(
-        kind="ast_probe", model=cfg.model, config=asdict(cfg), device=device, rejected=rejected,
+        kind="ast_probe", model=cfg.model, language=cfg.language, config=asdict(cfg), device=device, rejected=rejected,
         n_snippets=[n_tr, n_va, n_te], cache_run=main["run"].run_id, best_layer_by_validation=names[best_li],
         validation_f1=main["val"].f1, result=trained.to_dict(),
         random_init=random_res.to_dict() if random_res else None, k_sweep=sweep,

@@ -126,7 +126,8 @@ def _cmd_ast_probe(args) -> int:
 
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     sweep = () if args.k_sweep.strip().lower() in ("", "none") else tuple(int(x) for x in args.k_sweep.split(","))
-    run_ast_probe(ASTProbeRunConfig(model=args.model, n_functions=args.n_functions, layers=layers, k=args.k,
+    run_ast_probe(ASTProbeRunConfig(model=args.model, language=args.language, n_functions=args.n_functions,
+                                    layers=layers, k=args.k,
                                     epochs=args.epochs, scheme=args.scheme, random_control=not args.no_random_control,
                                     k_sweep=sweep, bias=not args.no_bias, device=args.device,
                                     tree_snippet=args.tree_snippet, seed=args.seed, out=args.out,
@@ -187,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ast-probe", help="AST-Probe: syntax trees from hidden states, per layer, with controls")
     a.add_argument("--model", default=DEFAULT_MODEL)
-    a.add_argument("--n-functions", type=int, default=400, help="stdlib functions before the by-file split")
+    a.add_argument("--language", default="python", choices=["python", "javascript"],
+                   help="python: stdlib functions; javascript: functions from pinned npm packages")
+    a.add_argument("--n-functions", type=int, default=400, help="functions before the by-file split")
     a.add_argument("--layers", help="comma-separated block indices (default: every 3rd and the last)")
     a.add_argument("--k", type=int, default=64, help="probe subspace size")
     a.add_argument("--epochs", type=int, default=20)

@@ -6,8 +6,15 @@ present, no download), parse them with tree-sitter, and label every tokenizer
 token with the grammar type of the node directly above the leaf it falls in
 (e.g. ``identifier`` under ``parameters`` -> ``"parameters"``).
 
+The tree-sitter helpers (``_parser``, :func:`leaf_spans`) also take
+``language="javascript"`` (:data:`LANGUAGES`); JavaScript snippets come from
+:mod:`probekit.data.javascript`.
+
 Public API
 ----------
+LANGUAGES
+ATOMIC_TYPES
+check_language
 CodeSnippet
 stdlib_root
 iter_stdlib_functions
@@ -37,6 +44,9 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "LANGUAGES",
+    "ATOMIC_TYPES",
+    "check_language",
     "CodeSnippet",
     "stdlib_root",
     "iter_stdlib_functions",
@@ -103,19 +113,45 @@ class CodeSnippet:
     source: str
 
 
-@lru_cache(maxsize=1)
-def _parser() -> Any:
+#: Languages the tree-sitter code supports; ``language=`` arguments take one of these.
+LANGUAGES = ("python", "javascript")
+
+# Node types that stand for one literal token although tree-sitter gives them
+# children (string quotes and fragments, interpolations, regex parts).
+ATOMIC_TYPES = {
+    "python": frozenset({"string"}),
+    "javascript": frozenset({"string", "template_string", "regex"}),
+}
+
+_GRAMMARS = {"python": "tree_sitter_python", "javascript": "tree_sitter_javascript"}
+
+
+def check_language(language: str) -> str:
+    """Return ``language`` if it is one of :data:`LANGUAGES`, else raise ValueError."""
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}.")
+    return language
+
+
+@lru_cache(maxsize=None)
+def _parser(language: str = "python") -> Any:
+    """A tree-sitter parser for ``language`` (one per language, cached)."""
+    check_language(language)
+    module = _GRAMMARS[language]
     # Imported lazily so `import probekit.data.code` works without tree-sitter
     # for callers that only need the label helpers.
     try:
-        import tree_sitter_python
+        import importlib
+
+        grammar = importlib.import_module(module)
         from tree_sitter import Language, Parser
     except ImportError as exc:  # pragma: no cover - depends on the environment
+        pkg = module.replace("_", "-")
         raise ImportError(
-            "probekit.data.code needs tree-sitter and tree-sitter-python; "
-            "install them with `pip install 'tree-sitter>=0.23' 'tree-sitter-python>=0.23'`."
+            f"probekit.data.code needs tree-sitter and {pkg} for language={language!r}; "
+            f"install them with `pip install 'tree-sitter>=0.23' '{pkg}>=0.23'`."
         ) from exc
-    return Parser(Language(tree_sitter_python.language()))
+    return Parser(Language(grammar.language()))
 
 
 def stdlib_root() -> Path:
@@ -387,18 +423,22 @@ def _byte_to_char(source: str, data: bytes) -> list[int] | None:
     return table
 
 
-def leaf_spans(source: str) -> list[tuple[int, int, str, str]]:
+def leaf_spans(source: str, *, language: str = "python") -> list[tuple[int, int, str, str]]:
     """Leaves of the tree-sitter parse of ``source``, with character offsets.
 
     A leaf is a node without children, except that a ``string`` node (whose
     children are ``string_start``/``string_content``/``interpolation``/...)
-    counts as one leaf, so ``f"a{b}\\n"`` is a single ``string`` leaf.
-    Zero-width nodes (tree-sitter's MISSING nodes) are dropped.
+    counts as one leaf, so ``f"a{b}\\n"`` is a single ``string`` leaf; in
+    JavaScript ``string``, ``template_string`` and ``regex`` nodes are leaves
+    (:data:`ATOMIC_TYPES`). Zero-width nodes (tree-sitter's MISSING nodes)
+    are dropped.
 
     Parameters
     ----------
     source : str
-        Python source text.
+        Source text.
+    language : str
+        One of :data:`LANGUAGES`.
 
     Returns
     -------
@@ -408,15 +448,16 @@ def leaf_spans(source: str) -> list[tuple[int, int, str, str]]:
         ``"def"``, ``"+"``, ``"string"``, ``"comment"``, ...), ``parent_type``
         the type of its parent node (``"function_definition"``, ...).
     """
+    atomic = ATOMIC_TYPES[check_language(language)]
     data = source.encode("utf-8", errors="surrogatepass")
-    root = _parser().parse(data).root_node
+    root = _parser(language).parse(data).root_node
     # tree-sitter reports byte offsets; sources may contain non-ASCII.
     b2c = _byte_to_char(source, data)
     out: list[tuple[int, int, str, str]] = []
     stack: list[tuple[Any, str]] = [(c, root.type) for c in reversed(root.children)]
     while stack:
         node, parent_type = stack.pop()
-        if node.child_count == 0 or node.type == "string":
+        if node.child_count == 0 or node.type in atomic:
             sb, eb = node.start_byte, node.end_byte
             if eb > sb:
                 if b2c is not None:

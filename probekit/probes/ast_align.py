@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from probekit.data.code import check_language
 from probekit.probes.ast_tree import SyntaxTreeError, binarize, leaves, parse_code, tree_to_tuple
 
 __all__ = [
@@ -120,6 +121,8 @@ class AlignedSnippet:
         The text the non-special ids encode (``stripped_source`` for ``"leaf-whitespace"``).
     n_spanning : int
         ``"offsets"`` only: tokens that cover characters of more than one leaf (0 otherwise).
+    language : str
+        The grammar the tree came from (``"python"`` or ``"javascript"``).
     """
 
     doc_id: str
@@ -135,6 +138,7 @@ class AlignedSnippet:
     scheme: str
     input_text: str = ""
     n_spanning: int = 0
+    language: str = "python"
 
     @property
     def n_leaves(self) -> int:
@@ -165,18 +169,20 @@ def _leaf_chunks(source: str, spans: Sequence[tuple[int, int]]) -> list[tuple[st
     return out
 
 
-def stripped_source(source: str) -> str:
+def stripped_source(source: str, *, language: str = "python") -> str:
     """The text the ``"leaf-whitespace"`` scheme encodes: every leaf with its cleaned preceding gap.
 
     Equals ``"".join(clean_gap(source[end_{i-1}:start_i]) + source[start_i:end_i] for each leaf i)``:
     the source without comments, docstrings, line continuations, trailing blanks and trailing text.
+
+    ``language`` is passed to :func:`~probekit.probes.ast_tree.parse_code`.
 
     Raises
     ------
     SyntaxTreeError
         If the source does not parse.
     """
-    spans = [lf.span for lf in leaves(parse_code(source))]
+    spans = [lf.span for lf in leaves(parse_code(source, language=language))]
     return "".join(g + t for g, t in _leaf_chunks(source, spans))
 
 
@@ -267,13 +273,14 @@ def align(
     scheme: str = "leaf-whitespace",
     max_tokens: int | None = None,
     doc_id: str = "",
+    language: str = "python",
 ) -> AlignedSnippet:
     """Gold tree tuple and leaf-aligned model input of one snippet.
 
     Parameters
     ----------
     source : str
-        Python source.
+        Source code in ``language``.
     tokenizer : Hugging Face tokenizer
         Fast tokenizers are needed for ``"offsets"``.
     scheme : str
@@ -282,6 +289,8 @@ def align(
         Reject snippets whose input (special tokens included) is longer.
     doc_id : str
         Stored in the result.
+    language : str
+        ``"python"`` (default) or ``"javascript"``; stored in the result.
 
     Raises
     ------
@@ -291,11 +300,11 @@ def align(
         ``reason`` ``"leaf_without_token"`` (a leaf got no token), ``"too_long"`` (over ``max_tokens``),
         ``"no_offsets"`` (``"offsets"`` with a tokenizer without offset mapping).
     ValueError
-        Unknown scheme.
+        Unknown scheme or language.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    tree = parse_code(source)
+    tree = parse_code(source, language=language)
     lvs = leaves(tree)
     spans = [lf.span for lf in lvs]
     texts = [lf.text or "" for lf in lvs]
@@ -349,7 +358,7 @@ def align(
         doc_id=doc_id, source=source, leaves=texts, d=d, c=c, u=u, spans=spans,
         input_ids=input_ids, leaf_of_token=neg_pre + owner + neg_post,
         pool_index=neg_pre + pool + neg_post, scheme=scheme, input_text=input_text,
-        n_spanning=n_spanning)
+        n_spanning=n_spanning, language=language)
 
 
 def build_corpus(
@@ -359,14 +368,15 @@ def build_corpus(
     scheme: str = "leaf-whitespace",
     max_tokens: int | None = None,
     max_leaves: int | None = None,
+    language: str = "python",
 ) -> tuple[list[AlignedSnippet], Counter[str]]:
     """Align many snippets, counting the rejected ones by reason.
 
     Parameters
     ----------
     snippets : iterable of CodeSnippet (anything with ``.source`` and ``.doc_id``)
-    tokenizer, scheme, max_tokens
-        As :func:`align`.
+    tokenizer, scheme, max_tokens, language
+        As :func:`align` (one language for the whole corpus).
     max_leaves : int or None
         Reject snippets with more leaves (reason ``"too_many_leaves"``).
 
@@ -380,12 +390,13 @@ def build_corpus(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    check_language(language)  # fail once, not as a rejection per snippet
     out: list[AlignedSnippet] = []
     rejected: Counter[str] = Counter()
     for sn in snippets:
         try:
             a = align(sn.source, tokenizer, scheme=scheme, max_tokens=max_tokens,
-                      doc_id=getattr(sn, "doc_id", ""))
+                      doc_id=getattr(sn, "doc_id", ""), language=language)
         except SyntaxTreeError:
             rejected["syntax"] += 1
             continue

@@ -1,4 +1,4 @@
-"""Syntax trees of Python code as AST-Probe tuples ``(d, c, u)`` and back.
+"""Syntax trees of Python and JavaScript code as AST-Probe tuples ``(d, c, u)`` and back.
 
 AST-Probe (Hernández López et al., ASE 2022) reads a snippet's whole syntax
 tree back from hidden states. The tree is encoded, one value per leaf or per
@@ -6,7 +6,9 @@ pair of neighbouring leaves, as the tuple of Shen et al. (2018):
 
 1. :func:`parse_code` -- tree-sitter parse, comments / line continuations and
    docstrings removed, every other node kept (named and anonymous: keywords
-   and punctuation are leaves), a ``string`` node is one leaf.
+   and punctuation are leaves), a ``string`` node is one leaf. With
+   ``language="javascript"``: comments removed (no docstring rule), and
+   ``string``, ``template_string`` and ``regex`` nodes are each one leaf.
 2. :func:`binarize` -- merge unary chains of non-terminals (labels joined
    ``a|b``), move the chain above a single leaf into that leaf's *unary label*,
    right-nest nodes with more than two children under :data:`EMPTY` nodes.
@@ -43,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from probekit.data.code import _byte_to_char, _parser
+from probekit.data.code import ATOMIC_TYPES, _byte_to_char, _parser, check_language
 
 __all__ = [
     "EMPTY",
@@ -167,9 +169,11 @@ def _is_docstring(ts_node: Any) -> bool:
     return True
 
 
-def _kept_children(ts_node: Any) -> list[Any]:
-    """Children minus extras (comments, ``\\`` line continuations) and a docstring."""
+def _kept_children(ts_node: Any, language: str) -> list[Any]:
+    """Children minus extras (comments, ``\\`` line continuations) and a Python docstring."""
     kids = [c for c in ts_node.children if not c.is_extra]
+    if language != "python":
+        return kids
     is_body = ts_node.type == "module" or (
         ts_node.type == "block"
         and ts_node.parent is not None
@@ -180,13 +184,15 @@ def _kept_children(ts_node: Any) -> list[Any]:
     return kids
 
 
-def parse_code(source: str) -> Node:
-    """Parse Python source into the tree the tuple encodes.
+def parse_code(source: str, *, language: str = "python") -> Node:
+    """Parse source code into the tree the tuple encodes.
 
     Parameters
     ----------
     source : str
-        Python source text (a snippet that parses as a module).
+        Source text (a snippet that parses as a module / program on its own).
+    language : str
+        ``"python"`` (default) or ``"javascript"``.
 
     Returns
     -------
@@ -202,27 +208,35 @@ def parse_code(source: str) -> Node:
         non-terminals left without children (a body that held only a
         docstring).
 
+        JavaScript (root ``"program"``): comments (tree-sitter extras) are
+        removed; there is no docstring rule; ``string``, ``template_string``
+        (with its ``${...}`` substitutions) and ``regex`` nodes are each one
+        leaf; every other node is kept as for Python.
+
     Raises
     ------
     SyntaxTreeError
         If tree-sitter reports an ERROR or MISSING node anywhere, or the
         snippet has no tokens left.
+    ValueError
+        If ``language`` is not one of ``probekit.data.code.LANGUAGES``.
     """
+    atomic = ATOMIC_TYPES[check_language(language)]
     data = source.encode("utf-8", errors="surrogatepass")
-    root = _parser().parse(data).root_node
+    root = _parser(language).parse(data).root_node
     if root.has_error:
         raise SyntaxTreeError(
-            "tree-sitter found ERROR/MISSING nodes; the snippet is not valid Python "
+            f"tree-sitter found ERROR/MISSING nodes; the snippet is not valid {language} "
             "for this grammar (reject it and count the rejection)."
         )
     # tree-sitter reports byte offsets; sources may contain non-ASCII.
     b2c = _byte_to_char(source, data)
 
     def kids(n: Any) -> list[Any]:
-        return [] if n.type == "string" else _kept_children(n)
+        return [] if n.type in atomic else _kept_children(n, language)
 
     def make(n: Any, built: list[Node]) -> Node | None:
-        if n.child_count == 0 or n.type == "string":
+        if n.child_count == 0 or n.type in atomic:
             sb, eb = n.start_byte, n.end_byte
             if eb <= sb:
                 return None
@@ -503,13 +517,17 @@ def tree_f1(pred: Node, gold: Node) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
-def code_to_tuple(source: str) -> tuple[list[str], list[int], list[str], list[str]]:
+def code_to_tuple(
+    source: str, *, language: str = "python"
+) -> tuple[list[str], list[int], list[str], list[str]]:
     """Leaf texts and the gold ``(d, c, u)`` of a snippet.
 
     Parameters
     ----------
     source : str
-        Python source text.
+        Source text.
+    language : str
+        ``"python"`` (default) or ``"javascript"`` (see :func:`parse_code`).
 
     Returns
     -------
@@ -520,9 +538,9 @@ def code_to_tuple(source: str) -> tuple[list[str], list[int], list[str], list[st
 
     Raises
     ------
-    SyntaxTreeError
+    SyntaxTreeError, ValueError
         As :func:`parse_code`.
     """
-    tree = parse_code(source)
+    tree = parse_code(source, language=language)
     d, c, u = tree_to_tuple(binarize(tree))
     return [leaf.text or "" for leaf in leaves(tree)], d, c, u

@@ -35,3 +35,26 @@ def test_ast_probe_command_writes_results_with_both_controls(tiny_dir, tmp_path,
     assert main(args + ["--no-random-control"]) == 0
     assert json.loads((out / "ast_probe.json").read_text())["cache_run"] == payload["cache_run"]
     assert len(list((tmp_path / "cache" / "runs").iterdir())) == len(runs)
+
+
+def test_ast_probe_command_javascript(tiny_dir, tmp_path, monkeypatch):
+    """`--language javascript` takes the npm corpus (here a local stand-in) and the JS grammar."""
+    import probekit.data.javascript as js
+    from probekit.data.code import CodeSnippet
+    from tests.unit.test_javascript import FIXTURE
+
+    # 9 real-style functions, 3 per file, so the by-file split has train, val and test files
+    snippets = [CodeSnippet(doc_id=f"pkg/f{i // 3}.js::{i}", path=f"pkg/f{i // 3}.js", name=f"fn{i}", source=src)
+                for i, src in enumerate(FIXTURE * 4)]
+    monkeypatch.setattr(js, "iter_npm_functions", lambda max_functions=None, seed=0: snippets[:max_functions])
+    monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "js"
+    rc = main(["ast-probe", "--model", str(tiny_dir["llama"]), "--language", "javascript", "--n-functions", "36",
+               "--layers", "1", "--k", "4", "--epochs", "1", "--k-sweep", "none", "--no-random-control",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    payload = json.loads((out / "ast_probe.json").read_text())
+    assert payload["language"] == "javascript" and payload["k_sweep"] is None
+    assert sum(payload["n_snippets"]) + sum(payload["rejected"].values()) == 36
+    labels = set(payload["result"]["label_support"])
+    assert "function_declaration" in labels or "statement_block" in labels  # JS grammar, not Python's
