@@ -1,0 +1,994 @@
+"""Sparse autoencoders: model, training with exact resume, the SAELens on-disk format, metrics, and splicing.
+
+The SAE (METHODS.md §3)::
+
+    f  = act((x - b_dec) @ W_enc + b_enc)      W_enc (d_in, d_sae), b_enc (d_sae,)
+    x̂  = f @ W_dec + b_dec                     W_dec (d_sae, d_in), b_dec (d_in,)
+
+with ``act`` = ReLU (trained with an L1 penalty) or TopK (keep the k largest pre-activations, then ReLU; trained
+with the auxiliary dead-latent loss of Gao et al. 2024). Decoder rows are kept at unit norm.
+
+Pinned metric definitions (METHODS.md §3; do not change them silently):
+
+- FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean over tokens (centred; SAELens issue #659 used zero instead);
+- explained variance = 1 − FVU;
+- L0 = mean number of active (non-zero) latents per token;
+- dead fraction = fraction of latents never active on the evaluation set;
+- CE-loss recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean), x̂ (or zeros) spliced in at the hook.
+
+Example
+-------
+>>> import torch
+>>> cfg = SAEConfig(d_in=8, d_sae=32, architecture="topk", k=2, batch_size=64, epochs=2, lr=3e-3)
+>>> x = torch.randn(512, 8)
+>>> sae = train_sae(cfg, x, progress=False)
+>>> sae.encode(x[:3]).shape, int((sae.encode(x[:3]) != 0).sum(-1).max()) <= 2
+(torch.Size([3, 32]), True)
+>>> m = sae_metrics(sae, x)
+>>> 0.0 <= m.fvu < 1.0
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "SAEConfig",
+    "SAE",
+    "train_sae",
+    "save_sae",
+    "load_sae",
+    "fvu",
+    "explained_variance",
+    "l0",
+    "dead_fraction",
+    "SAEMetrics",
+    "sae_metrics",
+    "CEResult",
+    "ce_recovered",
+    "splice",
+    "lm_logits",
+    "geometric_median",
+]
+
+_ARCHS = ("relu", "topk")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_B_DEC_INITS = ("geometric_median", "mean", "zeros")
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+_WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+# ============================================================================================== config
+
+
+@dataclass
+class SAEConfig:
+    """Everything that defines an SAE and how it is trained; validated on construction.
+
+    Parameters
+    ----------
+    d_in, d_sae : int
+        Input width (the hook's last dim) and number of latents.
+    architecture : {"relu", "topk"}
+        ReLU with an L1 penalty, or TopK (at most ``k`` active latents per token).
+    k : int
+        Active latents per token for ``"topk"`` (1 ≤ k ≤ d_sae).
+    l1_coefficient : float
+        Weight of the L1 penalty Σ|f| for ``"relu"`` (decoder rows are unit norm, so no norm weighting).
+    lr, lr_warmup_steps, lr_decay_fraction : float, int, float
+        Adam learning rate; linear warm-up from 0 over the first ``lr_warmup_steps`` steps; linear decay to 0
+        over the last ``lr_decay_fraction`` of all steps (0 disables the decay).
+    batch_size : int
+        Tokens per optimiser step (every step uses a full batch: an epoch's remainder is dropped).
+    total_tokens, epochs : int or None
+        Length of training: ``ceil(total_tokens / batch_size)`` steps, or ``epochs`` passes over the data.
+        Give at most one; neither means ``epochs=1``.
+    aux_k, aux_coefficient, dead_steps : int or None, float, int
+        TopK auxiliary loss (Gao et al. 2024): the residual ``x − x̂`` is reconstructed from the top ``aux_k``
+        pre-activations among *dead* latents (no activation in the last ``dead_steps`` steps), weighted by
+        ``aux_coefficient``. ``aux_k=None`` means ``min(d_sae, max(1, d_in // 2))``.
+    b_dec_init : {"geometric_median", "mean", "zeros"}
+        How ``b_dec`` starts, from ``init_sample_size`` training rows.
+    seed : int
+        Seeds initialisation and batch order.
+    device : str
+        Where the SAE trains ("cpu", "cuda", "cuda:1", …).
+    dtype : {"float32", "float64"}
+        Parameter dtype.
+    hook_name, model_name : str
+        Where the SAE reads (written to ``cfg.json``).
+    """
+
+    d_in: int
+    d_sae: int
+    architecture: str = "topk"
+    k: int = 32
+    l1_coefficient: float = 1e-3
+    lr: float = 4e-4
+    lr_warmup_steps: int = 0
+    lr_decay_fraction: float = 0.2
+    batch_size: int = 4096
+    total_tokens: int | None = None
+    epochs: int | None = None
+    aux_k: int | None = None
+    aux_coefficient: float = 1.0 / 32
+    dead_steps: int = 1000
+    b_dec_init: str = "geometric_median"
+    init_sample_size: int = 4096
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    hook_name: str = ""
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, field: str, what: str) -> None:
+            if not cond:
+                raise ValueError(f"SAEConfig.{field} {what}, got {getattr(self, field)!r}")
+
+        for f in ("d_in", "d_sae", "batch_size", "dead_steps", "init_sample_size"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an int >= 1")
+        need(self.architecture in _ARCHS, "architecture", f"must be one of {list(_ARCHS)}")
+        if self.architecture == "topk":
+            need(isinstance(self.k, int) and 1 <= self.k <= self.d_sae, "k",
+                 f"must be an int in [1, d_sae={self.d_sae}]")
+        need(self.l1_coefficient >= 0, "l1_coefficient", "must be >= 0")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "lr_warmup_steps",
+             "must be an int >= 0")
+        need(0.0 <= self.lr_decay_fraction <= 1.0, "lr_decay_fraction", "must be in [0, 1]")
+        if self.total_tokens is not None and self.epochs is not None:
+            raise ValueError(f"SAEConfig: give total_tokens or epochs, not both (got "
+                             f"total_tokens={self.total_tokens}, epochs={self.epochs})")
+        if self.total_tokens is not None:
+            need(isinstance(self.total_tokens, int) and self.total_tokens >= 1, "total_tokens", "must be an int >= 1")
+        if self.epochs is not None:
+            need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an int >= 1")
+        if self.aux_k is None:
+            self.aux_k = min(self.d_sae, max(1, self.d_in // 2))
+        need(isinstance(self.aux_k, int) and 1 <= self.aux_k <= self.d_sae, "aux_k",
+             f"must be an int in [1, d_sae={self.d_sae}]")
+        need(self.aux_coefficient >= 0, "aux_coefficient", "must be >= 0")
+        need(self.b_dec_init in _B_DEC_INITS, "b_dec_init", f"must be one of {list(_B_DEC_INITS)}")
+        need(self.dtype in _DTYPES, "dtype", f"must be one of {list(_DTYPES)}")
+        need(isinstance(self.device, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device) is not None,
+             "device", "must be 'cpu', 'mps', 'cuda' or 'cuda:N'")
+        need(isinstance(self.seed, int), "seed", "must be an int")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SAEConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ============================================================================================== model
+
+
+class SAE(torch.nn.Module):
+    """A ReLU or TopK sparse autoencoder with unit-norm decoder rows.
+
+    Parameters
+    ----------
+    cfg : SAEConfig
+
+    Attributes
+    ----------
+    W_enc : (d_in, d_sae) Parameter
+    b_enc : (d_sae,) Parameter
+    W_dec : (d_sae, d_in) Parameter, rows of unit norm
+    b_dec : (d_in,) Parameter
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        dt = cfg.torch_dtype
+        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g, dtype=torch.float64)
+        w_dec = (w_dec / w_dec.norm(dim=1, keepdim=True)).to(dt)
+        self.W_dec = torch.nn.Parameter(w_dec)
+        self.W_enc = torch.nn.Parameter(w_dec.T.clone().contiguous())  # tied at init: encoder starts as decoderᵀ
+        self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt))
+        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, dtype=dt))
+
+    # ---------------------------------------------------------------- forward pieces
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - b_dec) @ W_enc + b_enc``: ``(..., d_in)`` -> ``(..., d_sae)``."""
+        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """ReLU, or TopK: keep the k largest pre-activations, then ReLU (so at most k non-zero).
+
+        ``(..., d_sae)`` -> ``(..., d_sae)``.
+        """
+        if self.cfg.architecture == "relu":
+            return F.relu(pre)
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents ``f``: ``(..., d_in)`` -> ``(..., d_sae)``."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``f @ W_dec + b_dec``: ``(..., d_sae)`` -> ``(..., d_in)``."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x̂`` for ``x`` of shape ``(..., d_in)``, returned in ``x``'s dtype (so it can be spliced back)."""
+        return self.decode(self.encode(x)).to(x.dtype)
+
+    # ---------------------------------------------------------------- losses
+    def _losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+        """``(losses, f)``: the loss dict of :meth:`loss` and the latents ``(b, d_sae)``."""
+        x = x.to(self.W_enc.dtype)
+        pre = self.pre_acts(x)
+        f = self.activation(pre)
+        x_hat = self.decode(f)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        out = {"mse": mse}
+        if self.cfg.architecture == "relu":
+            out["l1"] = f.abs().sum(-1).mean()
+            out["total"] = mse + self.cfg.l1_coefficient * out["l1"]
+        else:
+            out["aux"] = self._aux_loss(pre, (x - x_hat).detach(), dead_mask)
+            out["total"] = mse + self.cfg.aux_coefficient * out["aux"]
+        return out, f
+
+    def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
+        """‖e − ê‖² (mean over tokens), ê decoded (no bias) from the top ``aux_k`` dead pre-activations.
+
+        Zero when no latent is dead: the term exists only to give dead latents a gradient.
+        """
+        if dead_mask is None or not bool(dead_mask.any()):
+            return pre.new_zeros(())
+        k = min(self.cfg.aux_k, int(dead_mask.sum()))
+        masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+        vals, idx = masked.topk(k, dim=-1, sorted=False)
+        z = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+        return (z @ self.W_dec - err).pow(2).sum(-1).mean()
+
+    def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training losses for a batch ``x`` of shape ``(b, d_in)``.
+
+        Returns ``{"mse", "l1", "total"}`` (ReLU) or ``{"mse", "aux", "total"}`` (TopK), scalars, where
+        mse = mean over tokens of ‖x − x̂‖²; l1 = mean Σ|f|; aux as in :meth:`_aux_loss` given ``dead_mask``
+        ``(d_sae,)`` bool; total = mse + l1_coefficient·l1 or mse + aux_coefficient·aux.
+        """
+        return self._losses(x, dead_mask)[0]
+
+    # ---------------------------------------------------------------- decoder constraint
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the component of each decoder row's gradient along the row (it would only change its norm)."""
+        if self.W_dec.grad is not None:
+            w = self.W_dec
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+# ============================================================================================== init helper
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, *, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's iteration for argmin_m Σ‖x_i − m‖: ``(n, d)`` -> ``(d,)`` (float64 inside)."""
+    x = x.to(torch.float64)
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * (1 + m.norm()):
+            return new
+        m = new
+    return m
+
+
+# ============================================================================================== data sources
+
+
+class _Source:
+    """Minibatches ``(batch_size, d_in)`` for one epoch, in an order fixed by ``(seed, epoch)``; full batches only."""
+
+    n: int
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        raise NotImplementedError
+
+
+class _TensorSource(_Source):
+    def __init__(self, x: torch.Tensor, batch_size: int, seed: int):
+        if x.ndim != 2:
+            raise ValueError(f"a tensor source must be (n, d_in), got shape {tuple(x.shape)}")
+        self.x, self.n, self.bs, self.seed = x, len(x), batch_size, seed
+
+    def epoch(self, epoch, skip):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        for i in range(skip * self.bs, self.n - self.bs + 1, self.bs):
+            yield self.x[perm[i : i + self.bs]]
+
+    def sample(self, n, seed):
+        idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))[:n]
+        return self.x[idx]
+
+    def fingerprint(self):
+        return {"kind": "tensor", "n": self.n, "d": int(self.x.shape[1])}
+
+
+class _CacheSource(_Source):
+    """A DeviceCache hook; order from ``DeviceCache.batches(shuffle=True, seed=seed + epoch)`` (block-shuffled)."""
+
+    def __init__(self, dc, hook: str, rows, batch_size: int, seed: int):
+        shape = dc.run.shape(hook)
+        if len(shape) != 2:
+            raise ValueError(f"hook {hook!r} has row shape {shape[1:]}; an SAE needs flat (d_in,) rows")
+        self.dc, self.hook, self.rows, self.bs, self.seed = dc, hook, rows, batch_size, seed
+        self.sel = dc._rows(rows)
+        self.n = len(self.sel)
+
+    def epoch(self, epoch, skip):
+        # DeviceCache seeds epoch e with seed + e, so one epoch started at seed + epoch is that epoch exactly
+        it = self.dc.batches(self.hook, self.bs, shuffle=True, seed=self.seed + epoch, epochs=1, rows=self.rows,
+                             drop_last=True, dtype=torch.float32)
+        for i, b in enumerate(it):
+            if i >= skip:
+                yield b[self.hook]
+
+    def sample(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        pick = np.sort(self.sel[torch.randperm(self.n, generator=g)[:n].numpy()])
+        return self.dc.run.load(self.hook, pick).to(torch.float32)
+
+    def fingerprint(self):
+        import hashlib
+
+        rows = hashlib.sha256(np.ascontiguousarray(self.sel).tobytes()).hexdigest()[:16]
+        return {"kind": "cache", "run_id": self.dc.run.run_id, "hook": self.hook, "n": self.n, "rows_sha": rows}
+
+
+def _make_source(source, cfg: SAEConfig, hook: str | None, rows) -> _Source:
+    if isinstance(source, torch.Tensor):
+        if rows is not None:
+            source = source[rows]
+        return _TensorSource(source, cfg.batch_size, cfg.seed)
+    if hasattr(source, "batches") and hasattr(source, "run"):
+        hook = hook or cfg.hook_name
+        if not hook:
+            raise ValueError("training from a DeviceCache needs a hook: pass hook=… or set SAEConfig.hook_name")
+        return _CacheSource(source, hook, rows, cfg.batch_size, cfg.seed)
+    raise TypeError(f"source must be a (n, d_in) tensor or a DeviceCache, got {type(source).__name__}")
+
+
+# ============================================================================================== training
+
+
+def _lr_factor(step: int, total: int, cfg: SAEConfig) -> float:
+    """Multiplier of ``cfg.lr`` at 0-based ``step``: linear warm-up, flat, linear decay to 0 at ``total``."""
+    f = 1.0
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        f = (step + 1) / cfg.lr_warmup_steps
+    decay = int(cfg.lr_decay_fraction * total)
+    if decay and step >= total - decay:
+        f = min(f, (total - step) / decay)
+    return f
+
+
+def _total_steps(cfg: SAEConfig, n: int) -> tuple[int, int]:
+    """``(total_steps, steps_per_epoch)``."""
+    per_epoch = n // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the training data has {n} rows, fewer than one batch (batch_size={cfg.batch_size})")
+    if cfg.total_tokens is not None:
+        return math.ceil(cfg.total_tokens / cfg.batch_size), per_epoch
+    return (cfg.epochs or 1) * per_epoch, per_epoch
+
+
+class _Stop(Exception):
+    pass
+
+
+def train_sae(cfg: SAEConfig, source, *, hook: str | None = None, rows=None,
+              checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1000, resume: bool = True,
+              max_steps: int | None = None, callback: Callable[[int, dict], None] | None = None,
+              progress: bool = True) -> SAE:
+    """Train an SAE with Adam on a tensor or a :class:`~probekit.device_cache.DeviceCache` hook.
+
+    Parameters
+    ----------
+    cfg : SAEConfig
+    source : Tensor ``(n, d_in)`` or DeviceCache
+        Training rows. A DeviceCache serves block-shuffled batches of ``hook`` (default ``cfg.hook_name``).
+    hook : str, optional
+        The DeviceCache hook.
+    rows : index array / slice / bool mask, optional
+        Restrict training to these rows (a train split, e.g. by document).
+    checkpoint_dir : path, optional
+        Write a checkpoint every ``checkpoint_every`` steps, at ``max_steps`` and at the end; with ``resume``, start
+        from the newest one there (same config and data required). Resumed training is bitwise identical to an
+        uninterrupted run.
+    max_steps : int, optional
+        Stop after this many (global) steps even if the schedule has more (the schedule still spans all steps).
+    callback : callable, optional
+        ``callback(step, stats)`` after each step (``step`` counts completed steps; stats: mse, aux/l1, l0, dead,
+        lr as floats). Raising from it stops training (the exception propagates).
+    progress : bool
+        Show a tqdm bar with tokens/s, mse, L0 and dead fraction.
+
+    Returns
+    -------
+    SAE
+        In eval mode, on ``cfg.device``, with ``sae.train_state_`` (step, steps_since_fired, total_steps).
+    """
+    from tqdm.auto import tqdm
+
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    src = _make_source(source, cfg, hook, rows)
+    total, per_epoch = _total_steps(cfg, src.n)
+    dev = torch.device(cfg.device)
+    sae = SAE(cfg)
+    with torch.no_grad():
+        if cfg.b_dec_init != "zeros":
+            s = src.sample(cfg.init_sample_size, cfg.seed).to(torch.float64)
+            if s.shape[1] != cfg.d_in:
+                raise ValueError(f"SAEConfig.d_in is {cfg.d_in} but the training rows have {s.shape[1]} features")
+            sae.b_dec.copy_(geometric_median(s) if cfg.b_dec_init == "geometric_median" else s.mean(0))
+    sae.to(dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.int64, device=dev)
+    step = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    meta = {"cfg": cfg.to_dict(), "source": src.fingerprint(), "total_steps": total}
+    if ckpt is not None and resume:
+        found = _load_checkpoint(ckpt, sae, opt, meta)
+        if found is not None:
+            step, since_fired = found[0], found[1].to(dev)
+    stop_at = total if max_steps is None else min(total, max_steps)
+
+    saved = step  # a resumed run has its starting point on disk already
+
+    def save_now():
+        nonlocal saved
+        if ckpt is not None and step != saved:
+            _save_checkpoint(ckpt, sae, opt, since_fired, step, meta)
+            saved = step
+
+    bar = tqdm(total=max(0, stop_at - step) * cfg.batch_size, unit="tok", unit_scale=True, disable=not progress,
+               desc="train SAE")
+    t0 = time.perf_counter()
+    try:
+        while step < stop_at:
+            epoch, skip = divmod(step, per_epoch)
+            for xb in src.epoch(epoch, skip):
+                if step >= stop_at:
+                    break
+                xb = xb.to(dev, sae.W_enc.dtype, non_blocking=True)
+                lr = cfg.lr * _lr_factor(step, total, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                dead = since_fired >= cfg.dead_steps
+                losses, f = sae._losses(xb, dead if cfg.architecture == "topk" else None)
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                sae.remove_parallel_grad()
+                opt.step()
+                sae.normalize_decoder()
+                with torch.no_grad():
+                    fired = (f != 0).any(0)
+                    since_fired = torch.where(fired, 0, since_fired + 1)
+                step += 1
+                if callback is not None or (progress and step % 10 == 0) or step == stop_at:
+                    stats = {k: float(v.detach()) for k, v in losses.items()}
+                    stats.update(l0=float((f != 0).sum(-1).float().mean()), dead=float(dead.float().mean()), lr=lr)
+                    if progress:
+                        rate = (bar.n + cfg.batch_size) / max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix_str(f"{rate:,.0f} tok/s mse={stats['mse']:.4g} L0={stats['l0']:.1f} "
+                                            f"dead={stats['dead']:.1%}")
+                    if callback is not None:
+                        callback(step, stats)
+                bar.update(cfg.batch_size)
+                if ckpt is not None and step % checkpoint_every == 0:
+                    save_now()
+        save_now()  # at max_steps / the end (no-op if that step is saved already)
+    finally:
+        bar.close()
+    sae.train_state_ = {"step": step, "total_steps": total, "steps_since_fired": since_fired.cpu()}
+    return sae.eval()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint is a folder ``step_{step:010d}`` holding ``state.safetensors`` (SAE weights, Adam moments and step
+# counters, steps-since-fired) and ``state.json`` (step, Adam param_groups, config and data fingerprint). It is
+# written into a temp folder next to it and renamed into place (os.replace), so a reader sees a whole checkpoint
+# or none. Older checkpoints are removed after the new one is in place. No pickle anywhere.
+
+_CKPT_RE = re.compile(r"step_(\d{10})")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_checkpoint(root: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, step: int,
+                     meta: dict, keep: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    names = {id(p): n for n, p in sae.named_parameters()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    tensors = {f"sae.{n}": p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+    tensors["steps_since_fired"] = since_fired.cpu().contiguous()
+    sd = opt.state_dict()
+    for i, p in enumerate(params):  # state_dict indexes params 0..n-1 in param_groups order
+        for key, v in sd["state"].get(i, {}).items():
+            tensors[f"optim.{names[id(p)]}.{key}"] = v.detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              for g in sd["param_groups"]]
+    body = {"format": 1, "step": step, "param_order": [names[id(p)] for p in params], "param_groups": groups,
+            **meta}
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(body, indent=1))
+        for f in ("state.safetensors", "state.json"):
+            _fsync(tmp / f)
+        final = root / f"step_{step:010d}"
+        if final.exists():  # same step written twice (e.g. stop then finish): replace the old one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(p for p in root.iterdir() if _CKPT_RE.fullmatch(p.name))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(root: Path, sae: SAE, opt: torch.optim.Optimizer, meta: dict):
+    """Restore the newest checkpoint in ``root`` into ``sae``/``opt``; return ``(step, steps_since_fired)`` or None."""
+    if not root.is_dir():
+        return None
+    found = sorted(p for p in root.iterdir() if _CKPT_RE.fullmatch(p.name) and (p / "state.json").is_file())
+    if not found:
+        return None
+    path = found[-1]
+    body = json.loads((path / "state.json").read_text())
+    for key in ("cfg", "source", "total_steps"):
+        if body.get(key) != json.loads(json.dumps(meta[key])):
+            raise ValueError(f"checkpoint {path} was written with a different {key} ({body.get(key)!r}) than this "
+                             f"run ({meta[key]!r}); use another checkpoint_dir or resume=False")
+    t = load_file(str(path / "state.safetensors"))
+    with torch.no_grad():
+        for n, p in sae.named_parameters():
+            p.copy_(t[f"sae.{n}"])
+    by_name = dict(sae.named_parameters())
+    state = {}
+    for i, n in enumerate(body["param_order"]):
+        prefix = f"optim.{n}."
+        s = {k[len(prefix):]: v.to(by_name[n].device) if k[len(prefix):] != "step" else v
+             for k, v in t.items() if k.startswith(prefix)}
+        if s:
+            state[i] = s
+    groups = [{**{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}, "params": []}
+              for g in body["param_groups"]]
+    groups[0]["params"] = list(range(len(body["param_order"])))
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return int(body["step"]), t["steps_since_fired"]
+
+
+# ============================================================================================== SAELens format
+
+
+def save_sae(sae: SAE, folder: str | Path) -> Path:
+    """Write ``cfg.json`` + ``sae_weights.safetensors`` in the SAELens layout.
+
+    Weights: ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae,), ``W_dec`` (d_sae, d_in), ``b_dec`` (d_in,). ``cfg.json``
+    carries the SAELens 6 fields (``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``,
+    ``normalize_activations``, ``reshape_activations``, ``architecture`` = "standard" | "topk", ``k`` for TopK,
+    ``metadata.{model_name, hook_name}``), the flat fields of SAELens ≤ 5 (``hook_name``, ``model_name``,
+    ``activation_fn_str``, ``activation_fn_kwargs``), and probekit's own training config under ``probekit``.
+    Both files are written to temp names and renamed.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = sae.cfg
+    topk = c.architecture == "topk"
+    cfg = {
+        "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype, "device": c.device,
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "architecture": "topk" if topk else "standard",
+        "metadata": {"model_name": c.model_name, "hook_name": c.hook_name},
+        "model_name": c.model_name, "hook_name": c.hook_name,
+        "activation_fn_str": "topk" if topk else "relu",
+        "activation_fn_kwargs": {"k": c.k} if topk else {},
+        "probekit": c.to_dict(),
+    }
+    if topk:
+        cfg["k"] = c.k
+    tensors = {k: getattr(sae, k).detach().cpu().contiguous() for k in _WEIGHT_KEYS}
+    for name, write in ((WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p))),
+                        (CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg, indent=2)))):
+        tmp = folder / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, folder / name)
+    return folder
+
+
+def load_sae(folder: str | Path, *, expected_d_in: int | None = None, hook_name: str | None = None,
+             device: str | None = None) -> SAE:
+    """Read an SAE saved by :func:`save_sae` or by SAELens (ReLU "standard" or "topk" only).
+
+    Parameters
+    ----------
+    folder : path with ``cfg.json`` and ``sae_weights.safetensors``.
+    expected_d_in : int, optional
+        The width of the hook this SAE will read; a different ``d_in`` raises ``ValueError`` naming both.
+    hook_name : str, optional
+        Named in that error message, and recorded in the config when the folder has none.
+    device : str, optional
+        Overrides the folder's device.
+
+    Accepted key spellings: hook name from ``hook_name``, ``metadata.hook_name``/``meta.hook_name`` or the old
+    ``hook_point``; architecture from ``architecture`` or ``activation_fn_str``; k from ``k`` or
+    ``activation_fn_kwargs.k``.
+    """
+    folder = Path(folder)
+    cfg_path, w_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing; an SAE folder holds {CFG_FILENAME} and {WEIGHTS_FILENAME}")
+    raw = json.loads(cfg_path.read_text())
+    for key in ("d_in", "d_sae"):
+        if key not in raw:
+            raise KeyError(f"{cfg_path} has no {key!r} field")
+    meta = raw.get("metadata") or raw.get("meta") or {}
+    hook = raw.get("hook_name") or meta.get("hook_name") or raw.get("hook_point") or hook_name or ""
+    if expected_d_in is not None and int(raw["d_in"]) != int(expected_d_in):
+        where = f"hook {hook_name!r}" if hook_name else "the hook"
+        raise ValueError(f"SAE folder {folder} has d_in={raw['d_in']} (trained on {hook or 'an unnamed hook'}), "
+                         f"but {where} has d_in={expected_d_in}")
+    arch = raw.get("architecture") or raw.get("activation_fn_str") or "standard"
+    kwargs = raw.get("activation_fn_kwargs") or {}
+    if arch in ("standard", "relu") and raw.get("activation_fn_str", "relu") == "topk":
+        arch = "topk"  # SAELens ≤ 5 wrote architecture "standard" with a topk activation_fn_str
+    if arch not in ("standard", "relu", "topk"):
+        raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported (only 'standard' / ReLU and 'topk')")
+    extra = raw.get("probekit") or {}
+    cfg_kw = {**extra, "d_in": int(raw["d_in"]), "d_sae": int(raw["d_sae"]),
+              "architecture": "topk" if arch == "topk" else "relu",
+              "hook_name": hook, "model_name": raw.get("model_name") or meta.get("model_name") or "",
+              "device": device or raw.get("device") or "cpu"}
+    if raw.get("dtype") in _DTYPES:
+        cfg_kw["dtype"] = raw["dtype"]
+    if arch == "topk":
+        k = raw.get("k", kwargs.get("k"))
+        if k is None:
+            raise KeyError(f"{cfg_path}: a topk SAE needs 'k' (or activation_fn_kwargs.k)")
+        cfg_kw["k"] = int(k)
+    cfg = SAEConfig.from_dict(cfg_kw)
+    t = load_file(str(w_path))
+    expect = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
+              "b_dec": (cfg.d_in,)}
+    sae = SAE(cfg)
+    with torch.no_grad():
+        for key, shape in expect.items():
+            if key not in t:
+                raise KeyError(f"{w_path} has no tensor {key!r} (found {sorted(t)})")
+            if tuple(t[key].shape) != shape:
+                raise ValueError(f"{w_path}: {key} has shape {tuple(t[key].shape)}, expected {shape} "
+                                 f"from {CFG_FILENAME}")
+            getattr(sae, key).data = t[key].to(cfg.torch_dtype).clone()
+    return sae.to(cfg.device).eval()
+
+
+# ============================================================================================== metrics
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained, centred: FVU = Σ_i ‖x_i − x̂_i‖² / Σ_i ‖x_i − x̄‖².
+
+    x̄ is the mean of ``x`` over tokens (all leading dims). ``x``, ``x_hat``: ``(..., d)``. Float64 inside.
+    """
+    x, x_hat = _flat(x), _flat(x_hat)
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Explained variance = 1 − FVU (centred; see :func:`fvu`)."""
+    return 1.0 - fvu(x, x_hat)
+
+
+def l0(f: torch.Tensor) -> float:
+    """L0 = mean over tokens of the number of non-zero latents; ``f``: ``(..., d_sae)``."""
+    return float((f != 0).sum(-1).to(torch.float64).mean())
+
+
+def _iter_x(batches, hook: str | None, chunk: int = 4096) -> Iterator[torch.Tensor]:
+    """Activations ``(b, d_in)`` from a tensor ``(n, d_in)`` (chunked), or an iterable of tensors / batch dicts."""
+    if isinstance(batches, torch.Tensor):
+        flat = batches.reshape(-1, batches.shape[-1])
+        for i in range(0, len(flat), chunk):
+            yield flat[i : i + chunk]
+        return
+    for b in batches:
+        if isinstance(b, Mapping):
+            if hook is None:
+                keys = [k for k in b if k != "rows"]
+                if len(keys) != 1:
+                    raise ValueError(f"batch dicts with several hooks {keys}: pass hook=…")
+                hook = keys[0]
+            b = b[hook]
+        yield b.reshape(-1, b.shape[-1])
+
+
+@torch.no_grad()
+def dead_fraction(sae: SAE, batches, *, hook: str | None = None) -> float:
+    """Dead fraction = (number of latents with f_j = 0 on every token of ``batches``) / d_sae."""
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_enc.device)
+    for x in _iter_x(batches, hook):
+        fired |= (sae.encode(x.to(sae.W_enc.device)) != 0).any(0)
+    return float(1.0 - fired.double().mean())
+
+
+@dataclass
+class SAEMetrics:
+    """Reconstruction metrics of one SAE on one evaluation set (definitions in the module docstring)."""
+
+    fvu: float
+    explained_variance: float
+    l0: float
+    dead_fraction: float
+    mse: float  # mean over tokens of ‖x − x̂‖²
+    n_tokens: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def sae_metrics(sae: SAE, batches, *, hook: str | None = None) -> SAEMetrics:
+    """FVU, explained variance, L0, dead fraction and MSE in one streaming pass over ``batches``.
+
+    ``batches``: a tensor ``(n, d_in)``, an iterable of ``(b, d_in)`` tensors, or DeviceCache batch dicts.
+
+    One pass, float64 accumulators: Σ‖x − x̂‖², and for the centred denominator the shifted sums
+    S1 = Σ(x − c), S2 = Σ‖x − c‖² with c the first batch's mean, so Σ‖x − x̄‖² = S2 − ‖S1‖²/n (the shift keeps the
+    subtraction well conditioned when ‖x̄‖ is large compared with the spread).
+    """
+    dev = sae.W_enc.device
+    err = 0.0
+    n = 0
+    active = 0.0
+    s1 = s2 = shift = None
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=dev)
+    for x in _iter_x(batches, hook):
+        x = x.to(dev)
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        xd = x.to(torch.float64)
+        if shift is None:
+            shift = xd.mean(0)
+            s1 = torch.zeros_like(shift)
+            s2 = torch.zeros((), dtype=torch.float64, device=dev)
+        err += float((xd - x_hat.to(torch.float64)).pow(2).sum())
+        c = xd - shift
+        s1 += c.sum(0)
+        s2 += c.pow(2).sum()
+        n += len(x)
+        active += float((f != 0).sum())
+        fired |= (f != 0).any(0)
+    if n == 0:
+        raise ValueError("sae_metrics got no tokens")
+    denom = float(s2 - s1.pow(2).sum() / n)
+    f_ = err / denom
+    return SAEMetrics(fvu=f_, explained_variance=1.0 - f_, l0=active / n,
+                      dead_fraction=float(1.0 - fired.double().mean()), mse=err / n, n_tokens=n)
+
+
+# ============================================================================================== splicing
+
+
+@contextmanager
+def splice(model: torch.nn.Module, hook_name: str, fn: Callable[[torch.Tensor], torch.Tensor], *,
+           prefer_plain: bool = True) -> Iterator[torch.nn.Module]:
+    """Replace the activation at ``hook_name`` by ``fn(activation)`` in forwards run inside the block.
+
+    Yields the module to call. For a ``TransformerBridge`` from ``load_model`` that is, when ``prefer_plain`` and
+    the name has a plain equivalent (residual stream, attn/MLP outputs, …; see :mod:`probekit.hooks`), the
+    bridge's plain HF twin (same parameters, the cheaper forward) with a forward (pre-)hook; otherwise the bridge
+    itself with a hook on its hook point. For any other module, the module, hooked at the dotted path. Call
+    the yielded module with :func:`lm_logits` to get logits either way.
+
+    ``fn`` gets the activation as the hook sees it — ``(batch, pos, d)`` for the residual stream; ``attn.hook_z``
+    as ``(batch, pos, n_heads, d_head)`` — and must return a tensor of the same shape. Padding positions are
+    passed too (a causal model never lets them reach real tokens).
+
+    Example
+    -------
+    >>> with splice(bridge, "blocks.1.hook_resid_post", sae) as m:          # doctest: +SKIP
+    ...     logits = lm_logits(m, input_ids, attention_mask)
+    """
+    from ..hooks import HookSet, is_bridge
+
+    def apply(act: torch.Tensor, n_heads: int | None = None) -> torch.Tensor:
+        a = act.reshape(*act.shape[:-1], n_heads, act.shape[-1] // n_heads) if n_heads else act
+        new = fn(a)
+        if not isinstance(new, torch.Tensor) or new.shape != a.shape:
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(f"splice fn for {hook_name!r} must return a tensor of shape {tuple(a.shape)}, "
+                             f"got {got}")
+        new = new.to(act.dtype)
+        return new.reshape(act.shape) if n_heads else new
+
+    if is_bridge(model):
+        hs = HookSet.for_bridge(model, [hook_name], prefer_plain=prefer_plain)
+    else:
+        hs = HookSet.for_module(model, [hook_name])
+    site, runner = hs.sites[0], hs.model
+    handles = []
+    if hs.mechanism == "bridge":
+        hp = model.hook_dict[hook_name]
+        handles.append(hp.add_hook(lambda act, hook: apply(act)).hook)
+    else:
+        mod = dict(runner.named_modules())[site.module]
+        if site.take == "output":
+            def out_hook(m, args, out):
+                if isinstance(out, tuple):
+                    return (apply(out[0], site.n_heads),) + out[1:]
+                return apply(out, site.n_heads)
+
+            handles.append(mod.register_forward_hook(out_hook))
+        else:
+            def pre_hook(m, args, kwargs):
+                if args:
+                    return (apply(args[0], site.n_heads),) + tuple(args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = apply(kwargs["hidden_states"], site.n_heads)
+                return args, kwargs
+
+            handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    try:
+        yield runner
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """Logits ``(batch, pos, vocab)`` of a TransformerBridge or an HF causal LM for ``input_ids`` ``(batch, pos)``."""
+    from ..hooks import is_bridge
+
+    if is_bridge(model):
+        return model(input_ids, attention_mask=attention_mask, return_type="logits")
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@dataclass
+class CEResult:
+    """Next-token cross-entropy with and without splicing, averaged over real (non-padding) target tokens.
+
+    ce_recovered = (ce_zero − ce_sae) / (ce_zero − ce_clean); kl_* = mean over tokens of
+    KL(p_clean ‖ p_spliced) = Σ_v p_clean(v) (log p_clean(v) − log p_spliced(v)), in nats.
+    """
+
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_recovered: float
+    kl_sae: float
+    kl_zero: float
+    n_tokens: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _token_batches(token_batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(token_batches, torch.Tensor):
+        token_batches = [token_batches]
+    for b in token_batches:
+        if isinstance(b, Mapping):
+            ids, mask = b["input_ids"], b.get("attention_mask")
+        elif isinstance(b, (tuple, list)):
+            ids, mask = b[0], (b[1] if len(b) > 1 else None)
+        else:
+            ids, mask = b, None
+        ids = torch.as_tensor(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+        yield ids, mask
+
+
+@torch.no_grad()
+def ce_recovered(model: torch.nn.Module, token_batches, hook_name: str,
+                 sae: Callable[[torch.Tensor], torch.Tensor], *, prefer_plain: bool = True) -> CEResult:
+    """CE-loss recovered and KL when ``sae(act)`` (and zeros) replace the activation at ``hook_name``.
+
+    Parameters
+    ----------
+    model : TransformerBridge from ``load_model``, or an HF causal LM
+    token_batches : iterable of ``(input_ids, attention_mask)`` pairs / ``{"input_ids", "attention_mask"}`` dicts /
+        ``input_ids`` tensors ``(batch, pos)`` (right padding; mask 1 on real tokens).
+    hook_name : where to splice.
+    sae : an :class:`SAE` or any ``(..., d) -> (..., d)`` callable (e.g. x̂ + linear error).
+
+    Returns
+    -------
+    CEResult
+        CE = mean over positions t with tokens t and t+1 both real of −log p(token_{t+1} | ≤ t).
+    """
+    param = next(model.parameters())
+    sums = {k: 0.0 for k in ("clean", "sae", "zero", "kl_sae", "kl_zero")}
+    n = 0
+    for ids, mask in _token_batches(token_batches):
+        ids, mask = ids.to(param.device), mask.to(param.device)
+        valid = (mask[:, :-1] * mask[:, 1:]).bool()
+        target = ids[:, 1:][valid]
+
+        def logp(runner):
+            return F.log_softmax(lm_logits(runner, ids, mask)[:, :-1][valid].double(), dim=-1)
+
+        # clean through an identity splice: the same forward path as the spliced runs, so only ``fn`` differs
+        with splice(model, hook_name, lambda a: a, prefer_plain=prefer_plain) as r:
+            lp_clean = logp(r)
+        with splice(model, hook_name, sae, prefer_plain=prefer_plain) as r:
+            lp_sae = logp(r)
+        with splice(model, hook_name, torch.zeros_like, prefer_plain=prefer_plain) as r:
+            lp_zero = logp(r)
+        p_clean = lp_clean.exp()
+        for key, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero)):
+            sums[key] += float(-lp.gather(1, target[:, None]).sum())
+        sums["kl_sae"] += float((p_clean * (lp_clean - lp_sae)).sum())
+        sums["kl_zero"] += float((p_clean * (lp_clean - lp_zero)).sum())
+        n += int(valid.sum())
+    if n == 0:
+        raise ValueError("ce_recovered got no target tokens (every sequence shorter than 2 real tokens?)")
+    m = {k: v / n for k, v in sums.items()}
+    denom = m["zero"] - m["clean"]
+    rec = (m["zero"] - m["sae"]) / denom if denom != 0 else float("nan")
+    return CEResult(ce_clean=m["clean"], ce_sae=m["sae"], ce_zero=m["zero"], ce_recovered=rec,
+                    kl_sae=m["kl_sae"], kl_zero=m["kl_zero"], n_tokens=n)
