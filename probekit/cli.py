@@ -135,6 +135,17 @@ def _cmd_ast_probe(args) -> int:
     return 0
 
 
+def _cmd_dark_matter(args) -> int:
+    from .dark_matter_run import DarkMatterRunConfig, run_dark_matter
+
+    run_dark_matter(DarkMatterRunConfig(
+        model=args.model, layer=args.layer, expansions=tuple(int(x) for x in args.expansions.split(",")), k=args.k,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, n_code=args.n_code, n_text=args.n_text,
+        max_length=args.max_length, device=args.device, seed=args.seed, out=args.out,
+        progress=not args.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -206,6 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", help="output folder (default: <cache root>/results/ast-probe/<model>)")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=_cmd_ast_probe)
+
+    dm = sub.add_parser("dark-matter", help="SAEs of several widths and the dark matter of their error")
+    dms = dm.add_subparsers(dest="dm_cmd", required=True)
+    r = dms.add_parser("run", help="train TopK SAEs on one residual stream and decompose their error")
+    r.add_argument("--model", default=DEFAULT_MODEL)
+    r.add_argument("--layer", type=int, help="block whose resid_post is studied (default: the middle one)")
+    r.add_argument("--expansions", default="2,4,8", help="SAE widths as multiples of d_model (>= 3 values)")
+    r.add_argument("--k", type=int, default=32, help="TopK latents per token")
+    r.add_argument("--epochs", type=int, default=4)
+    r.add_argument("--batch-size", type=int, default=1024)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--n-code", type=int, default=700, help="stdlib functions")
+    r.add_argument("--n-text", type=int, default=400, help="pydoc prose chunks")
+    r.add_argument("--max-length", type=int, default=256)
+    r.add_argument("--device", help="SAE training device (default: cuda when available, else cpu)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", help="output folder (default: <cache root>/results/dark-matter/<model>)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_cmd_dark_matter)
 
     d = sub.add_parser("demo", help="per-layer syntax probes on SmolLM2 over stdlib functions")
     d.add_argument("--model", default=DEFAULT_MODEL)

@@ -1,0 +1,256 @@
+"""``probekit dark-matter run``: SAEs of several widths on one residual stream, and the dark matter of their error.
+
+Pipeline (METHODS.md §3):
+
+1. Tokens: stdlib functions (code) and pydoc Language Reference chunks (English prose), split by document into
+   train and test.
+2. Capture ``blocks.{l-1}.hook_resid_post`` and ``blocks.{l}.hook_resid_post`` for every token into the
+   activation cache (content-addressed: reruns reuse it; a killed capture resumes).
+3. One TopK SAE per width, trained from the cache's device tier (block-shuffled minibatches, checkpoints, exact
+   resume), saved in SAELens' folder format.
+4. Per width, on held-out tokens: FVU / L0 / dead fraction; CE-loss recovered and KL with x̂ spliced in; the
+   error decomposition (W* by streamed normal equations on the training tokens); CE with x̂ + linear error and
+   x̂ + nonlinear error spliced in. Across widths: the FVU split and per-token scaling. For one width: gradient
+   pursuit re-encoding and the earlier-layer regressions.
+
+Stated choices: position 0 of every document (the BOS / attention-sink token, whose norm is far larger than
+any other's) is left out of SAE training and every metric, and the splices leave it untouched; activations
+are stored in the cache as bfloat16 and converted to float32 for training and analysis.
+
+Results (JSON, SAE folders, one plotly HTML page) go to ``<cache root>/results/dark-matter/<model>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import DEFAULT_MODEL
+from .paths import results_dir
+
+PUBLISHED = dict(error_vector_linear_fraction=0.5, error_norm_linear_fraction=0.9)
+
+
+@dataclass
+class DarkMatterRunConfig:
+    """Settings of the offline dark-matter run; defaults fit a CPU in well under an hour.
+
+    ``expansions`` are SAE widths as multiples of the residual width (d_sae = e · d_model).
+    """
+
+    model: str = DEFAULT_MODEL
+    layer: int | None = None  # None: the middle block
+    expansions: tuple[int, ...] = (2, 4, 8)
+    k: int = 32
+    epochs: int = 4
+    batch_size: int = 1024
+    lr: float = 1e-3
+    n_code: int = 700
+    n_text: int = 400
+    max_length: int = 256
+    test_fraction: float = 0.2
+    ce_docs: int = 48
+    pursuit_tokens: int = 6000
+    pursuit_width_index: int = 0  # which width gets gradient pursuit and the earlier-layer regressions
+    cache_dtype: str = "bfloat16"
+    device: str | None = None
+    budget_gb: float = 4.0
+    seed: int = 0
+    out: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.expansions or min(self.expansions) < 1:
+            raise ValueError(f"expansions must be positive integers, got {self.expansions}")
+        if len(self.expansions) < 3:
+            raise ValueError("per-token scaling needs at least 3 SAE widths: give >= 3 expansions")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        if self.n_code + self.n_text < 10:
+            raise ValueError("need at least 10 documents (n_code + n_text)")
+        if not 0 <= self.pursuit_width_index < len(self.expansions):
+            raise ValueError(f"pursuit_width_index must index expansions (0..{len(self.expansions) - 1})")
+
+
+def _documents(cfg: DarkMatterRunConfig, tok) -> tuple[list[list[int]], list[str], list[str]]:
+    """Token ids, kind ("code"/"text") and id of every document."""
+    from .capture import tokenize
+    from .data.code import iter_stdlib_functions
+    from .data.text import iter_pydoc_paragraphs
+
+    code = iter_stdlib_functions(max_functions=cfg.n_code, seed=cfg.seed) if cfg.n_code else []
+    text = iter_pydoc_paragraphs(max_docs=cfg.n_text, seed=cfg.seed) if cfg.n_text else []
+    texts = [s.source for s in code] + [d.text for d in text]
+    kinds = ["code"] * len(code) + ["text"] * len(text)
+    ids = [s.doc_id for s in code] + [d.doc_id for d in text]
+    docs = tokenize(tok, texts, max_length=cfg.max_length)
+    return docs, kinds, ids
+
+
+def _split_docs(n: int, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean (n,) mask of test documents (a seeded random subset)."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(n, dtype=bool)
+    test[rng.permutation(n)[: max(1, int(round(test_fraction * n)))]] = True
+    return test
+
+
+def _keep_first(fn, device):
+    """Splice ``fn`` on positions ≥ 1 only (position 0 is outside the SAE's training distribution)."""
+    def g(a: torch.Tensor) -> torch.Tensor:
+        out = a.clone()
+        out[:, 1:] = fn(a[:, 1:].to(device, torch.float32)).to(a.device, a.dtype)
+        return out
+    return g
+
+
+def _token_batches(docs: list[list[int]], pad_id: int, batch_size: int = 8):
+    for i in range(0, len(docs), batch_size):
+        part = docs[i : i + batch_size]
+        P = max(len(d) for d in part)
+        ids = torch.full((len(part), P), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(part), P), dtype=torch.long)
+        for b, d in enumerate(part):
+            ids[b, : len(d)] = torch.as_tensor(d)
+            mask[b, : len(d)] = 1
+        yield ids, mask
+
+
+def _hover(tok, token_ids: np.ndarray, doc: np.ndarray, pos: np.ndarray, rows: np.ndarray, width: int = 6):
+    """'…context [token]' strings for rows (rows of one document are contiguous and in position order)."""
+    pieces = tok.convert_ids_to_tokens([int(t) for t in token_ids])
+    out = []
+    for r in rows:
+        lo = r
+        while lo > 0 and r - lo < width and doc[lo - 1] == doc[r] and pos[lo - 1] == pos[lo] - 1:
+            lo -= 1
+        ctx = "".join(pieces[lo:r]).replace("Ġ", " ").replace("Ċ", "⏎")
+        out.append(f"…{ctx}[{pieces[r].replace('Ġ', ' ').replace('Ċ', '⏎')}]")
+    return out
+
+
+def _ce_figure(ce: dict[str, dict[str, float]]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    variants = [("clean", "ce_clean"), ("x̂", "ce_sae"), ("x̂ + linear error", "ce_linear"),
+                ("x̂ + nonlinear error", "ce_nonlinear"), ("zero ablation", "ce_zero")]
+    for label, key in variants:
+        fig.add_trace(go.Bar(x=list(ce), y=[v[key] for v in ce.values()], name=label))
+    fig.update_layout(barmode="group", template="plotly_white", xaxis_title="SAE width", yaxis_title="CE (nats)",
+                      title="Next-token CE with each reconstruction spliced in")
+    return fig
+
+
+def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[str, Any]:
+    """Train the SAEs and run every analysis; write ``dark_matter.json`` and ``dark_matter.html``."""
+    from .cache import ActivationCache
+    from .capture import CaptureConfig
+    from .device_cache import DeviceCache
+    from .models import load_model
+    from .probes.dark_matter import (earlier_layer_prediction, error_decomposition, fvu_split_across_widths,
+                                     per_token_scaling, pursuit_refit, r2_bars_figure)
+    from .probes.sae import SAEConfig, ce_recovered, sae_metrics, save_sae, train_sae
+
+    t0 = time.perf_counter()
+    say = print
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bridge, tok = load_model(cfg.model)
+    n_layers, d_model = bridge.cfg.n_layers, bridge.cfg.d_model
+    layer = n_layers // 2 if cfg.layer is None else cfg.layer
+    if not 1 <= layer < n_layers:
+        raise ValueError(f"layer must lie in [1, {n_layers - 1}] (the previous layer is needed too), got {layer}")
+    hook, prev = f"blocks.{layer}.hook_resid_post", f"blocks.{layer - 1}.hook_resid_post"
+    docs, kinds, doc_ids = _documents(cfg, tok)
+    is_test = _split_docs(len(docs), cfg.test_fraction, cfg.seed)
+    run = ActivationCache().capture(bridge, docs, CaptureConfig(hooks=[prev, hook], positions="all", batch_size=8,
+                                                                max_length=cfg.max_length, dtype=cfg.cache_dtype,
+                                                                progress=cfg.progress))
+    meta = run.meta_tensors(["doc_index", "position", "token_id"])
+    doc, pos, token_id = (meta[c].numpy() for c in ("doc_index", "position", "token_id"))
+    real = pos > 0
+    train_rows = np.nonzero(real & ~is_test[doc])[0]
+    test_rows = np.nonzero(real & is_test[doc])[0]
+    say(f"[probekit dark-matter] {cfg.model} layer {layer}: {len(docs)} documents "
+        f"({kinds.count('code')} code, {kinds.count('text')} text), {len(train_rows)} train / {len(test_rows)} "
+        f"test tokens; device {device}")
+    dc = DeviceCache(run, device=device, budget_gb=cfg.budget_gb)
+    out = Path(cfg.out) if cfg.out else results_dir() / "dark-matter" / cfg.model.replace("/", "--")
+    out.mkdir(parents=True, exist_ok=True)
+    bs = 4096
+
+    def batches(rows, hooks=hook, shuffle=False):
+        return dc.batches(hooks, bs, rows=rows, shuffle=shuffle, dtype=torch.float32)
+
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    test_docs = [docs[i] for i in np.nonzero(is_test)[0][: cfg.ce_docs]]
+    widths = [e * d_model for e in cfg.expansions]
+    saes, metrics, decomp, ce = {}, {}, {}, {}
+    for w in widths:
+        scfg = SAEConfig(d_in=d_model, d_sae=w, architecture="topk", k=cfg.k, lr=cfg.lr, batch_size=cfg.batch_size,
+                         epochs=cfg.epochs, seed=cfg.seed, device=device, hook_name=hook, model_name=cfg.model)
+        sae = train_sae(scfg, dc, hook=hook, rows=train_rows, checkpoint_dir=out / "checkpoints" / str(w),
+                        checkpoint_every=200, progress=cfg.progress)
+        sae.eval()
+        save_sae(sae, out / "saes" / f"{hook}-{w}")
+        saes[w] = sae
+        with torch.no_grad():
+            metrics[w] = sae_metrics(sae, batches(test_rows), hook=hook).to_dict()
+            res = error_decomposition(sae, batches(train_rows), batches(test_rows), hook=hook, label=f"{w}")
+        decomp[w] = res
+        W = torch.as_tensor(res.estimator.coef_, dtype=torch.float32, device=sae.W_dec.device)
+        base = ce_recovered(bridge, _token_batches(test_docs, pad_id), hook, _keep_first(sae, device)).to_dict()
+        lin = ce_recovered(bridge, _token_batches(test_docs, pad_id), hook,
+                           _keep_first(lambda a: sae(a) + a @ W, device)).to_dict()
+        nonlin = ce_recovered(bridge, _token_batches(test_docs, pad_id), hook,
+                              _keep_first(lambda a: a - a @ W, device)).to_dict()  # x̂ + (e − xW*) = x − xW*
+        ce[str(w)] = {**base, "ce_linear": lin["ce_sae"], "ce_nonlinear": nonlin["ce_sae"],
+                      "kl_linear": lin["kl_sae"], "kl_nonlinear": nonlin["kl_sae"]}
+        say(f"[probekit dark-matter] width {w}: FVU {metrics[w]['fvu']:.3f}, L0 {metrics[w]['l0']:.1f}, "
+            f"dead {metrics[w]['dead_fraction']:.3f}, CE recovered {base['ce_recovered']:.3f}; "
+            f"R²(e|x) {res.r2_error_vector:.3f}, R²(‖e‖²|x) {res.r2_error_norm_sq:.3f}")
+
+    split = fvu_split_across_widths(decomp)
+    scaling = per_token_scaling({w: decomp[w].error_norm for w in widths},
+                                {w: decomp[w].nonlinear_norm for w in widths})
+    wp = widths[cfg.pursuit_width_index]
+    rng = np.random.default_rng(cfg.seed)
+    sub_tr = np.sort(rng.choice(train_rows, min(cfg.pursuit_tokens, len(train_rows)), replace=False))
+    sub_te = np.sort(rng.choice(test_rows, min(cfg.pursuit_tokens // 4, len(test_rows)), replace=False))
+    with torch.no_grad():
+        plain_sub = error_decomposition(saes[wp], batches(sub_tr), batches(sub_te), hook=hook, label=f"{wp} SAE")
+        pursuit = pursuit_refit(saes[wp], batches(sub_tr), batches(sub_te), hook=hook, label=f"{wp} pursuit")
+        earlier = earlier_layer_prediction(
+            saes[wp], batches(train_rows, [prev, hook]), batches(test_rows, [prev, hook]), x_key=hook,
+            prev_key=prev, regressor_sets={"previous layer": [prev], "x + previous layer": [hook, prev],
+                                           "x̂ (SAE output)": ["x_hat"], "x̂ + previous layer": ["x_hat", prev]})
+    say(f"[probekit dark-matter] width {wp}: nonlinear FVU {plain_sub.fvu_nonlinear:.4f} (SAE encoder) vs "
+        f"{pursuit.fvu_nonlinear:.4f} (gradient pursuit); earlier-layer nonlinear error removed "
+        f"{ {k: round(v, 3) for k, v in earlier.nonlinear_reduction.items()} }")
+
+    hover = _hover(tok, token_id, doc, pos, test_rows)
+    payload = dict(
+        kind="dark_matter", model=cfg.model, layer=layer, hook=hook, previous_hook=prev, config=asdict(cfg),
+        device=device, cache_run=run.run_id, n_documents=dict(code=kinds.count("code"), text=kinds.count("text")),
+        n_tokens=dict(train=int(len(train_rows)), test=int(len(test_rows))), widths=widths,
+        sae_metrics={str(w): metrics[w] for w in widths},
+        decomposition={str(w): decomp[w].to_dict() for w in widths}, fvu_split=split.to_dict(), ce=ce,
+        per_token_scaling=scaling.to_dict(),
+        pursuit=dict(width=wp, sae=plain_sub.to_dict(), pursuit=pursuit.to_dict()), earlier_layer=earlier.to_dict(),
+        published=PUBLISHED, seconds=round(time.perf_counter() - t0, 1))
+    (out / "dark_matter.json").write_text(json.dumps(payload, indent=2, default=float))
+    figs = split.figures() + [r2_bars_figure({str(w): decomp[w] for w in widths}), _ce_figure(ce)]
+    figs += decomp[widths[-1]].figures(hover_text=hover)[2:]  # per-token scatter of the widest SAE
+    figs += scaling.figures() + earlier.figures()
+    with open(out / "dark_matter.html", "w") as f:  # one page, plotly.js inlined once: works offline
+        for i, fig in enumerate(figs):
+            f.write(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+    say(f"[probekit dark-matter] wrote {out / 'dark_matter.json'} and dark_matter.html "
+        f"({time.perf_counter() - t0:.0f} s)")
+    return payload

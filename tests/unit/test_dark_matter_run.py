@@ -1,0 +1,41 @@
+"""End-to-end plumbing of `probekit dark-matter run` on a tiny random model (numbers are not the point)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from probekit.cli import main
+
+
+def test_dark_matter_command_writes_every_analysis(tiny_dir, tmp_path, monkeypatch):
+    from probekit.probes.sae import load_sae
+
+    monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "dm"
+    args = ["dark-matter", "run", "--model", str(tiny_dir["llama"]), "--layer", "2", "--expansions", "1,2,3",
+            "--k", "4", "--epochs", "2", "--batch-size", "64", "--n-code", "14", "--n-text", "8",
+            "--max-length", "64", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    p = json.loads((out / "dark_matter.json").read_text())
+    d = 64
+    assert p["widths"] == [d, 2 * d, 3 * d] and p["hook"] == "blocks.2.hook_resid_post"
+    assert p["n_documents"] == {"code": 14, "text": 8}
+    for w in map(str, p["widths"]):
+        m, dec, ce = p["sae_metrics"][w], p["decomposition"][w], p["ce"][w]
+        assert m["l0"] <= 4 + 1e-9 and 0 <= m["fvu"]
+        # the split sums to the FVU of the same held-out tokens
+        assert dec["fvu_linear"] + dec["fvu_nonlinear"] + dec["fvu_cross"] == pytest.approx(dec["fvu"], rel=1e-6)
+        assert dec["fvu"] == pytest.approx(m["fvu"], rel=1e-4)
+        assert {"ce_clean", "ce_sae", "ce_zero", "ce_linear", "ce_nonlinear"} <= set(ce)
+        sae = load_sae(out / "saes" / f"blocks.2.hook_resid_post-{w}", expected_d_in=d)
+        assert sae.cfg.d_sae == int(w)
+    assert len(p["per_token_scaling"]["r2"]) == 3
+    assert "x̂ (SAE output)" in p["earlier_layer"]["r2"]
+    assert (out / "dark_matter.html").stat().st_size > 100_000
+    # a rerun reuses the capture and the finished SAE checkpoints
+    runs = {r.name for r in (tmp_path / "cache" / "runs").iterdir()}
+    assert main(args) == 0
+    assert {r.name for r in (tmp_path / "cache" / "runs").iterdir()} == runs
+    assert json.loads((out / "dark_matter.json").read_text())["sae_metrics"] == p["sae_metrics"]
