@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .models import DEFAULT_MODEL
+from .html_page import write_figures_page
 from .paths import results_dir
 
 PUBLISHED = dict(codebert_best=0.751, layer0=0.357, random_init=0.371)
@@ -288,9 +289,7 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     figs.append(per_label_recall_figure(trained.label_recall[best_li], trained.label_support,
                                         title=f"Recall per non-terminal, layer {names[best_li]}"))
     figs.append(tree_fig)
-    with open(out / "ast_probe.html", "w") as f:  # one page, plotly.js inlined once: works offline
-        for i, fig in enumerate(figs):
-            f.write(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+    write_figures_page(out / "ast_probe.html", figs, title=f"AST-Probe — {cfg.model}")
     say(f"[probekit ast-probe] wrote {out / 'ast_probe.json'}, ast_probe.safetensors and ast_probe.html "
         f"({time.perf_counter() - t0:.0f} s)")
     return payload

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .models import DEFAULT_MODEL
+from .html_page import write_figures_page
 from .paths import results_dir
 
 PUBLISHED = dict(error_vector_linear_fraction=0.5, error_norm_linear_fraction=0.9)
@@ -248,9 +249,7 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
     figs = split.figures() + [r2_bars_figure({str(w): decomp[w] for w in widths}), _ce_figure(ce)]
     figs += decomp[widths[-1]].figures(hover_text=hover)[2:]  # per-token scatter of the widest SAE
     figs += scaling.figures() + earlier.figures()
-    with open(out / "dark_matter.html", "w") as f:  # one page, plotly.js inlined once: works offline
-        for i, fig in enumerate(figs):
-            f.write(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+    write_figures_page(out / "dark_matter.html", figs, title=f"SAE dark matter — {cfg.model}")
     say(f"[probekit dark-matter] wrote {out / 'dark_matter.json'} and dark_matter.html "
         f"({time.perf_counter() - t0:.0f} s)")
     return payload

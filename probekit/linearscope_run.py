@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .html_page import write_figures_page
 from .models import DEFAULT_MODEL
 from .paths import results_dir
 
@@ -42,9 +43,7 @@ def _write(out: Path, name: str, payload: dict, figures: list) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     html = out / f"{name}.html"
-    with open(html, "w") as f:  # one page, plotly.js inlined once: works offline
-        for i, fig in enumerate(figures):
-            f.write(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+    write_figures_page(html, figures, title=f"probekit {name}")
     return [str(out / f"{name}.json"), str(html)]
 
 
