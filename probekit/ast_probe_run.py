@@ -274,6 +274,11 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
         validation_f1=main["val"].f1, result=trained.to_dict(),
         random_init=random_res.to_dict() if random_res else None, k_sweep=sweep,
         tree_snippet=dict(index=si, doc_id=aligned[2][si].doc_id, f1=per_snippet[si]),
+        # per test snippet at the best layer: what the app's snippet picker draws
+        test_snippets=[dict(doc_id=a.doc_id, leaves=list(a.leaves), f1=f,
+                            gold=[[int(v) for v in g[0]], list(g[1]), list(g[2])],
+                            pred=[[round(float(v), 4) for v in pr[0]], list(pr[1]), list(pr[2])])
+                       for a, g, pr, f in zip(aligned[2], ys[2], preds, per_snippet)],
         history=p.history_, published=PUBLISHED, seconds=round(time.perf_counter() - t0, 1))
     (out / "ast_probe.json").write_text(json.dumps(payload, indent=2, default=float))
     tensors = {"P": p.P_, "Vc": p.Vc_, "Vu": p.Vu_, "bc": p.bc_, "bu": p.bu_}

@@ -52,6 +52,7 @@ class DarkMatterRunConfig:
     epochs: int = 4
     batch_size: int = 1024
     lr: float = 1e-3
+    dead_steps: int = 100  # a latent silent for this many steps feeds the TopK auxiliary loss (short runs here)
     n_code: int = 700
     n_text: int = 400
     max_length: int = 256
@@ -195,7 +196,8 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
     saes, metrics, decomp, ce = {}, {}, {}, {}
     for w in widths:
         scfg = SAEConfig(d_in=d_model, d_sae=w, architecture="topk", k=cfg.k, lr=cfg.lr, batch_size=cfg.batch_size,
-                         epochs=cfg.epochs, seed=cfg.seed, device=device, hook_name=hook, model_name=cfg.model)
+                         epochs=cfg.epochs, dead_steps=cfg.dead_steps, seed=cfg.seed, device=device,
+                         hook_name=hook, model_name=cfg.model)
         sae = train_sae(scfg, dc, hook=hook, rows=train_rows, checkpoint_dir=out / "checkpoints" / str(w),
                         checkpoint_every=200, progress=cfg.progress)
         sae.eval()

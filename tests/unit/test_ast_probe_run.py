@@ -29,6 +29,9 @@ def test_ast_probe_command_writes_results_with_both_controls(tiny_dir, tmp_path,
     assert sweep["ks"] == [4, 8, D] and len(sweep["separate_f1"]) == len(sweep["matryoshka_f1"]) == 3
     assert sweep["layer"] == payload["best_layer_by_validation"]
     assert res["label_support"] and len(res["label_recall"]) == 3
+    snips = payload["test_snippets"]
+    assert len(snips) == payload["n_snippets"][2]
+    assert all(len(s["gold"][2]) == len(s["leaves"]) == len(s["pred"][2]) == len(s["pred"][0]) + 1 for s in snips)
     # the activations went through the cache: a second run reuses the same cache run
     runs = list((tmp_path / "cache" / "runs").iterdir())
     assert payload["cache_run"] in {r.name for r in runs}
