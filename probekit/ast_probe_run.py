@@ -34,6 +34,7 @@ import torch
 from .models import DEFAULT_MODEL
 from .html_page import write_figures_page
 from .paths import results_dir
+from .results import figures as result_figures
 
 PUBLISHED = dict(codebert_best=0.751, layer0=0.357, random_init=0.371)
 DEFAULT_SWEEP = (8, 16, 32, 64, 128, 256, 512)
@@ -167,7 +168,6 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     from .data.code import iter_stdlib_functions, split_by_file
     from .models import load_model
     from .probes.ast_align import build_corpus
-    from .probes.ast_figures import f1_vs_k_figure, per_label_recall_figure, tree_comparison_figure
     from .probes.ast_probe import ASTProbe, _score
 
     t0 = time.perf_counter()
@@ -262,8 +262,6 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     per_snippet = [_score([pr], [g])[0]["f1"] for pr, g in zip(preds, ys[2])]
     si = _pick_tree_snippet(per_snippet, [a.n_leaves for a in aligned[2]], cfg.tree_snippet)
     leaves = list(aligned[2][si].leaves)
-    tree_fig = tree_comparison_figure(leaves, ys[2][si], preds[si],
-                                      title=f"{aligned[2][si].doc_id} — layer {names[best_li]}")
 
     default_out = results_dir() / "ast-probe" / cfg.model.replace("/", "--")
     out = Path(cfg.out) if cfg.out else default_out if cfg.language == "python" else default_out / cfg.language
@@ -286,14 +284,7 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
               str(out / "ast_probe.safetensors"),
               metadata={"layers": json.dumps(names), "c_labels": json.dumps(p.c_labels_),
                         "u_labels": json.dumps(p.u_labels_)})
-    figs = trained.figures(controls=controls)
-    if sweep:
-        figs.append(f1_vs_k_figure(sweep["ks"], sweep["separate_f1"], sweep["matryoshka_f1"], d_model=D,
-                                   controls={"layer 0 (embeddings), k=" + str(cfg.k): trained.f1[0]},
-                                   title=f"F1 vs k at layer {sweep['layer']}"))
-    figs.append(per_label_recall_figure(trained.label_recall[best_li], trained.label_support,
-                                        title=f"Recall per non-terminal, layer {names[best_li]}"))
-    figs.append(tree_fig)
+    figs = result_figures(payload)
     write_figures_page(out / "ast_probe.html", figs, title=f"AST-Probe — {cfg.model}")
     say(f"[probekit ast-probe] wrote {out / 'ast_probe.json'}, ast_probe.safetensors and ast_probe.html "
         f"({time.perf_counter() - t0:.0f} s)")

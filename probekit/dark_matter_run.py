@@ -34,6 +34,7 @@ import torch
 from .models import DEFAULT_MODEL
 from .html_page import write_figures_page
 from .paths import results_dir
+from .results import figures as result_figures
 
 PUBLISHED = dict(error_vector_linear_fraction=0.5, error_norm_linear_fraction=0.9)
 
@@ -137,17 +138,12 @@ def _hover(tok, token_ids: np.ndarray, doc: np.ndarray, pos: np.ndarray, rows: n
     return out
 
 
-def _ce_figure(ce: dict[str, dict[str, float]]):
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    variants = [("clean", "ce_clean"), ("x̂", "ce_sae"), ("x̂ + linear error", "ce_linear"),
-                ("x̂ + nonlinear error", "ce_nonlinear"), ("zero ablation", "ce_zero")]
-    for label, key in variants:
-        fig.add_trace(go.Bar(x=list(ce), y=[v[key] for v in ce.values()], name=label))
-    fig.update_layout(barmode="group", template="plotly_white", xaxis_title="SAE width", yaxis_title="CE (nats)",
-                      title="Next-token CE with each reconstruction spliced in")
-    return fig
+def _scatter(res, hover: list[str], width: int, max_points: int = 3000) -> dict[str, Any]:
+    """An evenly spaced subset of held-out tokens for the ‖e‖ scatter (kept in the JSON with its hover text)."""
+    n = len(res.error_norm)
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(int))
+    return dict(width=width, actual=[round(float(res.error_norm[i]), 4) for i in idx],
+                predicted=[round(float(res.error_norm_pred[i]), 4) for i in idx], hover=[hover[i] for i in idx])
 
 
 def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[str, Any]:
@@ -157,7 +153,7 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
     from .device_cache import DeviceCache
     from .models import load_model
     from .probes.dark_matter import (earlier_layer_prediction, error_decomposition, fvu_split_across_widths,
-                                     per_token_scaling, pursuit_refit, r2_bars_figure)
+                                     per_token_scaling, pursuit_refit)
     from .probes.sae import SAEConfig, ce_recovered, sae_metrics, save_sae, train_sae
 
     t0 = time.perf_counter()
@@ -246,11 +242,10 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
         decomposition={str(w): decomp[w].to_dict() for w in widths}, fvu_split=split.to_dict(), ce=ce,
         per_token_scaling=scaling.to_dict(),
         pursuit=dict(width=wp, sae=plain_sub.to_dict(), pursuit=pursuit.to_dict()), earlier_layer=earlier.to_dict(),
+        scatter=_scatter(decomp[widths[-1]], hover, widths[-1]),
         published=PUBLISHED, seconds=round(time.perf_counter() - t0, 1))
     (out / "dark_matter.json").write_text(json.dumps(payload, indent=2, default=float))
-    figs = split.figures() + [r2_bars_figure({str(w): decomp[w] for w in widths}), _ce_figure(ce)]
-    figs += decomp[widths[-1]].figures(hover_text=hover)[2:]  # per-token scatter of the widest SAE
-    figs += scaling.figures() + earlier.figures()
+    figs = result_figures(payload)
     write_figures_page(out / "dark_matter.html", figs, title=f"SAE dark matter — {cfg.model}")
     say(f"[probekit dark-matter] wrote {out / 'dark_matter.json'} and dark_matter.html "
         f"({time.perf_counter() - t0:.0f} s)")

@@ -61,7 +61,7 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
     scope = LinearScope(net, dtype=torch.float64)
     one = scope.analyze(X_test[cfg.digit_index], k=cfg.k, label=int(y_test[cfg.digit_index]))
     dataset = scope.dataset_bias_share(X_test, y_test)
-    digits = dict(one=one.to_dict(), test_set=dataset.to_dict(), test_accuracy=getattr(net, "test_accuracy", None))
+    digits = dict(kind="linearscope_digits", one=one.to_dict(), test_set=dataset.to_dict(), test_accuracy=getattr(net, "test_accuracy", None))
     files += _write(root / "digits-cnn", f"digit-{cfg.digit_index}", digits, one.figures() + dataset.figures())
     print(f"[probekit linearscope] digit {cfg.digit_index}: mean bias share over the test set "
           f"{dataset.mean_share_predicted:+.3f} (at the predicted class)")
@@ -79,7 +79,7 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
         with torch.no_grad():
             target = int(s64.decisions(s64.embed(ids))["logits"][-1].argmax())
         tc = s64.token_contributions(ids, target, tokenizer=tok)
-        lm = dict(model=cfg.model, prompt=cfg.prompt, reconstruction=rec, contributions=tc.to_dict())
+        lm = dict(kind="linearscope_lm", model=cfg.model, prompt=cfg.prompt, reconstruction=rec, contributions=tc.to_dict())
         files += _write(root / cfg.model.replace("/", "--"), "token-contributions", lm, tc.figures())
         print(f"[probekit linearscope] {cfg.model}: logits rebuilt with relative error "
               f"{rec['float32']['relative_error']:.1e} (fp32), {rec['float64']['relative_error']:.1e} (fp64); "

@@ -39,3 +39,22 @@ def test_dark_matter_command_writes_every_analysis(tiny_dir, tmp_path, monkeypat
     assert main(args) == 0
     assert {r.name for r in (tmp_path / "cache" / "runs").iterdir()} == runs
     assert json.loads((out / "dark_matter.json").read_text())["sae_metrics"] == p["sae_metrics"]
+
+
+def test_dark_matter_result_file_draws_every_figure(tiny_dir, tmp_path, monkeypatch):
+    from probekit import results
+
+    monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "dm"
+    assert main(["dark-matter", "run", "--model", str(tiny_dir["llama"]), "--layer", "1", "--expansions", "1,2,3",
+                 "--k", "4", "--epochs", "1", "--batch-size", "64", "--n-code", "10", "--n-text", "4",
+                 "--max-length", "48", "--no-progress", "--out", str(out)]) == 0
+    payload = results.load(out / "dark_matter.json")
+    figs = results.figures(payload)
+    # FVU split, R² bars, CE bars, scatter, 2 scaling heatmaps, earlier layer
+    assert len(figs) == 7
+    sc = payload["scatter"]
+    assert len(sc["actual"]) == len(sc["predicted"]) == len(sc["hover"]) > 0
+    assert all("[" in h for h in sc["hover"])  # token in context
+    head = results.headline(payload)
+    assert head[f"width {payload['widths'][0]}: FVU"] == payload["sae_metrics"][str(payload["widths"][0])]["fvu"]
