@@ -146,6 +146,38 @@ def _cmd_dark_matter(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import ReportConfigError, load_config, run_report
+
+    try:
+        cfg = load_config(args.config)
+    except ReportConfigError as exc:
+        print(f"probekit report: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        cfg.out = args.out
+    run_report(cfg)
+    return 0
+
+
+def _cmd_app(args) -> int:
+    """Serve the Dash app (``app/`` beside the package) on loopback unless --host is given."""
+    try:
+        from app import create_app
+    except ImportError:  # the app folder sits beside the package in a source checkout, not in the wheel
+        repo = Path(__file__).resolve().parents[1]
+        if not (repo / "app" / "__init__.py").is_file():
+            raise SystemExit("probekit app: the app/ package was not found; run from a probekit source checkout")
+        sys.path.insert(0, str(repo))
+        from app import create_app
+
+    dash_app = create_app(args.cache_root)
+    print(f"probekit app: serving {dash_app.title} for cache root {args.cache_root or '$PROBEKIT_CACHE or ./cache'} "
+          f"on http://{args.host}:{args.port}/ (debug {'on' if args.debug else 'off'})", flush=True)
+    dash_app.run(host=args.host, port=args.port, debug=args.debug)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -218,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=_cmd_ast_probe)
 
+    rp = sub.add_parser("report", help="run the probes a YAML config names; write reports/<name>/index.html + "
+                                       "metrics.json")
+    rp.add_argument("config", help="YAML config (see configs/)")
+    rp.add_argument("--out", help="reports folder (default: the config's `out`, else ./reports)")
+    rp.set_defaults(func=_cmd_report)
+
     dm = sub.add_parser("dark-matter", help="SAEs of several widths and the dark matter of their error")
     dms = dm.add_subparsers(dest="dm_cmd", required=True)
     r = dms.add_parser("run", help="train TopK SAEs on one residual stream and decompose their error")
@@ -244,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (default: <cache root>/results/demo/<model>)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_cmd_demo)
+
+    ap = sub.add_parser("app", help="the Dash app over the cache and the probe results (http://127.0.0.1:8050)")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    ap.add_argument("--port", type=int, default=8050)
+    ap.add_argument("--debug", action="store_true", help="Dash debug mode (reloader, dev tools); off by default")
+    ap.add_argument("--cache-root", help="cache root (default: $PROBEKIT_CACHE or ./cache)")
+    ap.set_defaults(func=_cmd_app)
     return p
 
 

@@ -1,0 +1,250 @@
+"""``probekit report CONFIG.yaml``: capture → probes → one self-contained HTML report plus ``metrics.json``.
+
+A config names the model and the probes with their settings::
+
+    name: smollm2-syntax            # report folder: reports/<name>/
+    model: smollm2-135m             # registry name, local folder or Hub id (each probe may override it)
+    probes:
+      layer_probes: {n_functions: 100}
+      ast_probe: {n_functions: 300, layers: [8, 17], k: 32, k_sweep: [8, 32]}
+      linearscope: {digit_index: 0}
+      dark_matter: {expansions: [2, 4, 8], n_code: 200, n_text: 100, epochs: 2}
+
+Each probe's settings are the fields of its typed run config (:class:`~probekit.demo.DemoConfig`,
+:class:`~probekit.ast_probe_run.ASTProbeRunConfig`, :class:`~probekit.linearscope_run.LinearScopeRunConfig`,
+:class:`~probekit.dark_matter_run.DarkMatterRunConfig`); an unknown key is refused with the allowed ones listed.
+
+Stages run in the config's order under one progress bar. A stage whose ``stage.json`` records the same settings
+is reused; an interrupted stage restarts, and its capture resumes from the activation cache (and SAE training from
+its checkpoints). ``reports/<name>/index.html`` holds a summary table, every probe's figures (plotly.js inlined
+once: it opens offline), the config, versions, timings and the model's source and sha256;
+``reports/<name>/metrics.json`` holds the same numbers for machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import platform
+import re
+import time
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import DEFAULT_MODEL
+
+__all__ = ["ReportConfig", "ReportConfigError", "STAGES", "load_config", "run_report"]
+
+
+class ReportConfigError(ValueError):
+    """A report config that cannot run; the message names the bad key and the allowed values."""
+
+
+def _stage_table() -> dict[str, tuple[type, Any]]:
+    from .ast_probe_run import ASTProbeRunConfig, run_ast_probe
+    from .dark_matter_run import DarkMatterRunConfig, run_dark_matter
+    from .demo import DemoConfig, run_demo
+    from .linearscope_run import LinearScopeRunConfig, run_linearscope
+
+    return {"layer_probes": (DemoConfig, run_demo), "ast_probe": (ASTProbeRunConfig, run_ast_probe),
+            "linearscope": (LinearScopeRunConfig, run_linearscope),
+            "dark_matter": (DarkMatterRunConfig, run_dark_matter)}
+
+
+STAGES = ("layer_probes", "ast_probe", "linearscope", "dark_matter")
+_MANAGED = ("out", "progress")  # set by the report itself
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class ReportConfig:
+    """A validated report config (see the module docstring for the YAML form)."""
+
+    name: str
+    model: str = DEFAULT_MODEL
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out: str = "reports"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ReportConfigError(f"name {self.name!r} must be 1–64 letters, digits, '_', '.', '-' (it names "
+                                    "the report folder)")
+        if not isinstance(self.probes, dict) or not self.probes:
+            raise ReportConfigError(f"probes must be a non-empty mapping; allowed probes: {list(STAGES)}")
+        for probe, settings in self.probes.items():
+            if probe not in STAGES:
+                raise ReportConfigError(f"unknown probe {probe!r}; allowed probes: {list(STAGES)}")
+            if settings is not None and not isinstance(settings, dict):
+                raise ReportConfigError(f"probes.{probe} must be a mapping of settings, got {type(settings).__name__}")
+        self.stage_configs()  # every probe's settings checked up front, before anything runs
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out) / self.name
+
+    def stage_configs(self) -> dict[str, Any]:
+        """The typed run config of every probe, in config order (``out`` points into the report folder)."""
+        table = _stage_table()
+        out = {}
+        for probe, settings in self.probes.items():
+            cls = table[probe][0]
+            allowed = [f.name for f in dataclasses.fields(cls) if f.name not in _MANAGED]
+            kw = dict(settings or {})
+            for key in kw:
+                if key not in allowed:
+                    raise ReportConfigError(f"probes.{probe}: unknown setting {key!r}; allowed: {allowed}")
+            if "model" in allowed:
+                kw.setdefault("model", self.model)
+            hints = typing.get_type_hints(cls)
+            for key, value in list(kw.items()):
+                if isinstance(value, list) and "tuple" in str(hints.get(key, "")):
+                    kw[key] = tuple(value)  # YAML lists → the tuple-typed fields
+            names = {f.name for f in dataclasses.fields(cls)}
+            managed = {k: v for k, v in (("out", str(self.folder / probe)), ("progress", True)) if k in names}
+            try:
+                out[probe] = cls(**kw, **managed)
+            except (TypeError, ValueError) as exc:
+                raise ReportConfigError(f"probes.{probe}: {exc}") from None
+        return out
+
+
+def load_config(path: str | Path) -> ReportConfig:
+    """Read and validate a YAML report config."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReportConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ReportConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ReportConfigError(f"{path}: the config must be a mapping with keys name, model, probes")
+    allowed = [f.name for f in dataclasses.fields(ReportConfig)]
+    for key in data:
+        if key not in allowed:
+            raise ReportConfigError(f"{path}: unknown key {key!r}; allowed: {allowed}")
+    if "name" not in data:
+        raise ReportConfigError(f"{path}: missing key 'name' (the report folder name)")
+    return ReportConfig(**data)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("probekit", "torch", "transformers", "transformer-lens", "numpy", "scikit-learn", "plotly"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _model_source(name: str) -> dict[str, Any]:
+    """Where the weights came from and their sha256 (registry pin, or hashes of a local folder's files)."""
+    from .models import REGISTRY, sha256_file
+
+    if name in REGISTRY:
+        s = REGISTRY[name]
+        return dict(name=name, registry=True, description=s.description, license=s.license, hub_id=s.hub_id,
+                    sources=[src.requirement for src in s.sources], sha256=s.sha256)
+    folder = Path(name)
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".gguf"))
+        return dict(name=name, registry=False, folder=str(folder.resolve()),
+                    sha256={p.name: sha256_file(p) for p in files})
+    return dict(name=name, registry=False, hub_id=name, sha256=None)
+
+
+def _stage_payloads(folder: Path) -> list[dict]:
+    from . import results
+
+    return [results.load(p) for p in results.find(folder)]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _write_index(cfg: ReportConfig, stages: dict[str, dict], meta: dict[str, Any]) -> Path:
+    from . import results
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.name)} — probekit report"
+             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
+             f"<h1>probekit report: {html.escape(cfg.name)}</h1>",
+             f"<p>model <code>{html.escape(cfg.model)}</code>; generated {html.escape(meta['generated'])}</p>",
+             "<h2 id='summary'>Summary</h2><table><tr><th>probe</th><th>result</th><th>figure</th><th>value</th>"
+             "</tr>"]
+    for probe, st in stages.items():
+        for payload in st["payloads"]:
+            for k, v in results.headline(payload).items():
+                parts.append(f"<tr><td>{probe}</td><td>{payload['kind']}</td><td>{html.escape(k)}</td>"
+                             f"<td>{_fmt(v)}</td></tr>")
+    parts.append("</table>")
+    first = True
+    for probe, st in stages.items():
+        parts.append(f"<h2 id='{probe}'>{probe}</h2><p>{st['seconds']:.0f} s"
+                     f"{' (reused)' if st['reused'] else ''}</p>")
+        for payload in st["payloads"]:
+            for fig in results.figures(payload):
+                if fig.layout.height is None:
+                    fig.update_layout(height=500)
+                parts.append(fig.to_html(full_html=False, include_plotlyjs=first))
+                first = False
+    parts.append("<h2 id='config'>Config</h2><pre>" + html.escape(json.dumps(asdict(cfg), indent=2)) + "</pre>")
+    parts.append("<h2 id='model'>Model source</h2><pre>" + html.escape(json.dumps(meta["model_source"], indent=2))
+                 + "</pre>")
+    parts.append("<h2 id='versions'>Versions</h2><pre>" + html.escape(json.dumps(meta["versions"], indent=2))
+                 + "</pre>")
+    parts.append("<h2 id='timings'>Timings</h2><pre>" + html.escape(json.dumps(meta["timings"], indent=2))
+                 + "</pre></body></html>")
+    path = cfg.folder / "index.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def run_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Run every stage (reusing finished ones) and write ``index.html`` and ``metrics.json``."""
+    from tqdm.auto import tqdm
+
+    from . import results
+
+    table = _stage_table()
+    stage_cfgs = cfg.stage_configs()
+    cfg.folder.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, dict] = {}
+    bar = tqdm(list(stage_cfgs.items()), desc=f"report {cfg.name}", unit="stage")
+    for probe, scfg in bar:
+        bar.set_postfix(stage=probe)
+        folder = Path(scfg.out)
+        marker = folder / "stage.json"
+        settings = json.loads(json.dumps(asdict(scfg), default=str))
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        if done is not None and done.get("settings") == settings and _stage_payloads(folder):
+            stages[probe] = dict(payloads=_stage_payloads(folder), seconds=done["seconds"], reused=True)
+            continue
+        t0 = time.perf_counter()
+        table[probe][1](scfg)
+        seconds = time.perf_counter() - t0
+        marker.write_text(json.dumps(dict(settings=settings, seconds=seconds), indent=2))
+        stages[probe] = dict(payloads=_stage_payloads(folder), seconds=seconds, reused=False)
+    meta = dict(generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=_versions(),
+                model_source=_model_source(cfg.model),
+                timings={p: round(s["seconds"], 1) for p, s in stages.items()})
+    index = _write_index(cfg, stages, meta)
+    metrics = dict(name=cfg.name, model=cfg.model, config=asdict(cfg), **meta,
+                   stages={p: dict(seconds=round(s["seconds"], 1), reused=s["reused"],
+                                   results=[dict(kind=pl["kind"], headline=results.headline(pl))
+                                            for pl in s["payloads"]]) for p, s in stages.items()})
+    (cfg.folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    print(f"[probekit report] wrote {index} and {cfg.folder / 'metrics.json'}")
+    return metrics
