@@ -163,6 +163,19 @@ class Run:
         self._check_sizes()
 
     # ---- description
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "partial"
+        model = self.config.get("key", {}).get("model")
+        return (f"Run({self.run_id[:12]}, model={model!r}, hooks={len(self.hooks)}, rows={self.n_rows:,}, "
+                f"{self.nbytes() / 2**20:,.1f} MiB, {state})")
+
+    def _repr_html_(self) -> str:
+        from .html_page import html_table
+
+        rows = [{"hook": h, "shape": tuple(self.shape(h)), "dtype": str(self.dtype(h)).removeprefix("torch.")}
+                for h in self.hooks]
+        return html_table(rows, caption=repr(self))
+
     @property
     def run_id(self) -> str:
         return self.path.name

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_figures_page"]
+__all__ = ["html_table", "write_figures_page"]
 
 
 def write_figures_page(path: str | Path, figures: Sequence[Any], *, title: str = "probekit",
@@ -27,3 +27,20 @@ def write_figures_page(path: str | Path, figures: Sequence[Any], *, title: str =
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def html_table(rows: Sequence[dict[str, Any]], *, caption: str | None = None, digits: int = 3) -> str:
+    """A small HTML table (for ``_repr_html_`` in Jupyter): one row per dict, columns from the first row.
+
+    Floats are rounded to ``digits`` significant digits; every cell is HTML-escaped.
+    """
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            v = f"{v:.{digits}g}"
+        return html.escape(str(v))
+
+    cols = list(rows[0]) if rows else []
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

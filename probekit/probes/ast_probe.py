@@ -455,6 +455,20 @@ class ASTProbeResult:
         """JSON-safe dict (NaN stays a float NaN)."""
         return _json_safe(asdict(self))
 
+    def __repr__(self) -> str:
+        return (f"ASTProbeResult(k={self.k}, n_snippets={self.n_snippets}, best_layer={self.best_layer!r}, "
+                f"best_f1={float(np.nanmax(self.f1)):.3f}, layers={self.layers})")
+
+    def _repr_html_(self) -> str:
+        from probekit.html_page import html_table
+
+        rows = [{"layer": l, "F1": f, "precision": p, "recall": r, "c acc": c, "u acc": u, "d order acc": d,
+                 "‖PᵀP−I‖_F": o, **{k: v[i] for k, v in self.controls.items()}}
+                for i, (l, f, p, r, c, u, d, o) in enumerate(zip(self.layers, self.f1, self.precision, self.recall,
+                                                                  self.c_accuracy, self.u_accuracy,
+                                                                  self.d_order_accuracy, self.orthogonality))]
+        return html_table(rows, caption=f"AST-Probe, k={self.k}, {self.n_snippets} snippets")
+
     def figures(self, controls: dict[str, Sequence[float]] | None = None) -> list[Any]:
         """One plotly figure: F1 per layer, with control curves.
 

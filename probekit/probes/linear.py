@@ -662,6 +662,20 @@ class LayerProbeResult:
         """JSON-safe dict (python floats/ints/str/lists/None only)."""
         return _json_safe(asdict(self))
 
+    def __repr__(self) -> str:
+        return (f"LayerProbeResult(task={self.task!r}, kind={self.kind!r}, best_layer={self.best_layer!r}, "
+                f"best_test={max(self.test_score):.3f}, n_train={self.n_train}, n_test={self.n_test})")
+
+    def _repr_html_(self) -> str:
+        from probekit.html_page import html_table
+
+        rows = [{"layer": l, f"test {self.metric}": te, f"train {self.metric}": tr, "random features": rf}
+                for l, te, tr, rf in zip(self.layers, self.test_score, self.train_score, self.random_feature_control)]
+        extra = f"majority {self.majority_baseline:.3f}"
+        if self.token_identity_control is not None:
+            extra += f", token identity {self.token_identity_control:.3f}"
+        return html_table(rows, caption=f"{self.task} ({extra})")
+
     def figures(self) -> list[Any]:
         """One plotly line figure: test score per layer with the controls.
 

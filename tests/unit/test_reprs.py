@@ -1,0 +1,73 @@
+"""Jupyter-facing reprs: short text reprs and HTML tables that carry the real numbers."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import torch
+
+from probekit.html_page import html_table
+from probekit.probes.ast_probe import ASTProbeResult
+from probekit.probes.linear import LayerProbeResult
+
+
+class _Cells(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cells, self._in = [], False
+
+    def handle_starttag(self, tag, attrs):
+        self._in = tag in ("td", "th")
+
+    def handle_endtag(self, tag):
+        self._in = False
+
+    def handle_data(self, data):
+        if self._in:
+            self.cells.append(data)
+
+
+def _cells(html: str) -> list[str]:
+    p = _Cells()
+    p.feed(html)
+    return p.cells
+
+
+def test_html_table_escapes_and_rounds():
+    cells = _cells(html_table([{"a": 0.123456, "b": "<x>"}, {"a": 2, "b": "y"}]))
+    assert cells == ["a", "b", "0.123", "<x>", "2", "y"]
+    assert "&lt;x&gt;" in html_table([{"b": "<x>"}])
+
+
+def test_ast_probe_result_table():
+    r = ASTProbeResult(layers=["embed", "5"], precision=[0.3, 0.6], recall=[0.4, 0.7], f1=[0.35, 0.65],
+                       c_accuracy=[0.8, 0.9], u_accuracy=[0.99, 0.99], d_order_accuracy=[0.7, 0.8],
+                       orthogonality=[0.01, 0.02], k=8, n_snippets=10, controls={"random-init model": [0.3, 0.4]})
+    assert "best_layer='5'" in repr(r) and "best_f1=0.650" in repr(r)
+    cells = _cells(r._repr_html_())
+    assert cells[:2] == ["layer", "F1"] and "random-init model" in cells
+    assert cells[cells.index("5") + 1] == "0.65"
+
+
+def test_layer_probe_result_table():
+    r = LayerProbeResult(task="t", kind="logistic", metric="accuracy", layers=["embed", "0"], train_score=[0.6, 0.9],
+                         test_score=[0.5, 0.8], majority_baseline=0.2, random_feature_control=[0.2, 0.21],
+                         token_identity_control=0.4)
+    assert "best_layer='0'" in repr(r)
+    html = r._repr_html_()
+    assert "majority 0.200, token identity 0.400" in html
+    assert _cells(html)[4:6] == ["embed", "0.5"]
+
+
+def test_run_repr(tiny_llama, tmp_path):
+    from probekit.cache import ActivationCache
+    from probekit.capture import CaptureConfig
+
+    bridge, tok = tiny_llama
+    run = ActivationCache(tmp_path).capture(bridge, ["ab", "cde"], CaptureConfig(hooks=["blocks.0.hook_resid_post"],
+                                                                                 positions="all"), tokenizer=tok)
+    text = repr(run)
+    assert text.startswith(f"Run({run.run_id[:12]}") and "complete" in text and f"rows={run.n_rows:,}" in text
+    cells = _cells(run._repr_html_())
+    assert "blocks.0.hook_resid_post" in cells and str(tuple(run.shape("blocks.0.hook_resid_post"))) in cells
+    assert torch.is_tensor(run.load("blocks.0.hook_resid_post"))
