@@ -50,12 +50,12 @@ class DarkMatterRunConfig:
     layer: int | None = None  # None: the middle block
     expansions: tuple[int, ...] = (2, 4, 8)
     k: int = 32
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 1024
     lr: float = 1e-3
     dead_steps: int = 100  # a latent silent for this many steps feeds the TopK auxiliary loss (short runs here)
-    n_code: int = 700
-    n_text: int = 400
+    n_code: int = 500
+    n_text: int = 300
     max_length: int = 256
     test_fraction: float = 0.2
     ce_docs: int = 48
