@@ -14,7 +14,7 @@ $(BIN)/python:
 # The pinned CPU torch goes in first when no torch is present: an unpinned `torch` pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,browser]"
 	@touch $(STAMP)
 
 setup: $(STAMP)

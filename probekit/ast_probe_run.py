@@ -22,6 +22,7 @@ Results (JSON, probe tensors as safetensors, one plotly HTML page) go to
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -227,7 +228,11 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     controls = {"layer 0 (embeddings)": [trained.f1[0]] * len(names)}
     random_res = None
     if cfg.random_control:
-        rbridge, _ = load_model(_random_init_copy(cfg.model))
+        folder = _random_init_copy(cfg.model)
+        try:
+            rbridge, _ = load_model(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now; do not leave ~0.5 GB behind
         rnd = fit_eval(rbridge, "random-init control")
         random_res = rnd["test"]
         controls["random-init model"] = random_res.f1

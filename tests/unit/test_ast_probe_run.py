@@ -10,12 +10,17 @@ from probekit.cli import main
 def test_ast_probe_command_writes_results_with_both_controls(tiny_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    import tempfile
+    from pathlib import Path
+
     monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+    before = set(Path(tempfile.gettempdir()).glob("probekit-random-init-*"))
     out = tmp_path / "ast"
     args = ["ast-probe", "--model", str(tiny_dir["llama"]), "--n-functions", "40", "--layers", "0,2",
             "--k", "8", "--epochs", "2", "--k-sweep", "4,8", "--no-progress", "--out", str(out)]
     rc = main(args)
     assert rc == 0
+    assert set(Path(tempfile.gettempdir()).glob("probekit-random-init-*")) == before  # the copy is cleaned up
     payload = json.loads((out / "ast_probe.json").read_text())
     res = payload["result"]
     assert res["layers"] == ["embed", "0", "2"]

@@ -1,0 +1,43 @@
+"""Small layout pieces shared by the pages: messages for missing results and errors, figure cards."""
+
+from __future__ import annotations
+
+from dash import dcc, html
+
+EMPTY_FIGURE = {"data": [], "layout": {"template": "plotly_white", "xaxis": {"visible": False},
+                                       "yaxis": {"visible": False}, "height": 200}}
+
+
+def missing(what: str, command: str, note: str | None = None) -> html.Div:
+    """A box saying that a result does not exist yet and the exact command that writes it."""
+    return html.Div(className="notice missing", children=[
+        html.Strong(f"No {what} yet."), " Produce it with:",
+        html.Pre(command, className="command"),
+        html.P(note) if note else None,
+    ])
+
+
+def error(message: str) -> html.Div:
+    """A red box with an error message (never a stack trace)."""
+    return html.Div(str(message), className="notice error", role="alert")
+
+
+def info(message) -> html.Div:
+    return html.Div(message, className="notice info")
+
+
+def card(title: str, *children, id: str | None = None) -> html.Section:
+    kw = {"id": id} if id else {}
+    return html.Section(className="card", children=[html.H3(title), *children], **kw)
+
+
+def graph(id: str, height: int | None = None) -> dcc.Loading:
+    """A responsive figure container (width follows the window)."""
+    style = {"height": f"{height}px"} if height else {}
+    return dcc.Loading(dcc.Graph(id=id, figure=EMPTY_FIGURE, config={"displaylogo": False},
+                                 style=style), type="dot")
+
+
+def options(values, labels=None) -> list[dict]:
+    labels = labels or values
+    return [{"label": str(lab), "value": v} for v, lab in zip(values, labels)]

@@ -1,0 +1,192 @@
+"""Background capture jobs: validate what the page asked for, run the capture in a worker process, and
+report progress.
+
+The Dash background callback (a :class:`dash.DiskcacheManager` process) calls :func:`run_capture_job`,
+which starts ``python -m app.capture_worker`` and reads one JSON line per progress step from it. The web
+server process never loads a model; cancelling the job kills the manager's process and, with it, the worker
+(psutil kills the whole process tree).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .security import UnsafePathError, check_hook, check_name, safe_path
+
+MAX_FUNCTIONS = 2000
+MAX_TEXTS = 500
+MAX_TEXT_CHARS = 20_000
+MAX_HOOKS = 64
+DOC_SEPARATOR = "---"
+APP_PARENT = Path(__file__).resolve().parents[1]  # the folder holding the ``app`` package
+
+
+@dataclass
+class CaptureSpec:
+    """A validated capture request; ``model_path`` is a registry name or an absolute folder in the root."""
+
+    model: str
+    model_path: str
+    hooks: list[str]
+    dataset: str = "stdlib"  # "stdlib" | "texts"
+    n_functions: int = 20
+    texts: list[str] = field(default_factory=list)
+    positions: str = "all"
+    dtype: str = "float32"
+    max_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_texts(text: str | None) -> list[str]:
+    """Pasted documents, separated by lines holding only ``---`` (blank documents dropped)."""
+    docs, cur = [], []
+    for line in (text or "").splitlines():
+        if line.strip() == DOC_SEPARATOR:
+            docs.append("\n".join(cur))
+            cur = []
+        else:
+            cur.append(line)
+    docs.append("\n".join(cur))
+    return [d for d in docs if d.strip()]
+
+
+def parse_hooks(text: str | None) -> list[str]:
+    """Hook names separated by commas, spaces or newlines; each must look like a hook name."""
+    hooks = [h for h in re.split(r"[\s,]+", text or "") if h]
+    for h in hooks:
+        check_hook(h)
+    return list(dict.fromkeys(hooks))
+
+
+def build_spec(root: Path, *, model: str | None, hooks: str | None, dataset: str | None, n_functions: int | None,
+               texts: str | None, positions: str | None = "all", dtype: str | None = "float32",
+               max_length: int | None = 256, batch_size: int | None = 8) -> CaptureSpec:
+    """Validate the capture form; raise ``ValueError`` with a message for the page on any bad field."""
+    from probekit.models import COMPLETE_MARKER, REGISTRY
+
+    if not model:
+        raise ValueError("Choose a model.")
+    if model in REGISTRY:
+        if REGISTRY[model].kind == "cnn":
+            raise ValueError(f"{model} is an image model; the capture page captures text models.")
+        folder = safe_path(root, "models", model)
+        if not (folder / COMPLETE_MARKER).is_file():
+            raise ValueError(f"{model} is not fetched into this cache yet: run `probekit models fetch {model}` "
+                             f"with PROBEKIT_CACHE={root}.")
+        model_path = model
+    else:
+        m = re.fullmatch(r"models/(.+)", model)
+        if not m:
+            raise ValueError(f"Unknown model {model[:60]!r}: choose a registry name or a folder models/<name> "
+                             "inside the cache root.")
+        folder = safe_path(root, "models", check_name(m.group(1), "model folder"))
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{model} has no config.json: not a Hugging Face model folder.")
+        model_path = str(folder)
+    try:
+        hook_list = parse_hooks(hooks)
+    except UnsafePathError as e:
+        raise ValueError(str(e)) from None
+    if not hook_list:
+        raise ValueError("Name at least one hook, e.g. blocks.0.hook_resid_post.")
+    if len(hook_list) > MAX_HOOKS:
+        raise ValueError(f"At most {MAX_HOOKS} hooks per capture.")
+    if positions not in ("all", "last"):
+        raise ValueError("positions must be 'all' or 'last'.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError("dtype must be float32, bfloat16 or float16.")
+    max_length = int(max_length or 256)
+    if not 8 <= max_length <= 4096:
+        raise ValueError("max length must lie in [8, 4096].")
+    batch_size = int(batch_size or 8)
+    if not 1 <= batch_size <= 256:
+        raise ValueError("batch size must lie in [1, 256].")
+    spec = CaptureSpec(model=model, model_path=model_path, hooks=hook_list, positions=positions, dtype=dtype,
+                       max_length=max_length, batch_size=batch_size)
+    if dataset == "stdlib":
+        n = int(n_functions or 0)
+        if not 1 <= n <= MAX_FUNCTIONS:
+            raise ValueError(f"number of functions must lie in [1, {MAX_FUNCTIONS}].")
+        spec.dataset, spec.n_functions = "stdlib", n
+    elif dataset == "texts":
+        docs = split_texts(texts)
+        if not docs:
+            raise ValueError(f"Paste at least one document (separate documents with a line '{DOC_SEPARATOR}').")
+        if len(docs) > MAX_TEXTS or any(len(d) > MAX_TEXT_CHARS for d in docs):
+            raise ValueError(f"At most {MAX_TEXTS} documents of {MAX_TEXT_CHARS:,} characters each.")
+        spec.dataset, spec.texts = "texts", docs
+    else:
+        raise ValueError("Choose a dataset: stdlib functions or pasted texts.")
+    return spec
+
+
+def parse_event(line: str) -> dict | None:
+    """One worker line as an event dict (``{"event": "progress"|"done"|"error", …}``), else ``None``."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        ev = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return ev if isinstance(ev, dict) and ev.get("event") in ("progress", "done", "error", "status") else None
+
+
+def progress_percent(done: float, total: float | None) -> float:
+    """Percent in [0, 100] (0 while the total is unknown)."""
+    if not total:
+        return 0.0
+    return max(0.0, min(100.0, 100.0 * float(done) / float(total)))
+
+
+def worker_env(root: Path) -> dict:
+    """Environment of the worker: the app's cache root, the ``app`` package importable, no network."""
+    env = dict(os.environ)
+    env["PROBEKIT_CACHE"] = str(root)
+    env["PYTHONPATH"] = os.pathsep.join([str(APP_PARENT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_capture_job(spec: CaptureSpec, root: Path, on_event: Callable[[dict], None]) -> dict:
+    """Run one capture in a worker process, calling ``on_event`` for each progress event.
+
+    Returns
+    -------
+    dict
+        The final event: ``{"event": "done", "run_id", "rows", "hooks", "seconds"}`` or
+        ``{"event": "error", "message"}``.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "app.capture_worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env(root),
+                            cwd=str(root))
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(spec.to_dict()))
+    proc.stdin.close()
+    final, tail = None, collections.deque(maxlen=15)
+    for line in proc.stdout:
+        ev = parse_event(line)
+        if ev is None:
+            tail.append(line.rstrip())
+        elif ev["event"] in ("done", "error"):
+            final = ev
+        else:
+            on_event(ev)
+    code = proc.wait()
+    if final is None:
+        final = dict(event="error", message=f"the capture worker exited with code {code}: " + "\n".join(tail)[-1500:])
+    return final

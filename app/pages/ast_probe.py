@@ -1,0 +1,229 @@
+"""AST-Probe: F1 (or another score) per layer with controls, F1 vs k (separate fits and Matryoshka),
+recall per non-terminal at a chosen layer, and a snippet picker drawing gold vs predicted trees."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from dash import Input, Output, State, dcc, html
+
+from probekit.probes.ast_figures import f1_vs_k_figure, per_label_recall_figure, tree_comparison_figure
+
+from .. import data
+from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
+from ..security import UnsafePathError
+from ..urlstate import encode_query
+
+PATH = "/ast-probe"
+TITLE = "AST-Probe"
+SCHEMA = {"model": str, "metric": str, "controls": bool, "curves": str, "layer": str, "snippet": int}
+METRICS = {"f1": "constituent F1", "precision": "precision", "recall": "recall", "c_accuracy": "c accuracy",
+           "u_accuracy": "u accuracy", "d_order_accuracy": "d order accuracy"}
+CURVES = {"both": "separate + Matryoshka", "separate": "separate fits", "matryoshka": "Matryoshka prefixes"}
+
+
+def rerun_command(p: dict, result_id: str) -> str:
+    """The command that rewrites result set ``result_id`` (model, size and output folder of the old run)."""
+    cfg = p.get("config") or {}
+    model = str(p.get("model") or cfg.get("model") or result_id.split("/")[0])
+    cmd = f"probekit ast-probe --model {model}"
+    if cfg.get("n_functions"):
+        cmd += f" --n-functions {int(cfg['n_functions'])}"
+    if p.get("language", "python") != "python":
+        cmd += f" --language {p['language']}"
+    default = model.replace("/", "--") + ("" if p.get("language", "python") == "python" else f"/{p['language']}")
+    if result_id != default:
+        cmd += f" --out {data.get_root() / 'results' / 'ast-probe' / result_id}"
+    return data.cli_command(cmd)
+
+
+def _load(model: str | None) -> tuple[dict | None, tuple | None, object]:
+    """(payload, stamp, None) or (None, None, message component)."""
+    model = model or data.DEFAULT_MODEL
+    try:
+        return data.load_result("ast-probe", model), data.result_stamp("ast-probe", model), None
+    except data.ResultMissing as e:
+        return None, None, missing("AST-Probe result for " + model, e.command)
+    except (UnsafePathError, ValueError) as e:
+        return None, None, error(str(e))
+
+
+# --------------------------------------------------------------------------------------------- pure views
+
+
+def layer_view(model: str | None, metric: str | None, controls: list | None) -> tuple[dict, object]:
+    """Score per layer (``metric``), with the control F1 curves when ``metric`` is F1 and asked for."""
+    p, stamp, msg = _load(model)
+    if p is None:
+        return EMPTY_FIGURE, msg
+    metric = metric if metric in METRICS else "f1"
+    show = bool(controls)
+
+    def build() -> dict:
+        r = p.get("result") or {}
+        x = [str(v) for v in r.get("layers", [])]
+        fig = go.Figure(go.Scatter(x=x, y=r.get(metric, []), mode="lines+markers", name=f"AST-Probe {METRICS[metric]}"))
+        if show and metric == "f1":
+            for name, ys in (r.get("controls") or {}).items():
+                ys = list(ys) * (len(x) if len(ys) == 1 else 1)
+                fig.add_trace(go.Scatter(x=x, y=ys, mode="lines", name=name, line={"dash": "dash"}))
+            for name, v in (p.get("published") or {}).items():
+                fig.add_hline(y=float(v), line={"dash": "dot", "color": "grey"}, annotation_text=f"published {name}")
+        best = p.get("best_layer_by_validation")
+        fig.update_layout(title=f"{METRICS[metric]} per layer (k={r.get('k')}, n={r.get('n_snippets')}; "
+                                f"best by validation: {best})", xaxis_title="layer", yaxis_title=METRICS[metric],
+                          template="plotly_white", legend={"orientation": "h", "y": -0.25})
+        fig.update_xaxes(type="category")
+        fig.update_yaxes(range=[0, 1.02])
+        return fig.to_dict()
+
+    return data.memo(("ast-layer", stamp, metric, show), build), None
+
+
+def k_view(model: str | None, curves: str | None) -> tuple[dict, object]:
+    """F1 against subspace size k at the best layer: separate fits, Matryoshka prefixes, or both."""
+    p, stamp, msg = _load(model)
+    if p is None:
+        return EMPTY_FIGURE, msg
+    sweep = p.get("k_sweep")
+    if not sweep:
+        return EMPTY_FIGURE, missing("k sweep in this result", rerun_command(p, model or data.DEFAULT_MODEL),
+                                     "The run skips the sweep only with --k-sweep none.")
+    curves = curves if curves in CURVES else "both"
+
+    def build() -> dict:
+        ks = sweep["ks"]
+        sep = sweep.get("separate_f1")
+        mat = sweep.get("matryoshka_f1")
+        if curves == "matryoshka" and mat:
+            sep, mat = mat, None
+            title = f"Matryoshka prefixes: F1 vs k at layer {sweep.get('layer')}"
+        else:
+            mat = mat if curves == "both" else None
+            title = f"F1 vs k at layer {sweep.get('layer')}"
+        r = p.get("result") or {}
+        ctrl = {"layer 0 (embeddings)": r["f1"][0]} if r.get("f1") else None
+        fig = f1_vs_k_figure(ks, sep, mat, d_model=max(ks), controls=ctrl, title=title)
+        if curves == "matryoshka":
+            fig.data[0].name, fig.data[0].line.dash = "Matryoshka prefixes", "dash"
+        return fig.to_dict()
+
+    return data.memo(("ast-k", stamp, curves), build), None
+
+
+def recall_view(model: str | None, layer: str | None) -> tuple[dict, object, list, str | None]:
+    """Recall per non-terminal at ``layer`` (default: best by validation); also the layer options."""
+    p, stamp, msg = _load(model)
+    if p is None:
+        return EMPTY_FIGURE, msg, [], None
+    r = p.get("result") or {}
+    layers = [str(v) for v in r.get("layers", [])]
+    recalls = r.get("label_recall") or []
+    if not layers or len(recalls) != len(layers):
+        return EMPTY_FIGURE, missing("recall per label in this result", rerun_command(p, model or data.DEFAULT_MODEL)), options(layers), None
+    layer = layer if layer in layers else str(p.get("best_layer_by_validation", layers[-1]))
+    layer = layer if layer in layers else layers[-1]
+    i = layers.index(layer)
+
+    def build() -> dict:
+        support = r.get("label_support") or None
+        if support and set(recalls[i]) - set(support):
+            support = None
+        return per_label_recall_figure(recalls[i], support, title=f"Recall per non-terminal, layer {layer}").to_dict()
+
+    return data.memo(("ast-recall", stamp, layer), build), None, options(layers), layer
+
+
+def snippet_options(model: str | None) -> list[dict]:
+    """Options of the snippet picker: one per test snippet (doc id and F1), when the result has them."""
+    p, _, _ = _load(model)
+    snippets = (p or {}).get("test_snippets") or []
+    return [{"label": f"{i}: {s.get('doc_id', '?')} (F1 {s.get('f1', float('nan')):.2f}, {len(s.get('leaves', []))} leaves)",
+             "value": i} for i, s in enumerate(snippets)]
+
+
+def tree_view(model: str | None, snippet: int | None) -> tuple[dict, object]:
+    """Gold vs predicted tree of one test snippet (mismatches in red), from ``test_snippets`` in the JSON."""
+    p, stamp, msg = _load(model)
+    if p is None:
+        return EMPTY_FIGURE, msg
+    snippets = p.get("test_snippets")
+    if not snippets:
+        ts = p.get("tree_snippet") or {}
+        note = (f"This result was written before per-snippet trees were saved (its drawn snippet: "
+                f"{ts.get('doc_id', '?')}, F1 {ts.get('f1', float('nan')):.3f}; see ast_probe.html). Re-run to add "
+                "the field test_snippets = [{doc_id, leaves, f1, gold: [d, c, u], pred: [d, c, u]}] at the best layer.")
+        return EMPTY_FIGURE, missing("per-snippet trees in this result", rerun_command(p, model or data.DEFAULT_MODEL), note)
+    try:
+        i = int(snippet) if snippet is not None else 0
+    except (TypeError, ValueError):
+        i = 0
+    if not 0 <= i < len(snippets):
+        return EMPTY_FIGURE, error(f"snippet {i} is outside the {len(snippets)} test snippets")
+
+    def build() -> dict:
+        s = snippets[i]
+        return tree_comparison_figure(s["leaves"], s["gold"], s["pred"],
+                                      title=f"{s.get('doc_id', i)} — layer {p.get('best_layer_by_validation')}").to_dict()
+
+    try:
+        return data.memo(("ast-tree", stamp, i), build), None
+    except (KeyError, ValueError, TypeError) as e:
+        return EMPTY_FIGURE, error(f"snippet {i} cannot be drawn: {e}")
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def layout(params: dict) -> html.Div:
+    ids = data.list_results("ast-probe")
+    model = params.get("model") or (data.DEFAULT_MODEL if data.DEFAULT_MODEL in ids else (ids[0] if ids else data.DEFAULT_MODEL))
+    snips = snippet_options(model)
+    # options present from the start: a dropdown whose value is not among its options drops the value
+    _, _, layer_opts, layer = recall_view(model, params.get("layer"))
+    return html.Div([
+        html.H2("AST-Probe"),
+        html.Div(className="controls", children=[
+            html.Label("result set"),
+            dcc.Dropdown(id="ast-model", options=options(ids + [model] if model not in ids else ids), value=model, clearable=False),
+        ]),
+        card("Score per layer",
+             html.Div(className="controls", children=[
+                 dcc.Dropdown(id="ast-metric", options=[{"label": v, "value": k} for k, v in METRICS.items()],
+                              value=params.get("metric") if params.get("metric") in METRICS else "f1", clearable=False),
+                 dcc.Checklist(id="ast-controls", options=[{"label": "controls", "value": "on"}],
+                               value=[] if params.get("controls") is False else ["on"], inline=True),
+             ]),
+             html.Div(id="ast-layer-msg"), graph("ast-layer-fig")),
+        card("F1 vs subspace size k",
+             dcc.RadioItems(id="ast-curves", options=[{"label": v, "value": k} for k, v in CURVES.items()],
+                            value=params.get("curves") if params.get("curves") in CURVES else "both", inline=True),
+             html.Div(id="ast-k-msg"), graph("ast-k-fig")),
+        card("Recall per non-terminal",
+             dcc.Dropdown(id="ast-layer", options=layer_opts, value=layer, clearable=False, placeholder="layer"),
+             html.Div(id="ast-recall-msg"), graph("ast-recall-fig")),
+        card("Gold vs predicted tree",
+             dcc.Dropdown(id="ast-snippet", options=snips, value=params.get("snippet", 0 if snips else None),
+                          placeholder="test snippet"),
+             html.Div(id="ast-tree-msg"), graph("ast-tree-fig")),
+    ])
+
+
+def register(app) -> None:
+    app.callback(Output("ast-layer-fig", "figure"), Output("ast-layer-msg", "children"), Input("ast-model", "value"),
+                 Input("ast-metric", "value"), Input("ast-controls", "value"))(layer_view)
+    app.callback(Output("ast-k-fig", "figure"), Output("ast-k-msg", "children"), Input("ast-model", "value"),
+                 Input("ast-curves", "value"))(k_view)
+    app.callback(Output("ast-recall-fig", "figure"), Output("ast-recall-msg", "children"),
+                 Output("ast-layer", "options"), Output("ast-layer", "value"),
+                 Input("ast-model", "value"), Input("ast-layer", "value"))(recall_view)
+    app.callback(Output("ast-snippet", "options"), Input("ast-model", "value"),
+                 prevent_initial_call=True)(snippet_options)
+    app.callback(Output("ast-tree-fig", "figure"), Output("ast-tree-msg", "children"), Input("ast-model", "value"),
+                 Input("ast-snippet", "value"))(tree_view)
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("ast-model", "value"),
+                  Input("ast-metric", "value"), Input("ast-controls", "value"), Input("ast-curves", "value"),
+                  Input("ast-layer", "value"), Input("ast-snippet", "value"), prevent_initial_call=True)
+    def _url(model, metric, controls, curves, layer, snippet):
+        return encode_query(dict(model=model, metric=metric, controls=bool(controls), curves=curves, layer=layer,
+                                 snippet=snippet))

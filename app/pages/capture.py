@@ -1,0 +1,138 @@
+"""Capture: choose a model, a dataset and hooks; the capture runs as a background job (Dash background
+callback on a disk-cache manager, in another process) with a live progress bar and a cancel button."""
+
+from __future__ import annotations
+
+from dash import Input, Output, State, dcc, html, no_update
+
+from .. import data
+from ..components import card, error, info
+from ..jobs import DOC_SEPARATOR, build_spec, progress_percent, run_capture_job
+from ..urlstate import encode_query
+
+PATH = "/capture"
+TITLE = "Capture"
+SCHEMA = {"model": str, "dataset": str, "n": int, "hooks": str}
+DEFAULT_HOOKS = "blocks.0.hook_resid_post"
+
+
+# --------------------------------------------------------------------------------------------- pure views
+
+
+def progress_step(event: dict) -> list:
+    """Bar value (percent, as text) and label for one worker event (status or progress)."""
+    if event.get("event") == "status":
+        return ["0", event.get("message", "")]
+    pct = progress_percent(event.get("done", 0), event.get("total"))
+    return [f"{pct:.0f}", f"{pct:.0f}% ({event.get('done', 0):,} / {event.get('total', 0):,} tokens)"]
+
+
+def final_view(final: dict) -> tuple[object, str, str]:
+    """Result area, bar value and label once the job has ended (``done`` or ``error``)."""
+    if final.get("event") == "done":
+        href = f"/layers?run={final['run_id']}"
+        return (html.Div(className="notice info", id="capture-done", children=[
+            f"Done: run {final['run_id']} with {final.get('rows', 0):,} rows × {len(final.get('hooks', []))} hooks "
+            f"in {final.get('seconds', 0):.1f} s. ", dcc.Link("Open it on the Layers page", href=href), "."]),
+            "100", "100%")
+    return error(final.get("message", "the capture failed")), "0", "failed"
+
+
+def cancelled_view() -> tuple[object, str, str]:
+    return (info("Capture cancelled; committed shards stay in the cache and a re-run of the same capture resumes."),
+            "0", "cancelled")
+
+
+def model_options() -> list[dict]:
+    return [{"label": m["label"], "value": m["value"], "disabled": not m["ready"]} for m in data.model_choices()]
+
+
+def layout(params: dict) -> html.Div:
+    models = model_options()
+    ready = [m["value"] for m in models if not m["disabled"]]
+    model = params.get("model") if params.get("model") in ready else (ready[0] if ready else None)
+    return html.Div([
+        html.H2("Capture"),
+        card("What to capture",
+             html.Div(className="form", children=[
+                 html.Label("model"),
+                 dcc.Dropdown(id="capture-model", options=models, value=model, placeholder="model"),
+                 html.Label("dataset"),
+                 dcc.RadioItems(id="capture-dataset", options=[{"label": "stdlib functions", "value": "stdlib"},
+                                                               {"label": "pasted texts", "value": "texts"}],
+                                value=params.get("dataset") if params.get("dataset") in ("stdlib", "texts") else "stdlib",
+                                inline=True),
+                 html.Label("number of functions"),
+                 dcc.Input(id="capture-n", type="number", min=1, max=2000, value=params.get("n", 10)),
+                 html.Label(f"texts (documents separated by a line '{DOC_SEPARATOR}')"),
+                 dcc.Textarea(id="capture-texts", value="", rows=5),
+                 html.Label("hooks (space or comma separated)"),
+                 dcc.Input(id="capture-hooks", type="text", value=params.get("hooks", DEFAULT_HOOKS), debounce=True),
+                 html.Label("positions / dtype / max length"),
+                 html.Div(className="controls", children=[
+                     dcc.Dropdown(id="capture-positions", options=["all", "last"], value="all", clearable=False),
+                     dcc.Dropdown(id="capture-dtype", options=["float32", "bfloat16", "float16"], value="float32",
+                                  clearable=False),
+                     dcc.Input(id="capture-maxlen", type="number", min=8, max=4096, value=256),
+                 ]),
+             ]),
+             html.Div(className="controls", children=[
+                 html.Button("Start capture", id="capture-start", className="primary"),
+                 html.Button("Cancel", id="capture-cancel", disabled=True),
+             ]),
+             html.Div(id="capture-error"),
+             html.Div(className="progress-row", children=[
+                 html.Progress(id="capture-bar", value="0", max="100"),
+                 html.Span(id="capture-bar-label", className="progress-label"),
+             ]),
+             html.Div(id="capture-result")),
+    ])
+
+
+def register(app) -> None:
+    # The bar is written directly by the job's progress and final outputs: a callback that listened to a
+    # store written by a running background callback would wait until the job ended.
+    @app.callback(Output("capture-result", "children"), Output("capture-bar", "value", allow_duplicate=True),
+                  Output("capture-bar-label", "children", allow_duplicate=True), Input("capture-start", "n_clicks"),
+                  State("capture-model", "value"), State("capture-dataset", "value"), State("capture-n", "value"),
+                  State("capture-texts", "value"), State("capture-hooks", "value"),
+                  State("capture-positions", "value"), State("capture-dtype", "value"),
+                  State("capture-maxlen", "value"),
+                  background=True, prevent_initial_call=True,
+                  progress=[Output("capture-bar", "value"), Output("capture-bar-label", "children")],
+                  running=[(Output("capture-start", "disabled"), True, False),
+                           (Output("capture-cancel", "disabled"), False, True)],
+                  cancel=[Input("capture-cancel", "n_clicks")])
+    def _run(set_progress, n, model, dataset, n_functions, texts, hooks, positions, dtype, max_length):
+        # runs in the manager's process: validate again (the browser is not trusted), then start the worker
+        try:
+            spec = build_spec(data.get_root(), model=model, hooks=hooks, dataset=dataset, n_functions=n_functions,
+                              texts=texts, positions=positions, dtype=dtype, max_length=max_length)
+        except ValueError as e:
+            return final_view(dict(event="error", message=str(e)))
+        set_progress(["0", "starting the worker …"])
+        return final_view(run_capture_job(spec, data.get_root(), lambda ev: set_progress(progress_step(ev))))
+
+    @app.callback(Output("capture-result", "children", allow_duplicate=True),
+                  Output("capture-bar", "value", allow_duplicate=True),
+                  Output("capture-bar-label", "children", allow_duplicate=True),
+                  Input("capture-cancel", "n_clicks"), prevent_initial_call=True)
+    def _cancelled(n):
+        return cancelled_view() if n else (no_update, no_update, no_update)
+
+    @app.callback(Output("capture-error", "children"), Input("capture-model", "value"),
+                  Input("capture-dataset", "value"), Input("capture-n", "value"), Input("capture-texts", "value"),
+                  Input("capture-hooks", "value"))
+    def _check(model, dataset, n_functions, texts, hooks):
+        try:
+            build_spec(data.get_root(), model=model, hooks=hooks, dataset=dataset, n_functions=n_functions,
+                       texts=texts)
+        except ValueError as e:
+            return error(str(e))
+        return None
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("capture-model", "value"),
+                  Input("capture-dataset", "value"), Input("capture-n", "value"), Input("capture-hooks", "value"),
+                  prevent_initial_call=True)
+    def _url(model, dataset, n, hooks):
+        return encode_query(dict(model=model, dataset=dataset, n=n, hooks=hooks))

@@ -1,0 +1,127 @@
+"""Dark matter: the FVU of SAEs of several widths split into absent / linear / nonlinear error, R² bars,
+next-token CE with each reconstruction spliced in, and a per-token scatter when the result holds one."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from dash import Input, Output, dcc, html
+
+from .. import data
+from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
+from ..security import UnsafePathError
+from ..urlstate import encode_query
+
+PATH = "/dark-matter"
+TITLE = "Dark matter"
+SCHEMA = {"model": str, "fvu": str, "width": str}
+FVU_MODES = {"stacked": "stacked split", "total": "total FVU only"}
+SPLIT = (("absent features", "absent"), ("linear error", "linear"), ("nonlinear error", "nonlinear"),
+         ("cross term (held out)", "cross"))
+CE = (("clean", "ce_clean"), ("x̂", "ce_sae"), ("x̂ + linear error", "ce_linear"),
+      ("x̂ + nonlinear error", "ce_nonlinear"), ("zero ablation", "ce_zero"))
+#: Field the per-token scatter reads (written by ``probekit dark-matter run``):
+#: ``{"width", "actual", "predicted", "hover"}`` for an evenly spaced subset of held-out tokens.
+PER_TOKEN_FIELD = "scatter"
+
+
+def _load(model):
+    model = model or data.DEFAULT_MODEL
+    try:
+        return data.load_result("dark-matter", model), data.result_stamp("dark-matter", model), None
+    except data.ResultMissing as e:
+        return None, None, missing("dark-matter result for " + model, e.command,
+                                   "It trains TopK SAEs of several widths on one residual stream (minutes on a GPU).")
+    except (UnsafePathError, ValueError) as e:
+        return None, None, error(str(e))
+
+
+def figures_view(model: str | None, fvu_mode: str | None) -> tuple[dict, dict, dict, object]:
+    """FVU split, R² bars and CE bars, plus one message (or ``None``)."""
+    p, stamp, msg = _load(model)
+    if p is None:
+        return EMPTY_FIGURE, EMPTY_FIGURE, EMPTY_FIGURE, msg
+    mode = fvu_mode if fvu_mode in FVU_MODES else "stacked"
+
+    def build():
+        s = p.get("fvu_split") or {}
+        x = [str(w) for w in s.get("widths", [])]
+        fvu = go.Figure()
+        if mode == "stacked":
+            for name, key in SPLIT:
+                fvu.add_trace(go.Bar(x=x, y=s.get(key, []), name=name))
+        else:
+            fvu.add_trace(go.Bar(x=x, y=s.get("fvu", []), name="FVU"))
+        fvu.update_layout(barmode="relative", template="plotly_white", xaxis_title="SAE width (latents)",
+                          yaxis_title="fraction of variance unexplained",
+                          title=f"SAE error split across widths at {p.get('hook', '')}")
+        fvu.update_xaxes(type="category")
+        dec = p.get("decomposition") or {}
+        r2 = go.Figure()
+        for name, key in (("error vector e", "r2_error_vector"), ("‖e‖²", "r2_error_norm_sq"), ("‖e‖", "r2_error_norm")):
+            r2.add_trace(go.Bar(x=list(dec), y=[d.get(key) for d in dec.values()], name=name))
+        r2.update_layout(barmode="group", template="plotly_white", yaxis_title="R² from x (held out)",
+                         xaxis_title="SAE width", title="How much of the SAE error is linearly predictable")
+        r2.update_xaxes(type="category")
+        r2.update_yaxes(range=[0, 1])
+        ce = p.get("ce") or {}
+        cef = go.Figure()
+        for name, key in CE:
+            cef.add_trace(go.Bar(x=list(ce), y=[v.get(key) for v in ce.values()], name=name))
+        cef.update_layout(barmode="group", template="plotly_white", xaxis_title="SAE width", yaxis_title="CE (nats)",
+                          title="Next-token CE with each reconstruction spliced in")
+        cef.update_xaxes(type="category")
+        return fvu.to_dict(), r2.to_dict(), cef.to_dict()
+
+    f1, f2, f3 = data.memo(("dm-figs", stamp, mode), build)
+    return f1, f2, f3, None
+
+
+def scatter_view(model: str | None) -> tuple[dict, object]:
+    """‖e‖ predicted from x against actual, per held-out token, hover = the token in context."""
+    p, stamp, msg = _load(model)
+    if p is None:
+        return EMPTY_FIGURE, None
+    pt = p.get(PER_TOKEN_FIELD)
+    if not pt or not pt.get("actual"):
+        return EMPTY_FIGURE, info("This result holds no per-token values (field scatter = {width, actual, "
+                                  "predicted, hover}); rerun `probekit dark-matter run` to add them.")
+
+    def build():
+        fig = go.Figure(go.Scattergl(x=pt["actual"], y=pt["predicted"], mode="markers",
+                                     marker={"size": 4, "opacity": 0.5}, text=pt.get("hover"),
+                                     hovertemplate="%{text}<br>‖e‖ = %{x:.3f}<br>predicted %{y:.3f}<extra></extra>"))
+        fig.update_layout(template="plotly_white", xaxis_title="‖e‖", yaxis_title="‖e‖ predicted from x",
+                          title=f"Per-token ‖e‖, SAE width {pt.get('width', '')}")
+        return fig.to_dict()
+
+    return data.memo(("dm-scatter", stamp), build), None
+
+
+def layout(params: dict) -> html.Div:
+    ids = data.list_results("dark-matter")
+    model = params.get("model") or (ids[0] if ids else data.DEFAULT_MODEL)
+    return html.Div([
+        html.H2("Dark matter"),
+        html.Div(className="controls", children=[
+            dcc.Dropdown(id="dm-model", options=options(ids + [model] if model not in ids else ids), value=model, clearable=False),
+            dcc.RadioItems(id="dm-fvu", options=[{"label": v, "value": k} for k, v in FVU_MODES.items()],
+                           value=params.get("fvu") if params.get("fvu") in FVU_MODES else "stacked", inline=True),
+        ]),
+        html.Div(id="dm-msg"),
+        card("FVU split by width", graph("dm-fvu-fig")),
+        card("R² of the error from x", graph("dm-r2-fig")),
+        card("CE with splices", graph("dm-ce-fig")),
+        card("Per-token scatter", html.Div(id="dm-scatter-msg"), graph("dm-scatter-fig")),
+    ])
+
+
+def register(app) -> None:
+    app.callback(Output("dm-fvu-fig", "figure"), Output("dm-r2-fig", "figure"), Output("dm-ce-fig", "figure"),
+                 Output("dm-msg", "children"), Input("dm-model", "value"), Input("dm-fvu", "value"))(figures_view)
+    app.callback(Output("dm-scatter-fig", "figure"), Output("dm-scatter-msg", "children"),
+                 Input("dm-model", "value"))(scatter_view)
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("dm-model", "value"), Input("dm-fvu", "value"),
+                  prevent_initial_call=True)
+    def _url(model, fvu):
+        return encode_query(dict(model=model, fvu=fvu))

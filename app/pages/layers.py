@@ -1,0 +1,179 @@
+"""Layers: per-layer linear-probe accuracy (demo result), activation statistics per hook of a run, and a
+token view with per-token activation norms coloured on the text."""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+from dash import Input, Output, State, dcc, html
+
+from .. import data
+from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
+from ..security import UnsafePathError
+from ..urlstate import encode_query
+
+PATH = "/layers"
+TITLE = "Layers"
+SCHEMA = {"model": str, "show": list, "run": str, "stat": str, "hook": str, "doc": int}
+SHOW = {"train": "train accuracy", "controls": "controls (majority, token identity, random features)"}
+STATS = {"mean_norm": "mean ‖x‖", "std_norm": "std of ‖x‖", "mean_abs": "mean |x_i|"}
+
+
+# --------------------------------------------------------------------------------------------- pure views
+
+
+def accuracy_view(model: str | None, show: list[str] | None) -> tuple[dict, object]:
+    """Figure of test accuracy per layer from ``results/demo/<model>/layer_probes.json`` and a message.
+
+    Returns ``(figure dict, None)`` or ``(empty figure, message component)`` when the result is missing.
+    """
+    model = model or data.DEFAULT_MODEL
+    show = sorted(set(show or []) & set(SHOW))
+    try:
+        stamp = data.result_stamp("demo", model)
+        payload = data.load_result("demo", model)
+    except data.ResultMissing as e:
+        return EMPTY_FIGURE, missing("layer-probe result for " + model, e.command)
+    except (UnsafePathError, ValueError) as e:
+        return EMPTY_FIGURE, error(str(e))
+    return data.memo(("demo-fig", stamp, tuple(show)), lambda: _accuracy_figure(payload, show)), None
+
+
+def _accuracy_figure(p: dict, show: list[str]) -> dict:
+    r = p.get("result") or {}
+    layers = [str(x) for x in r.get("layers", [])]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=layers, y=r.get("test_score", []), mode="lines+markers", name="test accuracy"))
+    if "train" in show:
+        fig.add_trace(go.Scatter(x=layers, y=r.get("train_score", []), mode="lines", name="train accuracy",
+                                 line={"dash": "dot"}))
+    if "controls" in show:
+        if r.get("random_feature_control"):
+            fig.add_trace(go.Scatter(x=layers, y=r["random_feature_control"], mode="lines",
+                                     name="random features", line={"dash": "dash"}))
+        for name, key in (("majority class", "majority_baseline"), ("token identity", "token_identity_control")):
+            if isinstance(r.get(key), (int, float)):
+                fig.add_trace(go.Scatter(x=layers, y=[r[key]] * len(layers), mode="lines", name=name,
+                                         line={"dash": "dash"}))
+    fig.update_layout(title=f"{p.get('model', '')}: linear probe accuracy per layer — {r.get('task', '')}",
+                      xaxis_title="layer", yaxis_title="accuracy", template="plotly_white",
+                      legend={"orientation": "h", "y": -0.25}, margin={"t": 60})
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(range=[0, 1.02])
+    return fig.to_dict()
+
+
+def run_options() -> list[dict]:
+    """Dropdown options for the runs of the cache (complete and readable ones)."""
+    return [{"label": f"{r['run_id'][:12]} · {r['model'][-40:]} · {len(r['hooks'])} hooks · {r['rows']:,} rows",
+             "value": r["run_id"]} for r in data.list_runs() if not r["error"]]
+
+
+def stats_view(run_id: str | None, stat: str | None) -> tuple[dict, object]:
+    """Bar chart of one statistic per hook for a run (bounded row sample), and a message or ``None``."""
+    if not run_id:
+        if not data.list_runs():
+            return EMPTY_FIGURE, missing("capture run", data.cli_command(
+                "probekit capture --model smollm2-135m --stdlib-functions 20 --hooks "
+                "blocks.0.hook_resid_post blocks.5.hook_resid_post"), "or use the Capture page.")
+        return EMPTY_FIGURE, info("Choose a run.")
+    stat = stat if stat in STATS else "mean_norm"
+    try:
+        s = data.run_hook_stats(run_id)
+    except Exception as e:  # invalid id, corrupt run: shown in the page
+        return EMPTY_FIGURE, error(str(e))
+    fig = go.Figure(go.Bar(x=s["hooks"], y=s[stat], name=STATS[stat]))
+    fig.update_layout(title=f"{STATS[stat]} per hook, run {run_id[:12]} ({s['n_sampled']:,} sampled rows)",
+                      template="plotly_white", yaxis_title=STATS[stat], margin={"b": 140})
+    fig.update_xaxes(type="category", tickangle=-45)
+    return fig.to_dict(), None
+
+
+def token_choices(run_id: str | None, hook: str | None, doc: int | None) -> tuple[list, str | None, list, int | None]:
+    """Hook and document options of a run, keeping the current choices when they are valid."""
+    if not run_id:
+        return [], None, [], None
+    try:
+        run = data.open_run(run_id)
+        hooks = sorted(run.hooks, key=data.natural_key)
+        docs = data.run_documents(run_id)
+    except Exception:
+        return [], None, [], None
+    hook = hook if hook in hooks else (hooks[-1] if hooks else None)
+    doc = doc if doc in docs else (docs[0] if docs else None)
+    return options(hooks), hook, options(docs[:2000]), doc
+
+
+def token_view(run_id: str | None, hook: str | None, doc: int | None) -> list:
+    """Spans of the document's tokens, background opacity ∝ activation norm at ``hook`` (hover: value)."""
+    if not run_id or not hook or doc is None:
+        return [info("Choose a run, a hook and a document.")]
+    try:
+        tv = data.token_values(run_id, hook, int(doc))
+    except Exception as e:
+        return [error(str(e))]
+    vals = [v for v in tv["values"] if math.isfinite(v)]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    spans = []
+    for t, v, pos in zip(tv["tokens"], tv["values"], tv["positions"]):
+        a = 0.0 if hi <= lo or not math.isfinite(v) else (v - lo) / (hi - lo)
+        spans.append(html.Span(t, className="tok", title=f"position {pos}: ‖x‖ = {v:.3f}",
+                               style={"backgroundColor": f"rgba(214, 39, 40, {0.08 + 0.8 * a:.3f})"}))
+    note = None if tv["decoded"] else info("No tokenizer for this run's model inside the cache root: "
+                                           "tokens are shown as ids.")
+    legend = html.Div(f"‖x‖ at {hook}: min {lo:.2f} (light) … max {hi:.2f} (dark)", className="legend")
+    return [legend, note, html.Div(spans, className="token-text", id="token-text")]
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def layout(params: dict) -> html.Div:
+    models = data.list_results("demo")
+    model = params.get("model") or (models[0] if models else data.DEFAULT_MODEL)
+    runs = run_options()
+    run = params.get("run") if params.get("run") in {r["value"] for r in runs} else (runs[0]["value"] if runs else None)
+    hook_opts, hook, doc_opts, doc = token_choices(run, params.get("hook"), params.get("doc"))
+    return html.Div([
+        html.H2("Layers"),
+        card("Linear-probe accuracy per layer",
+             html.Div(className="controls", children=[
+                 dcc.Dropdown(id="layers-model", options=options(models + [model] if model not in models else models), value=model, clearable=False),
+                 dcc.Checklist(id="layers-show", options=[{"label": v, "value": k} for k, v in SHOW.items()],
+                               value=[s for s in params.get("show", ["controls"]) if s in SHOW], inline=True),
+             ]),
+             html.Div(id="layers-acc-msg"), graph("layers-acc-fig")),
+        card("Activation statistics per hook",
+             html.Div(className="controls", children=[
+                 dcc.Dropdown(id="layers-run", options=runs, value=run, placeholder="run"),
+                 dcc.RadioItems(id="layers-stat", options=[{"label": v, "value": k} for k, v in STATS.items()],
+                                value=params.get("stat") if params.get("stat") in STATS else "mean_norm", inline=True),
+             ]),
+             html.Div(id="layers-stats-msg"), graph("layers-stats-fig")),
+        card("Token view",
+             html.Div(className="controls", children=[
+                 dcc.Dropdown(id="layers-hook", options=hook_opts, value=hook, placeholder="hook"),
+                 dcc.Dropdown(id="layers-doc", options=doc_opts, value=doc, placeholder="document"),
+             ]),
+             dcc.Loading(html.Div(id="layers-tokens"), type="dot")),
+    ])
+
+
+def register(app) -> None:
+    app.callback(Output("layers-acc-fig", "figure"), Output("layers-acc-msg", "children"),
+                 Input("layers-model", "value"), Input("layers-show", "value"))(accuracy_view)
+    app.callback(Output("layers-stats-fig", "figure"), Output("layers-stats-msg", "children"),
+                 Input("layers-run", "value"), Input("layers-stat", "value"))(stats_view)
+    app.callback(Output("layers-hook", "options"), Output("layers-hook", "value"),
+                 Output("layers-doc", "options"), Output("layers-doc", "value"),
+                 Input("layers-run", "value"), State("layers-hook", "value"),
+                 State("layers-doc", "value"), prevent_initial_call=True)(token_choices)
+    app.callback(Output("layers-tokens", "children"), Input("layers-run", "value"), Input("layers-hook", "value"),
+                 Input("layers-doc", "value"))(token_view)
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("layers-model", "value"),
+                  Input("layers-show", "value"), Input("layers-run", "value"), Input("layers-stat", "value"),
+                  Input("layers-hook", "value"), Input("layers-doc", "value"), prevent_initial_call=True)
+    def _url(model, show, run, stat, hook, doc):
+        return encode_query(dict(model=model, show=show, run=run, stat=stat, hook=hook, doc=doc))

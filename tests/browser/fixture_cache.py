@@ -1,0 +1,135 @@
+"""A small cache root for the app's tests: synthetic results in the formats the probes write, a tiny run
+written straight through the cache writer (no model), and optionally a tiny random model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RUN_TEXTS = ["def f(x):\n    return x + 1", "import os", "x = {'a': 1}"]
+TREE_SNIPPETS = ["def f(x):\n    return x + 1", "def g(a, b):\n    y = a * b\n    return y", "x = f(1, 2)"]
+
+
+def _write(root: Path, rel: str, obj: dict) -> Path:
+    p = root / "results" / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj))
+    return p
+
+
+def demo_result(model: str = "smollm2-135m", n_layers: int = 6) -> dict:
+    layers = ["embed"] + [str(i) for i in range(n_layers)]
+    test = [0.5 + 0.05 * min(i, n_layers - i) for i in range(len(layers))]
+    return dict(kind="layer_probes", model=model, config=dict(model=model, n_functions=20), labels=["a", "b"],
+                n_functions=20, capture=dict(run="0" * 24, rows=100, tokens=100, seconds=1.0),
+                result=dict(task="parent node type of each token (tree-sitter)", kind="logistic", metric="accuracy",
+                            layers=layers, train_score=[t + 0.1 for t in test], test_score=test,
+                            majority_baseline=0.13, random_feature_control=[0.14] * len(layers),
+                            token_identity_control=0.55, n_train=80, n_test=20, n_classes=2, alpha=1.0, seed=0))
+
+
+def ast_result(model: str = "smollm2-135m", snippets: bool = True) -> dict:
+    from probekit.probes.ast_tree import code_to_tuple
+
+    layers = ["embed", "2", "5"]
+    f1 = [0.37, 0.55, 0.6]
+    recall = {"function_definition": 0.9, "call": 0.4, "binary_operator": 0.1}
+    support = {"function_definition": 3, "call": 2, "binary_operator": 1}
+    res = dict(layers=layers, precision=f1, recall=f1, f1=f1, c_accuracy=[0.8, 0.9, 0.92],
+               u_accuracy=[0.99] * 3, d_order_accuracy=[0.77, 0.85, 0.87], orthogonality=[0.02] * 3, k=16,
+               n_snippets=3, controls={"layer 0 (embeddings)": [0.37] * 3, "random-init model": [0.37, 0.4, 0.41]},
+               label_recall=[recall, recall, {**recall, "call": 0.6}], label_support=support)
+    p = dict(kind="ast_probe", model=model, language="python", config=dict(model=model, n_functions=30, k=16),
+             n_snippets=[20, 5, 3], cache_run="0" * 24, best_layer_by_validation="5", validation_f1=f1, result=res,
+             random_init=None, k_sweep=dict(layer="5", ks=[8, 16, 32, 64], separate_f1=[0.5, 0.58, 0.6, 0.55],
+                                            matryoshka_f1=[0.45, 0.52, 0.57, 0.54], best_k_separate=32,
+                                            best_k_matryoshka=32, max_abs_gap=0.06, mean_gap=-0.04),
+             tree_snippet=dict(index=0, doc_id="a.py::f", f1=0.6), published=dict(codebert_best=0.751))
+    if snippets:
+        p["test_snippets"] = []
+        for i, src in enumerate(TREE_SNIPPETS):
+            leaves, d, c, u = code_to_tuple(src)
+            pred_c = list(c)
+            pred_c[-1] = "call" if pred_c[-1] != "call" else "<empty>"  # one wrong label: a visible mismatch
+            p["test_snippets"].append(dict(doc_id=f"m.py::s{i}", leaves=leaves, f1=0.8,
+                                           gold=[d, c, u], pred=[[float(v) for v in d][::-1] if i == 2 else d, pred_c, u]))
+    return p
+
+
+def dark_matter_result(model: str = "smollm2-135m") -> dict:
+    widths = [128, 256, 512]
+    dec = {str(w): dict(fvu=0.3 - 0.05 * i, fvu_linear=0.1, fvu_nonlinear=0.15, fvu_cross=0.0,
+                        r2_error_vector=0.4 + 0.05 * i, r2_error_norm_sq=0.8, r2_error_norm=0.85)
+           for i, w in enumerate(widths)}
+    ce = {str(w): dict(ce_clean=2.0, ce_sae=2.5 - 0.1 * i, ce_zero=8.0, ce_linear=2.2, ce_nonlinear=2.4)
+          for i, w in enumerate(widths)}
+    rng = np.random.default_rng(0)
+    e = rng.random(50).tolist()
+    return dict(kind="dark_matter", model=model, layer=3, hook="blocks.3.hook_resid_post", widths=widths,
+                decomposition=dec, ce=ce,
+                fvu_split=dict(widths=widths, fvu=[0.3, 0.25, 0.2], absent=[0.05, 0.02, 0.0], linear=[0.1, 0.1, 0.1],
+                               nonlinear=[0.15, 0.13, 0.1], cross=[0.0, 0.0, 0.0], reference_width=512),
+                scatter=dict(width=512, actual=e, predicted=[v * 0.9 for v in e],
+                               hover=[f"…ctx[tok{i}]" for i in range(50)]))
+
+
+def linearscope_digit() -> dict:
+    rng = np.random.default_rng(1)
+    return dict(one=dict(input=rng.random((1, 8, 8)).tolist(), logits=rng.normal(size=10).tolist(),
+                         bias=rng.normal(size=10).tolist(), matrix=rng.normal(size=(10, 64)).tolist(), predicted=2,
+                         target=2, label=2, bias_share=rng.normal(size=10).tolist()),
+                test_set=dict(n=10, mean_share_predicted=-0.02), test_accuracy=0.96)
+
+
+def linearscope_lm(model: str = "smollm2-135m") -> dict:
+    toks = ["<s>", "def", " add", "(", "a", ",", " b", "):"]
+    return dict(model=model, prompt="def add(a, b):", reconstruction={},
+                contributions=dict(tokens=toks, target=" b", logit=10.0, bias=0.0,
+                                   linearscope=[4.0, 1, 1, 1, 1, 0.5, 1, 0.5], grad_x_input=[3.0, -2, 1, 0, 1, 2, 1, 0]))
+
+
+def write_run(root: Path, *, model: str = "tiny-llama", hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+              d: int = 16, seed: int = 0):
+    """A complete run written through the cache's own writer (no model): one document per ``RUN_TEXTS``."""
+    from probekit.cache import ActivationCache, RunKey
+    from probekit.testing import byte_tokenizer
+
+    tok = byte_tokenizer()
+    docs = [tok(t)["input_ids"] for t in RUN_TEXTS]
+    cache = ActivationCache(root)
+    key = RunKey(model=model, weights=f"synthetic-{seed}", dataset="fixture", hooks=tuple(hooks), positions="all",
+                 dtype="float32", max_length=64, batch_size=8, sort_by_length=False, batches_per_shard=1)
+    w = cache.writer(key)
+    g = torch.Generator().manual_seed(seed)
+    for i, ids in enumerate(docs):
+        n = len(ids)
+        acts = {h: torch.randn(n, d, generator=g) * (j + 1) for j, h in enumerate(hooks)}
+        meta = dict(doc_index=torch.full((n,), i), position=torch.arange(n), token_id=torch.tensor(ids))
+        w.write(acts, meta)
+    w.close()
+    return cache.open(key.run_id)
+
+
+def populate(root: Path, *, tiny_model: bool = False) -> dict:
+    """Fill ``root`` with every result kind, a run, and a tokenizer (or a whole tiny model) under models/."""
+    from probekit.testing import byte_tokenizer, make_tiny_model
+
+    root = Path(root)
+    _write(root, "demo/smollm2-135m/layer_probes.json", demo_result())
+    _write(root, "ast-probe/smollm2-135m/ast_probe.json", ast_result())
+    _write(root, "ast-probe/old-run/ast_probe.json", ast_result(snippets=False))
+    _write(root, "dark-matter/smollm2-135m/dark_matter.json", dark_matter_result())
+    _write(root, "linearscope/digits-cnn/digit-0.json", linearscope_digit())
+    _write(root, "linearscope/digits-cnn/digit-3.json", linearscope_digit())
+    _write(root, "linearscope/smollm2-135m/token-contributions.json", linearscope_lm())
+    (root / "results" / "demo" / "smollm2-135m" / "layer_probes.html").write_text("<html><body>demo</body></html>")
+    mdir = root / "models" / "tiny-llama"
+    if tiny_model:
+        make_tiny_model(mdir, arch="llama", n_layers=2, d_model=32)
+    else:
+        byte_tokenizer().save_pretrained(str(mdir))
+    run = write_run(root)
+    return dict(run_id=run.run_id, model_dir=mdir)

@@ -1,0 +1,228 @@
+"""The app in headless Chromium: every page loads without console errors, controls update figures, the URL
+carries state, a tiny capture runs end to end, traversal attempts are refused. Screenshots go to artifacts/."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import requests
+
+from tests.browser.conftest import ARTIFACTS
+
+PAGES = ["/", "/capture", "/layers", "/ast-probe", "/dark-matter", "/linearscope", "/safety"]
+
+
+def _settle(page) -> None:
+    """Wait until Dash has rendered and no callback is pending."""
+    page.wait_for_selector("#page > *")
+    page.wait_for_function("() => !document.querySelector('[data-dash-is-loading=\"true\"]')")
+    page.wait_for_load_state("networkidle")
+
+
+def _fig_data(page, graph_id: str):
+    return page.evaluate(f"() => {{ const g = document.querySelector('#{graph_id} .js-plotly-plot');"
+                         " return g && g.data ? JSON.parse(JSON.stringify(g.data)) : null; }")
+
+
+def _wait_fig(page, graph_id: str, n_min: int = 1):
+    page.wait_for_function(f"() => {{ const g = document.querySelector('#{graph_id} .js-plotly-plot');"
+                           f" return g && g.data && g.data.length >= {n_min}; }}")
+    return _fig_data(page, graph_id)
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_page_loads_without_console_errors(page, server, path):
+    page.goto(server + path)
+    _settle(page)
+    name = path.strip("/") or "home"
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    assert "Traceback" not in page.content()
+    assert page.errors == []
+
+
+def test_home_lists_run_and_verifies_it(page, server, app_cache):
+    page.goto(server + "/")
+    _settle(page)
+    rid = app_cache["run_id"]
+    assert rid[:12] in page.inner_text("#home-runs")
+    page.click(f"button:has-text('verify')")
+    page.wait_for_selector("text=verified")
+    assert page.errors == []
+
+
+def test_layers_control_changes_figure_and_url(page, server):
+    page.goto(server + "/layers")
+    _settle(page)
+    before = _wait_fig(page, "layers-acc-fig", 2)
+    page.click("text=train accuracy")
+    page.wait_for_function("() => document.querySelector('#layers-acc-fig .js-plotly-plot').data.length !== %d"
+                           % len(before))
+    after = _fig_data(page, "layers-acc-fig")
+    assert "train accuracy" in [t.get("name") for t in after] and len(after) == len(before) + 1
+    page.wait_for_function("() => location.search.includes('show=')")
+    assert "train" in page.evaluate("() => location.search")
+    # stats and token view of the fixture run
+    _wait_fig(page, "layers-stats-fig", 1)
+    page.wait_for_selector("#token-text .tok")
+    page.screenshot(path=str(ARTIFACTS / "layers-changed.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_ast_probe_state_from_url_and_snippet_picker(page, server):
+    page.goto(server + "/ast-probe?model=smollm2-135m&layer=2&snippet=1&curves=separate")
+    _settle(page)
+    k = _wait_fig(page, "ast-k-fig", 1)
+    assert [t["name"] for t in k if not t["name"].startswith("best")] == ["separate fits"]
+    from probekit.probes.ast_tree import code_to_tuple
+    from tests.browser.fixture_cache import TREE_SNIPPETS
+
+    n0, n1 = (len(code_to_tuple(src)[0]) for src in TREE_SNIPPETS[:2])
+    leaves = "() => { const g = document.querySelector('#ast-tree-fig .js-plotly-plot');" \
+             " return g && g.data && g.data.length === 6 ? g.data[1].x.length : -1; }"
+    page.wait_for_function(f"() => ({leaves})() === {n1}")  # snippet 1, from the URL
+    assert "2" in page.inner_text("#ast-layer")
+    # pick another snippet: the tree is redrawn with its leaves
+    page.click("#ast-snippet")
+    page.click("text=/^0: m.py::s0/")
+    page.wait_for_function(f"() => ({leaves})() === {n0}")
+    tree0 = _fig_data(page, "ast-tree-fig")
+    # mismatches are marked red on the tree
+    assert any("#d62728" in json.dumps(t.get("marker", {})) for t in tree0)
+    page.wait_for_function("() => location.search.includes('snippet=0')")
+    # switch the metric: the per-layer curve changes
+    f1 = _fig_data(page, "ast-layer-fig")[0]["y"]
+    page.click("#ast-metric")
+    page.click("text=c accuracy")
+    page.wait_for_function("(y) => JSON.stringify(document.querySelector('#ast-layer-fig .js-plotly-plot').data[0].y)"
+                           " !== y", arg=json.dumps(f1))
+    page.screenshot(path=str(ARTIFACTS / "ast-probe-changed.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_result_without_snippets_says_how_to_produce(page, server):
+    page.goto(server + "/ast-probe?model=old-run")
+    _settle(page)
+    page.wait_for_selector("#ast-tree-msg .command")
+    assert "probekit ast-probe --model smollm2-135m" in page.inner_text("#ast-tree-msg")
+    assert page.errors == []
+
+
+def test_dark_matter_and_linearscope_controls(page, server):
+    page.goto(server + "/dark-matter")
+    _settle(page)
+    assert len(_wait_fig(page, "dm-fvu-fig", 4)) == 4
+    page.click("text=total FVU only")
+    page.wait_for_function("() => document.querySelector('#dm-fvu-fig .js-plotly-plot').data.length === 1")
+    assert len(_wait_fig(page, "dm-scatter-fig", 1)[0]["x"]) == 50
+    page.goto(server + "/linearscope?digit=0")
+    _settle(page)
+    z0 = _wait_fig(page, "ls-rows-fig", 11)[0]["z"]
+    assert len(z0) == 8
+    page.click("text=heatmap")
+    page.wait_for_function("() => document.querySelector('#ls-prompt-fig .js-plotly-plot').data[0].type === 'heatmap'")
+    assert page.errors == []
+
+
+def test_missing_results_show_the_command(page, server):
+    page.goto(server + "/dark-matter?model=qwen2.5-coder-0.5b")
+    _settle(page)
+    page.wait_for_selector("#dm-msg .command")
+    assert "probekit dark-matter run --model qwen2.5-coder-0.5b" in page.inner_text("#dm-msg")
+    page.goto(server + "/safety")
+    _settle(page)
+    assert "probekit safety run" in page.inner_text("#page")
+    assert page.errors == []
+
+
+def test_capture_runs_end_to_end(page, server, app_cache):
+    page.goto(server + "/capture")
+    _settle(page)
+    page.click("#capture-model")
+    page.click("text=models/tiny-llama (local folder)")
+    page.click("text=pasted texts")
+    page.fill("#capture-texts", "def f(x):\n    return x\n---\nimport os\n---\nprint('hello')")
+    page.fill("#capture-hooks", "blocks.0.hook_resid_post blocks.1.hook_resid_post")
+    page.press("#capture-hooks", "Enter")
+    page.wait_for_function("() => !document.querySelector('#capture-error .notice')")
+    page.click("#capture-start")
+    page.wait_for_selector("#capture-done", timeout=180_000)
+    assert page.get_attribute("#capture-bar", "value") == "100"
+    assert page.inner_text("#capture-bar-label").startswith("100%")
+    run_id = re.search(r"run ([0-9a-f]{24})", page.inner_text("#capture-done")).group(1)
+    assert (app_cache["root"] / "runs" / run_id / "manifest.json").is_file()
+    page.screenshot(path=str(ARTIFACTS / "capture-done.png"), full_page=True)
+    # the new run is on the home page
+    page.goto(server + "/")
+    _settle(page)
+    assert run_id[:12] in page.inner_text("#home-runs")
+    assert page.errors == []
+
+
+def test_capture_cancel(page, server):
+    page.goto(server + "/capture")
+    _settle(page)
+    page.click("#capture-model")
+    page.click("text=models/tiny-llama (local folder)")
+    page.fill("#capture-n", "400")
+    page.fill("#capture-hooks", "blocks.1.hook_resid_post")
+    page.press("#capture-hooks", "Enter")
+    page.click("#capture-start")
+    page.wait_for_selector("#capture-cancel:not([disabled])")
+    page.click("#capture-cancel")
+    page.wait_for_selector("text=Capture cancelled")
+    page.wait_for_selector("#capture-start:not([disabled])")
+    assert page.errors == []
+
+
+def test_delete_asks_for_confirmation(page, server, app_cache):
+    from tests.browser.fixture_cache import write_run
+
+    extra = write_run(app_cache["root"], seed=7)
+    page.goto(server + "/")
+    _settle(page)
+    dialogs = []
+
+    def on_dialog(d):
+        dialogs.append(d.message)
+        d.accept()
+
+    page.on("dialog", on_dialog)
+    row = page.locator("tr", has_text=extra.run_id[:12])
+    row.locator("button:has-text('delete')").click()
+    page.wait_for_selector("text=Deleted run")
+    assert dialogs and extra.run_id in dialogs[0]
+    assert not (app_cache["root"] / "runs" / extra.run_id).exists()
+    assert page.errors == []
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd",
+                                 "demo/../../../pyproject.toml", "link-out/secret.json"])
+def test_file_route_refuses_traversal(server, app_cache, bad, tmp_path):
+    outside = tmp_path / "secret.json"
+    outside.write_text('{"secret": 1}')
+    link = app_cache["root"] / "results" / "link-out"
+    if not link.exists():
+        link.symlink_to(tmp_path, target_is_directory=True)
+    # send the path as written: requests would otherwise collapse the '..' before it leaves the client
+    with requests.Session() as s:
+        prep = requests.Request("GET", f"{server}/files/results/x").prepare()
+        prep.url = f"{server}/files/results/{bad}"
+        r = s.send(prep, timeout=10, allow_redirects=False)
+    # refused (404), or not our route at all: then Dash's catch-all answers with the app's own index page
+    assert r.status_code in (404, 308) or b"_dash-config" in r.content, (r.status_code, r.content[:200])
+    assert b"secret" not in r.content and b"root:" not in r.content and b"[project]" not in r.content
+    ok = requests.get(f"{server}/files/results/demo/smollm2-135m/layer_probes.json", timeout=10)
+    assert ok.status_code == 200 and ok.json()["kind"] == "layer_probes"
+
+
+@pytest.mark.parametrize("path", ["/layers?run=../../etc&hook=x&doc=0", "/layers?run=%2Fetc%2Fpasswd",
+                                  "/ast-probe?model=../../../etc", "/dark-matter?model=%2Fetc",
+                                  "/linearscope?model=../x&digit=-1"])
+def test_pages_refuse_crafted_ids(page, server, path):
+    page.goto(server + path)
+    _settle(page)
+    text = page.inner_text("#page")
+    assert "root:" not in text and "Traceback" not in text
+    assert page.errors == []

@@ -1,0 +1,62 @@
+"""safe_path and id checks: '..', absolute paths and symlinks out of the root are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.security import UnsafePathError, check_hook, check_name, check_run_id, safe_path
+
+
+def test_inside_paths_resolve(tmp_path):
+    assert safe_path(tmp_path, "runs", "a" * 24) == (tmp_path / "runs" / ("a" * 24)).resolve()
+    assert safe_path(tmp_path, "results/demo/m/layer_probes.json").name == "layer_probes.json"
+    assert safe_path(tmp_path) == tmp_path.resolve()
+
+
+@pytest.mark.parametrize("part", ["..", "../x", "a/../../b", "a/..", "results/../../etc/passwd"])
+def test_dotdot_refused(tmp_path, part):
+    with pytest.raises(UnsafePathError, match=r"\.\."):
+        safe_path(tmp_path, part)
+
+
+@pytest.mark.parametrize("part", ["/etc/passwd", "/", "~/x", "~root"])
+def test_absolute_refused(tmp_path, part):
+    with pytest.raises(UnsafePathError, match="absolute"):
+        safe_path(tmp_path, part)
+
+
+@pytest.mark.parametrize("part", ["a\x00b", "a\\..\\b", ""])
+def test_odd_characters_refused(tmp_path, part):
+    with pytest.raises(UnsafePathError):
+        safe_path(tmp_path, part)
+
+
+def test_symlink_out_of_root_refused(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (outside / "secret.json").write_text("{}")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "file-link.json").symlink_to(outside / "secret.json")
+    with pytest.raises(UnsafePathError, match="outside"):
+        safe_path(root, "link", "secret.json")
+    with pytest.raises(UnsafePathError, match="outside"):
+        safe_path(root, "file-link.json")
+    (root / "inner").mkdir()
+    (root / "ok-link").symlink_to(root / "inner", target_is_directory=True)
+    assert safe_path(root, "ok-link") == (root / "inner").resolve()
+
+
+def test_run_ids_and_names():
+    assert check_run_id("0123456789abcdef01234567") == "0123456789abcdef01234567"
+    for bad in ["0123456789abcdef0123456", "0123456789ABCDEF01234567", "../0123456789abcdef012345", None, 5,
+                "0123456789abcdef01234567/..", "0123456789abcdef0123456g"]:
+        with pytest.raises(UnsafePathError):
+            check_run_id(bad)
+    assert check_name("qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
+    for bad in ["..", ".", ".hidden", "a/b", "", "a b", "x" * 200]:
+        with pytest.raises(UnsafePathError):
+            check_name(bad)
+    assert check_hook("blocks.3.hook_resid_post") and check_hook("features.3")
+    for bad in ["../x", "a/b", "blocks..3", "", "a b"]:
+        with pytest.raises(UnsafePathError):
+            check_hook(bad)
