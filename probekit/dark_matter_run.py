@@ -58,7 +58,7 @@ class DarkMatterRunConfig:
     n_text: int = 300
     max_length: int = 256
     test_fraction: float = 0.2
-    ce_docs: int = 48
+    ce_docs: int = 16  # test documents for the CE splices (each variant costs full forwards)
     pursuit_tokens: int = 6000
     pursuit_width_index: int = 0  # which width gets gradient pursuit and the earlier-layer regressions
     cache_dtype: str = "bfloat16"
