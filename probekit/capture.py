@@ -132,6 +132,11 @@ class CaptureResult:
     def tokens_per_second(self) -> float:
         return self.n_tokens / max(self.seconds, 1e-9)
 
+    def __repr__(self) -> str:
+        shapes = {h: tuple(t.shape) for h, t in self.acts.items()}
+        return (f"CaptureResult({self.n_docs} docs, {self.n_tokens:,} tokens, {self.n_rows:,} rows, "
+                f"{self.tokens_per_second:,.0f} tok/s via {self.mechanism}, acts={shapes or 'written to the writer'})")
+
 
 def tokenize(tokenizer, texts: Sequence[str], *, max_length: int) -> list[list[int]]:
     """Token ids per text with the tokenizer's own special tokens (BOS for the bridge's tokenizers)."""

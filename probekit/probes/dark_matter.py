@@ -215,6 +215,17 @@ class DarkMatterResult:
         d = {k: v for k, v in asdict(self).items() if k not in self._ARRAYS}
         return _json_safe(d)
 
+    def _repr_html_(self) -> str:
+        from ..html_page import html_table
+
+        rows = [{"": "FVU (held out)", "value": self.fvu}, {"": "  linear error", "value": self.fvu_linear},
+                {"": "  nonlinear error", "value": self.fvu_nonlinear}, {"": "  cross term", "value": self.fvu_cross},
+                {"": "R² of e from x", "value": self.r2_error_vector}, {"": "R² of ‖e‖² from x",
+                                                                        "value": self.r2_error_norm_sq},
+                {"": "R² of ‖e‖ from x", "value": self.r2_error_norm}]
+        return html_table(rows, caption=f"SAE dark matter {self.label} ({self.n_train} train / {self.n_test} "
+                                        "held-out tokens)")
+
     def figures(self, hover_text: Sequence[str] | None = None, max_points: int = 5000) -> list[Any]:
         """Plotly figures: the FVU split, the R² bars, and (with per-token values) ‖e‖ predicted vs actual.
 

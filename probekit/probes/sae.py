@@ -785,6 +785,11 @@ class SAEMetrics:
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
+    def _repr_html_(self) -> str:
+        from ..html_page import html_table
+
+        return html_table([self.to_dict()], caption="SAE metrics (FVU centred; L0 = mean active latents)")
+
 
 @torch.no_grad()
 def sae_metrics(sae: SAE, batches, *, hook: str | None = None) -> SAEMetrics:

@@ -71,3 +71,27 @@ def test_run_repr(tiny_llama, tmp_path):
     cells = _cells(run._repr_html_())
     assert "blocks.0.hook_resid_post" in cells and str(tuple(run.shape("blocks.0.hook_resid_post"))) in cells
     assert torch.is_tensor(run.load("blocks.0.hook_resid_post"))
+
+
+def test_sae_and_dark_matter_reprs():
+    from probekit.probes.dark_matter import DarkMatterResult
+    from probekit.probes.sae import SAEMetrics
+
+    m = SAEMetrics(fvu=0.2, explained_variance=0.8, l0=32.0, dead_fraction=0.01, mse=1.5, n_tokens=100)
+    assert _cells(m._repr_html_())[:2] == ["fvu", "explained_variance"]
+    r = DarkMatterResult(n_train=10, n_test=5, d_in=4, fit_intercept=False, fvu=0.3, fvu_linear=0.1,
+                         fvu_nonlinear=0.19, fvu_cross=0.01, r2_error_vector=0.5, r2_error_vector_train=0.52,
+                         r2_error_norm_sq=0.3, r2_error_norm=0.7, label="w")
+    cells = _cells(r._repr_html_())
+    assert cells[cells.index("R² of e from x") + 1] == "0.5"
+
+
+def test_capture_result_repr(tiny_llama):
+    from probekit.capture import CaptureConfig, capture
+
+    bridge, tok = tiny_llama
+    res = capture(bridge, ["abc", "de"], CaptureConfig(hooks=["blocks.0.hook_resid_post"], positions="all"),
+                  tokenizer=tok)
+    text = repr(res)
+    assert text.startswith("CaptureResult(2 docs") and "'blocks.0.hook_resid_post': (" in text
+    assert "config" not in text  # the whole config no longer floods notebook output
