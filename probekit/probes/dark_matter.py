@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .linear import _json_safe
 from .lstsq import R2Accumulator, StreamedLeastSquares
 
 __all__ = [
@@ -83,22 +84,6 @@ Reconstruct = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj)
-    return obj if obj is None or isinstance(obj, str) else str(obj)
 
 
 def _x_of(batch: Any, hook: str | None) -> torch.Tensor:

@@ -736,7 +736,7 @@ def _json_safe(obj: Any) -> Any:
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
         return _json_safe(obj.tolist())
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
