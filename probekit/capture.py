@@ -259,7 +259,8 @@ def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer, bat
     if is_bridge(model):
         hs = HookSet.for_bridge(model, cfg.hooks)
     else:
-        hs = HookSet.for_module(model, cfg.hooks)
+        # an HF decoder/encoder takes the bridge names too; any other module takes dotted module paths
+        hs = HookSet.for_hf(model, cfg.hooks) or HookSet.for_module(model, cfg.hooks)
         hs.sites = [replace(s, pos_axis=1) for s in hs.sites]  # module outputs are (batch, pos, …)
     runner = hs.model
     bridge_path = hs.mechanism == "bridge"

@@ -146,6 +146,26 @@ def _cmd_dark_matter(args) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _cmd_safety(args) -> int:
+    from .safety_run import ActivationRunConfig, WeightRunConfig, run_activation_space, run_weight_space
+
+    if args.part in ("weight", "all"):
+        run_weight_space(WeightRunConfig(
+            model=args.weight_model, align_epochs=args.align_epochs, useful_epochs=args.useful_epochs,
+            fractions=_floats(args.fractions), bases=tuple(args.bases.split(",")),
+            variants=tuple(args.variants.split(",")), max_new_tokens=args.max_new_tokens, n_eval=args.n_eval,
+            seed=args.seed, out=args.out, progress=not args.no_progress))
+    if args.part in ("activation", "all"):
+        run_activation_space(ActivationRunConfig(
+            model=args.activation_model, n_test=args.n_test, n_select=args.n_select, seed=args.seed, out=args.out,
+            progress=not args.no_progress))
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import ReportConfigError, load_config, run_report
 
@@ -274,6 +294,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: <cache root>/results/dark-matter/<model>)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_dark_matter)
+
+    sf = sub.add_parser("safety", help="safety subspaces: weight-space projections and the refusal direction")
+    sfs = sf.add_subparsers(dest="safety_cmd", required=True)
+    r = sfs.add_parser("run", help="align + fine-tune + project a small model; activation-space MSO and refusal "
+                                   "direction on a chat model")
+    r.add_argument("--part", default="all", choices=["all", "weight", "activation"])
+    r.add_argument("--weight-model", default="smollm2-135m", help="base model of the weight-space experiment")
+    r.add_argument("--activation-model", default="qwen2.5-coder-0.5b",
+                   help="chat model of the activation-space and refusal-direction analysis")
+    r.add_argument("--align-epochs", type=int, default=2)
+    r.add_argument("--useful-epochs", type=int, default=2)
+    r.add_argument("--fractions", default="0.01,0.25,0.5,0.75,0.99", help="rank fractions of V's subspace")
+    r.add_argument("--bases", default="svd,random,randomk")
+    r.add_argument("--variants", default="same,orth")
+    r.add_argument("--max-new-tokens", type=int, default=16, help="generated tokens read by the refusal match "
+                                                                  "(weight part)")
+    r.add_argument("--n-eval", type=int, help="held-out prompts per set in the weight part (default: all)")
+    r.add_argument("--n-test", type=int, default=32, help="test prompts per set in the activation part")
+    r.add_argument("--n-select", type=int, default=16, help="validation prompts per set for the layer choice")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", help="output folder (default: <cache root>/results/safety/<model>)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_cmd_safety)
 
     d = sub.add_parser("demo", help="per-layer syntax probes on SmolLM2 over stdlib functions")
     d.add_argument("--model", default=DEFAULT_MODEL)

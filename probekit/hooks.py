@@ -164,6 +164,16 @@ class HookSet:
         return cls(sites, lambda hs: hs._attach_modules(module), "plain", module)
 
     @classmethod
+    def for_hf(cls, model: torch.nn.Module, names: list[str]) -> "HookSet | None":
+        """Bridge-style names (``blocks.3.hook_resid_pre``) on a plain HF model, or None if any has no equivalent."""
+        if not hasattr(model, "config"):
+            return None
+        sites = plain_sites(model, names, getattr(model.config, "num_attention_heads", None))
+        if sites is None:
+            return None
+        return cls(sites, lambda hs: hs._attach_modules(model), "plain", model)
+
+    @classmethod
     def for_bridge(cls, bridge, names: list[str], *, prefer_plain: bool = True) -> "HookSet":
         """Hooks on TransformerBridge names, by the plain twin when possible, else the bridge's points."""
         from .models import plain_model

@@ -1,7 +1,7 @@
 """Result files → figures and headline numbers: the one reader shared by the runs, the reports and notebooks.
 
 Every run writes a JSON payload with a ``kind`` (``layer_probes``, ``ast_probe``, ``dark_matter``,
-``linearscope_digits``, ``linearscope_lm``). :func:`figures` rebuilds its plotly figures from that payload alone
+``linearscope_digits``, ``linearscope_lm``, ``safety_activation``, ``safety_weight``). :func:`figures` rebuilds its plotly figures from that payload alone
 and :func:`headline` picks the few numbers a summary table shows, so a figure looks the same wherever it is
 drawn and nothing is recomputed to draw it.
 
@@ -25,7 +25,8 @@ import numpy as np
 
 __all__ = ["RESULT_KINDS", "load", "find", "figures", "headline"]
 
-RESULT_KINDS = ("layer_probes", "ast_probe", "dark_matter", "linearscope_digits", "linearscope_lm")
+RESULT_KINDS = ("layer_probes", "ast_probe", "dark_matter", "linearscope_digits", "linearscope_lm",
+                "safety_activation", "safety_weight")
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -136,8 +137,118 @@ def _linearscope_lm_figures(p: dict) -> list:
     return _build(TokenContributions, p["contributions"]).figures()
 
 
+def _nearest(values: list[float], target: float) -> int:
+    return int(np.argmin([abs(v - target) for v in values]))
+
+
+def overlap_lines_figure(overlap: dict[str, dict], eta: float = 0.9) -> Any:
+    """MSO per layer at the energy fraction nearest ``eta``, one line per pair of sets, with dashed baselines.
+
+    ``overlap`` maps a pair name to an ``ActivationOverlapResult.to_dict()``.
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, (name, o) in enumerate(overlap.items()):
+        j = _nearest(o["etas"], eta)
+        color = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"][i % 4]
+        label = " vs ".join(o["names"])
+        y = [np.nan if r[j] is None else r[j] for r in o["mso"]]
+        fig.add_trace(go.Scatter(x=o["layers"], y=y, mode="lines+markers", name=f"{label}: MSO",
+                                 line={"color": color}))
+        fig.add_trace(go.Scatter(x=o["layers"], y=[r[j] for r in o["baseline"]], mode="lines",
+                                 name=f"{label}: random baseline", line={"color": color, "dash": "dash"}))
+    etas = next(iter(overlap.values()))["etas"]
+    fig.update_layout(title=f"Activation-subspace overlap per layer at η = {etas[_nearest(etas, eta)]}",
+                      xaxis_title="layer", yaxis_title="MSO", template="plotly_white", yaxis_range=[0, 1.02])
+    return fig
+
+
+def _safety_activation_figures(p: dict) -> list:
+    from .probes.linear import LayerProbeResult
+    from .probes.safety import ActivationOverlapResult, LayerSelection, RefusalResult
+
+    figs = []
+    for name in ("harmful_vs_useful", "harmful_vs_harmless", "harmless_vs_useful"):
+        if name in p["overlap"]:
+            figs += _build(ActivationOverlapResult, p["overlap"][name]).figures()
+    figs.append(overlap_lines_figure(p["overlap"]))
+    sep = _build(LayerProbeResult, p["separability"]).figures()[0]
+    sep.update_layout(title=f"{p['model']}: harmful vs harmless, linear separability per layer (held-out)")
+    figs.append(sep)
+    figs += _build(LayerSelection, p["layer_selection"]).figures()
+    for f in _build(RefusalResult, p["refusal"]).figures():
+        f.update_layout(title=f"{f.layout.title.text} (layer {p['layer']} direction, test prompts)")
+        figs.append(f)
+    if p.get("induce"):
+        f = _build(RefusalResult, p["induce"]).figures()[0]
+        f.update_layout(title=f"Harmless prompts with the layer-{p['layer']} direction added (and a random one)")
+        figs.append(f)
+    return figs
+
+
+_WEIGHT_METRICS = (("refusal_rate", "refusal rate on harmful test prompts"),
+                   ("task_loss", "task loss on held-out coding requests (nats/token)"),
+                   ("refusal_score", "mean refusal score, harmful prompts (log-odds)"),
+                   ("harmless_refusal_score", "mean refusal score, harmless prompts (log-odds)"))
+
+
+def projection_curves(p: dict) -> list:
+    """Rank fraction → each behaviour metric, one line per (basis, variant), with the three checkpoints."""
+    import plotly.graph_objects as go
+
+    rows, ck = p["projections"], p["checkpoints"]
+    dash = {"svd": "solid", "random": "dot", "randomk": "dash"}
+    color = {"same": "#d62728", "orth": "#1f77b4", "opp": "#ff7f0e", "full": "#7f7f7f", "none": "#2ca02c"}
+    figs = []
+    for key, label in _WEIGHT_METRICS:
+        fig = go.Figure()
+        for b in dict.fromkeys(r["basis"] for r in rows):
+            for v in dict.fromkeys(r["variant"] for r in rows):
+                sel = sorted((r for r in rows if r["basis"] == b and r["variant"] == v), key=lambda r: r["fraction"])
+                if sel:
+                    fig.add_trace(go.Scatter(x=[r["fraction"] for r in sel], y=[r[key] for r in sel],
+                                             mode="lines+markers", name=f"{v}, {b} basis",
+                                             line={"dash": dash.get(b, "solid"), "color": color.get(v)}))
+        for name, c in (("base", "#8c564b"), ("aligned", "#2ca02c"), ("finetuned", "#7f7f7f")):
+            if name in ck:
+                fig.add_hline(y=ck[name][key], line_dash="dashdot", line_color=c, annotation_text=name,
+                              annotation_position="top left")
+        fig.update_layout(title=f"Projected fine-tuning update: {label}", xaxis_title="rank fraction f of V's "
+                          "subspace", yaxis_title=label, template="plotly_white")
+        figs.append(fig)
+    return figs
+
+
+def projection_table(p: dict) -> Any:
+    """The projection experiment as a plotly table: one row per checkpoint and per (basis, fraction, variant)."""
+    import plotly.graph_objects as go
+
+    head = ["model", "basis", "f", "variant", "energy kept", "refusal rate", "refusal score", "harmless score",
+            "task loss"]
+    rows = [[n, "", "", "", "", c["refusal_rate"], c["refusal_score"], c["harmless_refusal_score"], c["task_loss"]]
+            for n, c in p["checkpoints"].items()]
+    rows += [["projection", r["basis"], r["fraction"], r["variant"], r.get("energy_kept"), r["refusal_rate"],
+              r["refusal_score"], r["harmless_refusal_score"], r["task_loss"]] for r in p["projections"]]
+    fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else ("" if x is None else str(x))  # noqa: E731
+    cols = [[fmt(r[i]) for r in rows] for i in range(len(head))]
+    fig = go.Figure(go.Table(header={"values": head}, cells={"values": cols}))
+    fig.update_layout(title=f"{p['model']}: refusal and task loss of each model", height=60 + 24 * len(rows))
+    return fig
+
+
+def _safety_weight_figures(p: dict) -> list:
+    from .probes.weight_space import UpdateOverlapResult, WeightSpaceResult
+
+    figs = [projection_table(p)] + projection_curves(p)
+    figs += _build(WeightSpaceResult, p["weight_space"]).figures()
+    figs += _build(UpdateOverlapResult, p["update_overlap"]).figures()
+    return figs
+
+
 _FIGURES = {"layer_probes": _layer_probe_figures, "ast_probe": _ast_figures, "dark_matter": _dark_matter_figures,
-            "linearscope_digits": _linearscope_digit_figures, "linearscope_lm": _linearscope_lm_figures}
+            "linearscope_digits": _linearscope_digit_figures, "linearscope_lm": _linearscope_lm_figures,
+            "safety_activation": _safety_activation_figures, "safety_weight": _safety_weight_figures}
 
 
 def figures(payload: dict[str, Any]) -> list[Any]:
@@ -183,4 +294,27 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
     if kind == "linearscope_lm":
         rec = payload["reconstruction"]
         return {f"reconstruction error ({dt})": v["relative_error"] for dt, v in rec.items()}
+    if kind == "safety_activation":
+        rr, o = payload["refusal"]["refusal_rate"], payload["overlap"]["harmful_vs_useful"]
+        j = _nearest(o["etas"], 0.9)
+        L = payload["n_layers"]
+        late = [i for i, l in enumerate(o["layers"]) if 0.65 * L <= l < 0.9 * L] or list(range(len(o["layers"])))
+        out = {"refusal-direction layer": payload["layer"]}
+        for c in rr:
+            out[f"harmful refusal rate ({c})"] = rr[c]["harmful"]
+        if payload.get("induce"):
+            out["harmless refusal rate (actadd)"] = payload["induce"]["refusal_rate"]["actadd"]["harmless"]
+        out["MSO harmful vs useful, η≈0.9, 65–90% depth"] = float(np.nanmean(
+            [np.nan if o["mso"][i][j] is None else o["mso"][i][j] for i in late]))
+        out["random baseline (same cells)"] = float(np.mean([o["baseline"][i][j] for i in late]))
+        return out
+    if kind == "safety_weight":
+        ck = payload["checkpoints"]
+        out = {f"{n}: refusal rate": c["refusal_rate"] for n, c in ck.items()}
+        out.update({f"{n}: task loss": c["task_loss"] for n, c in ck.items()})
+        for r in payload["projections"]:
+            if r["basis"] == "svd" and r["fraction"] in (0.25, 0.75):
+                out[f"{r['variant']} f={r['fraction']}: refusal rate / task loss"] = \
+                    f"{r['refusal_rate']:.3f} / {r['task_loss']:.3f}"
+        return out
     raise ValueError(f"no headline for result kind {kind!r}; expected one of {RESULT_KINDS}")

@@ -526,7 +526,9 @@ class WeightSpaceResult:
 
 
 def weight_space_analysis(base: StateSource, aligned: StateSource, finetuned: StateSource,
-                          config: WeightSpaceConfig | None = None) -> WeightSpaceResult:
+                          config: WeightSpaceConfig | None = None, *,
+                          bases: Mapping[str, Mapping[str, Mapping[float, torch.Tensor]]] | None = None
+                          ) -> WeightSpaceResult:
     """Diagnostics of the fine-tuning update against the alignment update, per matrix, basis and fraction.
 
     Parameters
@@ -534,6 +536,9 @@ def weight_space_analysis(base: StateSource, aligned: StateSource, finetuned: St
     base, aligned, finetuned : StateSource
         Same architecture; read one matrix at a time.
     config : WeightSpaceConfig or None
+    bases : mapping or None
+        Precomputed ``bases[kind][key][fraction] -> L (m, k)`` (as :func:`update_bases` returns them for
+        ``config.fractions``), e.g. shared with the projected models of the same run; None computes them here.
 
     Returns
     -------
@@ -553,7 +558,10 @@ def weight_space_analysis(base: StateSource, aligned: StateSource, finetuned: St
         mats.append(dict(key=k, layer=layer_of(k), module=module_of(k), shape=list(V.shape),
                          norm_u=float(U.norm()), norm_v=float(V.norm()), cos_uv=frob_cos(U, V)))
         for b in cfg.bases:
-            for f, L in update_bases(V, cfg.fractions, b, seed=cfg.seed, key=k, method=cfg.method).items():
+            Ls = (bases[b][k] if bases is not None
+                  else update_bases(V, cfg.fractions, b, seed=cfg.seed, key=k, method=cfg.method))
+            for f in cfg.fractions:
+                L = Ls[f]
                 Up = project_update(U, L)
                 projs.append(dict(key=k, basis=b, fraction=f, k=int(L.shape[1]), **update_diagnostics(U, Up),
                                   sq_norm_upar=float(Up.norm()) ** 2))

@@ -66,6 +66,18 @@ def test_last_token_activations_match_unpadded_forward(tiny_llama):
         torch.testing.assert_close(acts[2][i], cache["blocks.2.hook_resid_pre"][0, -1], atol=1e-5, rtol=1e-4)
 
 
+def test_last_token_activations_on_plain_hf_model_equal_bridge(tiny_llama, tiny_dir):
+    """A plain HF causal LM takes the bridge names too (mapped to its modules), with the same values."""
+    from transformers import AutoModelForCausalLM
+
+    bridge, tok = tiny_llama
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir["llama"])).eval()
+    a = last_token_activations(bridge, tok, PROMPTS, [0, 2], chat_template=False, batch_size=2)
+    b = last_token_activations(hf, tok, PROMPTS, [0, 2], chat_template=False, batch_size=2)
+    for l in (0, 2):
+        torch.testing.assert_close(a[l], b[l], atol=1e-5, rtol=1e-4)
+
+
 def test_chat_template_missing_is_a_clear_error(tiny_llama):
     bridge, tok = tiny_llama
     with pytest.raises(PromptDataError, match="chat_template=False"):
