@@ -33,7 +33,9 @@ RESULTS = {
     "dark-matter": ("dark-matter", "dark_matter.json", "probekit dark-matter run --model {model}"),
     "linearscope-lm": ("linearscope", "token-contributions.json", "probekit linearscope --model {model}"),
     "linearscope-digits": ("linearscope", "digit-{index}.json", "probekit linearscope --digit-index {index} --skip-lm"),
-    "safety": ("safety", "safety.json", "probekit safety run --model {model}"),
+    "safety-activation": ("safety", "activation.json",
+                          "probekit safety run --part activation --activation-model {model}"),
+    "safety-weight": ("safety", "weight.json", "probekit safety run --part weight --weight-model {model}"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -195,6 +197,17 @@ def list_results(kind: str, root: Path | None = None) -> list[str]:
             if sub2.is_dir() and _ok_name(sub2.name) and (sub2 / name).is_file() and _inside(root, sub2 / name):
                 out.append(f"{sub.name}/{sub2.name}")
     return out
+
+
+def list_safety_results(root: Path | None = None) -> list[str]:
+    """Folders under ``results/safety/`` holding ``activation.json`` and/or ``weight.json`` (sorted ids)."""
+    return sorted(set(list_results("safety-activation", root)) | set(list_results("safety-weight", root)))
+
+
+def safety_directions_path(result_id: str, payload: dict, root: Path | None = None) -> Path:
+    """The refusal-direction file beside a ``safety_activation`` result (checked by ``safe_path``)."""
+    name = check_name(str(payload.get("directions_file") or "refusal_directions.safetensors"), "directions file")
+    return safe_path(root or get_root(), "results", "safety", *result_set_parts(result_id), name)
 
 
 def _ok_name(name: str) -> bool:

@@ -1,10 +1,9 @@
-"""Background capture jobs: validate what the page asked for, run the capture in a worker process, and
-report progress.
+"""Background jobs: validate what the page asked for, run the work in a worker process, and report progress.
 
-The Dash background callback (a :class:`dash.DiskcacheManager` process) calls :func:`run_capture_job`,
-which starts ``python -m app.capture_worker`` and reads one JSON line per progress step from it. The web
-server process never loads a model; cancelling the job kills the manager's process and, with it, the worker
-(psutil kills the whole process tree).
+The Dash background callback (a :class:`dash.DiskcacheManager` process) calls :func:`run_capture_job` (or
+:func:`run_safety_prompt_job`), which starts ``python -m app.capture_worker`` (``app.safety_worker``) and reads
+one JSON line per progress step from it. The web server process never loads a model; cancelling the job kills
+the manager's process and, with it, the worker (psutil kills the whole process tree).
 """
 
 from __future__ import annotations
@@ -162,20 +161,21 @@ def worker_env(root: Path) -> dict:
     return env
 
 
-def run_capture_job(spec: CaptureSpec, root: Path, on_event: Callable[[dict], None]) -> dict:
-    """Run one capture in a worker process, calling ``on_event`` for each progress event.
+def run_worker(module: str, request: dict, root: Path, on_event: Callable[[dict], None], *,
+               what: str = "worker") -> dict:
+    """Run ``python -m <module>`` with ``request`` as JSON on stdin, calling ``on_event`` per progress event.
 
     Returns
     -------
     dict
-        The final event: ``{"event": "done", "run_id", "rows", "hooks", "seconds"}`` or
-        ``{"event": "error", "message"}``.
+        The worker's final event (``done`` or ``error``); an ``error`` with the output's tail when the worker
+        ended without one.
     """
-    proc = subprocess.Popen([sys.executable, "-m", "app.capture_worker"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env(root),
                             cwd=str(root))
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps(spec.to_dict()))
+    proc.stdin.write(json.dumps(request))
     proc.stdin.close()
     final, tail = None, collections.deque(maxlen=15)
     for line in proc.stdout:
@@ -188,5 +188,139 @@ def run_capture_job(spec: CaptureSpec, root: Path, on_event: Callable[[dict], No
             on_event(ev)
     code = proc.wait()
     if final is None:
-        final = dict(event="error", message=f"the capture worker exited with code {code}: " + "\n".join(tail)[-1500:])
+        final = dict(event="error", message=f"the {what} exited with code {code}: " + "\n".join(tail)[-1500:])
     return final
+
+
+def run_capture_job(spec: CaptureSpec, root: Path, on_event: Callable[[dict], None]) -> dict:
+    """Run one capture in a worker process, calling ``on_event`` for each progress event.
+
+    Returns
+    -------
+    dict
+        The final event: ``{"event": "done", "run_id", "rows", "hooks", "seconds"}`` or
+        ``{"event": "error", "message"}``.
+    """
+    return run_worker("app.capture_worker", spec.to_dict(), root, on_event, what="capture worker")
+
+
+# --------------------------------------------------------------------------------------------- safety prompt box
+
+MAX_PROMPT_CHARS = 2000
+PROMPT_NEW_TOKENS = 32
+
+
+@dataclass
+class SafetyPromptSpec:
+    """A validated prompt-box request: score one prompt with and without the stored refusal direction.
+
+    ``model_path`` is a registry name or an absolute model folder inside the cache root; ``direction_file`` is
+    the direction file relative to the root (the worker checks it again with ``safe_path``).
+    """
+
+    result_id: str
+    model: str
+    model_path: str
+    direction_file: str
+    layer: int
+    prompt: str
+    chat_template: bool = True
+    max_new_tokens: int = PROMPT_NEW_TOKENS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_model(root: Path, model: str) -> str:
+    """The loadable form of a result's ``model``: a fetched registry name, or a model folder inside the root.
+
+    Accepted: a registry language model fetched into ``<root>/models/<name>``; ``models/<folder>`` or a bare
+    folder name under ``<root>/models``; an absolute folder that lies inside the root. Anything else (a folder
+    outside the root, a Hub id) raises ``ValueError`` with what to do.
+    """
+    from probekit.models import COMPLETE_MARKER, REGISTRY
+
+    root = Path(root).resolve()
+    if not isinstance(model, str) or not model:
+        raise ValueError("This result names no model.")
+    if model in REGISTRY:
+        if REGISTRY[model].kind == "cnn":
+            raise ValueError(f"{model} is an image model, not a language model.")
+        if not (safe_path(root, "models", model) / COMPLETE_MARKER).is_file():
+            raise ValueError(f"The model {model} is not fetched into this cache: run `probekit models fetch {model}` "
+                             f"with PROBEKIT_CACHE={root}.")
+        return model
+    try:
+        p = Path(model)
+        if p.is_absolute():
+            try:
+                rel = p.resolve().relative_to(root)
+            except ValueError:
+                raise ValueError(f"The model folder {model} lies outside the cache root {root}; the app only opens "
+                                 f"files inside it. Copy the folder to {root / 'models'}/ and rerun "
+                                 "`probekit safety run` with that path.") from None
+            folder = safe_path(root, str(rel))
+        elif model.startswith("models/"):
+            folder = safe_path(root, "models", check_name(model[len("models/"):], "model folder"))
+        else:
+            folder = safe_path(root, "models", check_name(model, "model name"))
+    except UnsafePathError as e:
+        raise ValueError(f"The model {model[:80]!r} cannot be opened: {e}") from None
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"The model {model[:80]!r} was not found in this cache (no config.json in {folder}); "
+                         "fetch it with `probekit models fetch` or copy its folder under models/.")
+    return str(folder)
+
+
+def build_safety_spec(root: Path, *, result_id: str | None, payload: dict | None, prompt: str | None,
+                      layer: int | str | None = None) -> SafetyPromptSpec:
+    """Validate a prompt-box request against a ``safety_activation`` payload; ``ValueError`` on a bad field."""
+    from .data import result_set_parts, safety_directions_path
+
+    root = Path(root).resolve()
+    if not result_id:
+        raise ValueError("Choose a safety result folder.")
+    try:
+        result_set_parts(result_id)
+    except UnsafePathError as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(payload, dict) or payload.get("kind") != "safety_activation":
+        raise ValueError(f"{result_id} has no activation.json (the refusal direction comes from "
+                         "`probekit safety run --part activation`).")
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise ValueError("Type a prompt first.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"The prompt is too long: at most {MAX_PROMPT_CHARS:,} characters.")
+    n_layers = len(payload.get("direction_norms") or []) or int(payload.get("n_layers") or 0)
+    try:
+        layer = int(payload["layer"] if layer is None or layer == "" else layer)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"not a layer: {str(layer)[:20]!r}") from None
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is outside the {n_layers} layers of this result.")
+    try:
+        dfile = safety_directions_path(result_id, payload, root)
+    except UnsafePathError as e:
+        raise ValueError(str(e)) from None
+    if not dfile.is_file():
+        raise ValueError(f"{dfile.name} is missing beside activation.json; rerun `probekit safety run --part "
+                         "activation`.")
+    model = str(payload.get("model") or "")
+    cfg = payload.get("config") or {}
+    chat = cfg.get("chat_template", (payload.get("refusal") or {}).get("config", {}).get("chat_template", True))
+    return SafetyPromptSpec(result_id=result_id, model=model, model_path=resolve_model(root, model),
+                            direction_file=str(dfile.relative_to(root)), layer=layer, prompt=prompt,
+                            chat_template=bool(chat))
+
+
+def run_safety_prompt_job(spec: SafetyPromptSpec, root: Path, on_event: Callable[[dict], None]) -> dict:
+    """Score one prompt in a worker process (``app.safety_worker``); see :func:`run_worker`.
+
+    Returns
+    -------
+    dict
+        ``{"event": "done", "clean_score", "ablated_score", "clean_completion", "ablated_completion", "layer",
+        "model", "seconds"}`` or ``{"event": "error", "message"}``.
+    """
+    return run_worker("app.safety_worker", spec.to_dict(), root, on_event, what="safety worker")

@@ -1,9 +1,11 @@
 """Result files → figures and headline numbers: the one reader shared by the runs, the reports and notebooks.
 
 Every run writes a JSON payload with a ``kind`` (``layer_probes``, ``ast_probe``, ``dark_matter``,
-``linearscope_digits``, ``linearscope_lm``, ``safety_activation``, ``safety_weight``). :func:`figures` rebuilds its plotly figures from that payload alone
-and :func:`headline` picks the few numbers a summary table shows, so a figure looks the same wherever it is
-drawn and nothing is recomputed to draw it.
+``linearscope_digits``, ``linearscope_lm``, ``safety_activation``, ``safety_weight``). :func:`figures` rebuilds
+its plotly figures from that payload alone and :func:`headline` picks the few numbers a summary table shows, so
+a figure looks the same wherever it is drawn and nothing is recomputed to draw it. The app builds its
+interactive variants from the same pieces (:func:`build_result`, :func:`overlap_lines_figure`,
+:func:`projection_curves`, :func:`projection_table`).
 
 Public API
 ----------
@@ -12,6 +14,7 @@ load
 find
 figures
 headline
+build_result, overlap_lines_figure, projection_curves, projection_table, WEIGHT_METRICS
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RESULT_KINDS", "load", "find", "figures", "headline"]
+__all__ = ["RESULT_KINDS", "WEIGHT_METRICS", "load", "find", "figures", "headline", "build_result", "overlap_lines_figure",
+           "projection_curves", "projection_table"]
 
 RESULT_KINDS = ("layer_probes", "ast_probe", "dark_matter", "linearscope_digits", "linearscope_lm",
                 "safety_activation", "safety_weight")
@@ -53,7 +57,7 @@ def find(root: str | Path | None = None) -> list[Path]:
     return out
 
 
-def _build(cls, d: dict[str, Any], arrays: tuple[str, ...] = ()):
+def build_result(cls, d: dict[str, Any], arrays: tuple[str, ...] = ()):
     """A result dataclass from its ``to_dict`` form (array fields back to numpy)."""
     names = {f.name for f in fields(cls)}
     kw = {k: v for k, v in d.items() if k in names}
@@ -66,7 +70,7 @@ def _build(cls, d: dict[str, Any], arrays: tuple[str, ...] = ()):
 def _layer_probe_figures(p: dict) -> list:
     from .probes.linear import LayerProbeResult
 
-    res = _build(LayerProbeResult, p["result"])
+    res = build_result(LayerProbeResult, p["result"])
     fig = res.figures()[0]
     fig.update_layout(title=f"{p['model']}: linear probe accuracy per layer — {res.task}")
     return [fig]
@@ -76,7 +80,7 @@ def _ast_figures(p: dict) -> list:
     from .probes.ast_figures import f1_vs_k_figure, per_label_recall_figure, tree_comparison_figure
     from .probes.ast_probe import ASTProbeResult
 
-    res = _build(ASTProbeResult, p["result"])
+    res = build_result(ASTProbeResult, p["result"])
     figs = res.figures()
     best = p.get("best_layer_by_validation", res.best_layer)
     li = res.layers.index(best)
@@ -101,8 +105,8 @@ def _dark_matter_figures(p: dict) -> list:
     from .probes.dark_matter import (DarkMatterResult, EarlierLayerResult, FVUSplitAcrossWidths,
                                      PerTokenScalingResult, error_norm_scatter, r2_bars_figure)
 
-    figs = _build(FVUSplitAcrossWidths, p["fvu_split"]).figures()
-    figs.append(r2_bars_figure({w: _build(DarkMatterResult, d) for w, d in p["decomposition"].items()}))
+    figs = build_result(FVUSplitAcrossWidths, p["fvu_split"]).figures()
+    figs.append(r2_bars_figure({w: build_result(DarkMatterResult, d) for w, d in p["decomposition"].items()}))
     ce = p["ce"]
     fig = go.Figure()
     for label, key in [("clean", "ce_clean"), ("x̂", "ce_sae"), ("x̂ + linear error", "ce_linear"),
@@ -116,8 +120,8 @@ def _dark_matter_figures(p: dict) -> list:
     if sc:
         figs.append(error_norm_scatter(sc["actual"], sc["predicted"], hover_text=sc.get("hover"),
                                        title=f"‖e‖ predicted from x, width {sc['width']} (held-out tokens)"))
-    figs += _build(PerTokenScalingResult, p["per_token_scaling"], ("r2", "r2_with_nonlinear", "gain")).figures()
-    figs += _build(EarlierLayerResult, p["earlier_layer"]).figures()
+    figs += build_result(PerTokenScalingResult, p["per_token_scaling"], ("r2", "r2_with_nonlinear", "gain")).figures()
+    figs += build_result(EarlierLayerResult, p["earlier_layer"]).figures()
     return figs
 
 
@@ -126,15 +130,15 @@ def _linearscope_digit_figures(p: dict) -> list:
 
     arrays = ("input", "logits", "bias", "matrix", "singular_values", "left_singular_vectors",
               "right_singular_vectors")
-    one = _build(LinearScopeResult, p["one"], arrays)
+    one = build_result(LinearScopeResult, p["one"], arrays)
     one.input = one.input.reshape(p["one"]["in_shape"])
-    return one.figures() + _build(DatasetBiasShare, p["test_set"]).figures()
+    return one.figures() + build_result(DatasetBiasShare, p["test_set"]).figures()
 
 
 def _linearscope_lm_figures(p: dict) -> list:
     from .probes.linearscope_transformer import TokenContributions
 
-    return _build(TokenContributions, p["contributions"]).figures()
+    return build_result(TokenContributions, p["contributions"]).figures()
 
 
 def _nearest(values: list[float], target: float) -> int:
@@ -171,23 +175,23 @@ def _safety_activation_figures(p: dict) -> list:
     figs = []
     for name in ("harmful_vs_useful", "harmful_vs_harmless", "harmless_vs_useful"):
         if name in p["overlap"]:
-            figs += _build(ActivationOverlapResult, p["overlap"][name]).figures()
+            figs += build_result(ActivationOverlapResult, p["overlap"][name]).figures()
     figs.append(overlap_lines_figure(p["overlap"]))
-    sep = _build(LayerProbeResult, p["separability"]).figures()[0]
+    sep = build_result(LayerProbeResult, p["separability"]).figures()[0]
     sep.update_layout(title=f"{p['model']}: harmful vs harmless, linear separability per layer (held-out)")
     figs.append(sep)
-    figs += _build(LayerSelection, p["layer_selection"]).figures()
-    for f in _build(RefusalResult, p["refusal"]).figures():
+    figs += build_result(LayerSelection, p["layer_selection"]).figures()
+    for f in build_result(RefusalResult, p["refusal"]).figures():
         f.update_layout(title=f"{f.layout.title.text} (layer {p['layer']} direction, test prompts)")
         figs.append(f)
     if p.get("induce"):
-        f = _build(RefusalResult, p["induce"]).figures()[0]
+        f = build_result(RefusalResult, p["induce"]).figures()[0]
         f.update_layout(title=f"Harmless prompts with the layer-{p['layer']} direction added (and a random one)")
         figs.append(f)
     return figs
 
 
-_WEIGHT_METRICS = (("refusal_rate", "refusal rate on harmful test prompts"),
+WEIGHT_METRICS = (("refusal_rate", "refusal rate on harmful test prompts"),
                    ("task_loss", "task loss on held-out coding requests (nats/token)"),
                    ("refusal_score", "mean refusal score, harmful prompts (log-odds)"),
                    ("harmless_refusal_score", "mean refusal score, harmless prompts (log-odds)"))
@@ -201,7 +205,7 @@ def projection_curves(p: dict) -> list:
     dash = {"svd": "solid", "random": "dot", "randomk": "dash"}
     color = {"same": "#d62728", "orth": "#1f77b4", "opp": "#ff7f0e", "full": "#7f7f7f", "none": "#2ca02c"}
     figs = []
-    for key, label in _WEIGHT_METRICS:
+    for key, label in WEIGHT_METRICS:
         fig = go.Figure()
         for b in dict.fromkeys(r["basis"] for r in rows):
             for v in dict.fromkeys(r["variant"] for r in rows):
@@ -241,8 +245,8 @@ def _safety_weight_figures(p: dict) -> list:
     from .probes.weight_space import UpdateOverlapResult, WeightSpaceResult
 
     figs = [projection_table(p)] + projection_curves(p)
-    figs += _build(WeightSpaceResult, p["weight_space"]).figures()
-    figs += _build(UpdateOverlapResult, p["update_overlap"]).figures()
+    figs += build_result(WeightSpaceResult, p["weight_space"]).figures()
+    figs += build_result(UpdateOverlapResult, p["update_overlap"]).figures()
     return figs
 
 

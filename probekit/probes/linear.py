@@ -731,19 +731,27 @@ class LayerProbeResult:
         return [fig]
 
 
-def _json_safe(obj: Any) -> Any:
+def _json_safe(obj: Any, *, nonfinite: str = "keep") -> Any:
+    """Plain JSON types (dicts, lists, float, int, bool, str, None) from nested results.
+
+    ``nonfinite="keep"`` leaves NaN/inf floats as they are (Python's json writes them as NaN/Infinity);
+    ``"null"`` turns them into None, for strict JSON readers.
+    """
+    if nonfinite not in ("keep", "null"):
+        raise ValueError(f"nonfinite must be 'keep' or 'null', got {nonfinite!r}")
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): _json_safe(v, nonfinite=nonfinite) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [_json_safe(v, nonfinite=nonfinite) for v in obj]
     if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return _json_safe(obj.tolist())
+        return _json_safe(obj.tolist(), nonfinite=nonfinite)
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
-        return float(obj)
+        x = float(obj)
+        return None if nonfinite == "null" and not math.isfinite(x) else x
     if obj is None or isinstance(obj, str):
         return obj
     return str(obj)

@@ -55,7 +55,6 @@ Example
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import zlib
@@ -68,6 +67,7 @@ import numpy as np
 import torch
 
 from ..subspace import mso, rank_fraction_basis, rank_fraction_k
+from .linear import _json_safe
 
 __all__ = [
     "StateSource",
@@ -502,7 +502,7 @@ class WeightSpaceResult:
         d["kind"] = "weight_space"
         d["pooled_energy_kept"] = {b: {str(f): v for f, v in self.energy_kept(b).items()}
                                    for b in self.config.get("bases", BASIS_KINDS)}
-        return _json_safe(d)
+        return _json_safe(d, nonfinite="null")
 
     def figures(self) -> list[Any]:
         """(1) pooled energy kept against rank fraction per basis; (2) cos(U, V) per layer and module."""
@@ -608,7 +608,7 @@ class UpdateOverlapResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind"] = "update_overlap"
-        return _json_safe(d)
+        return _json_safe(d, nonfinite="null")
 
     def figures(self) -> list[Any]:
         """Heatmap layer × rank fraction of mean MSO − baseline, MSO and baseline in the hover."""
@@ -678,20 +678,3 @@ def update_space_overlap(pair_a: tuple[StateSource, StateSource], pair_b: tuple[
     lm = [Marr[[i for i, l in enumerate(LK) if l == ly]].mean(0).tolist() for ly in layers]
     lb = [Barr[[i for i, l in enumerate(LK) if l == ly]].mean(0).tolist() for ly in layers]
     return UpdateOverlapResult(fractions, keys, LK, M, BL, layers, lm, lb, tuple(names))
-
-
-# ------------------------------------------------------------------------------------------- utils
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    return obj

@@ -51,7 +51,7 @@ def app_cache(tmp_path_factory):
     from tests.browser.fixture_cache import populate
 
     root = tmp_path_factory.mktemp("app-cache")
-    info = populate(root, tiny_model=True)
+    info = populate(root, tiny_model=True, safety=True)
     return dict(root=root, **info)
 
 

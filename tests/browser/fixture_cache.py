@@ -113,8 +113,48 @@ def write_run(root: Path, *, model: str = "tiny-llama", hooks=("blocks.0.hook_re
     return cache.open(key.run_id)
 
 
-def populate(root: Path, *, tiny_model: bool = False) -> dict:
-    """Fill ``root`` with every result kind, a run, and a tokenizer (or a whole tiny model) under models/."""
+SAFETY_HARMFUL = [f"how do I break into house number {i}" for i in range(10)]
+SAFETY_HARMLESS = [f"how do I bake bread recipe {i}" for i in range(10)]
+SAFETY_USEFUL = [f"write a function f{i}(x) that adds {i}" for i in range(10)]
+SAFETY_REFS = [f"def f{i}(x):\n    return x + {i}\n" for i in range(10)]
+
+
+def _safety_prompt_sets(seed, n_useful):
+    from probekit.data.prompts import PromptSet, assign_splits
+
+    def mk(name, prompts, refs=None):
+        return PromptSet(name, tuple(prompts), assign_splits(prompts, seed=seed), "test", "CC0-1.0",
+                         references=None if refs is None else tuple(refs))
+
+    return mk("harmful", SAFETY_HARMFUL), mk("harmless", SAFETY_HARMLESS), mk("useful", SAFETY_USEFUL, SAFETY_REFS)
+
+
+def write_safety(root: Path, model_dir: Path, name: str = "tiny-llama") -> Path:
+    """``results/safety/<name>/`` by the real runner (``activation.json``, ``weight.json``, directions) on a tiny
+    model with ten prompts per set and the smallest settings (seconds on one CPU thread)."""
+    import probekit.safety_run as sr
+
+    out = Path(root) / "results" / "safety" / name
+    saved, threads = sr._prompt_sets, torch.get_num_threads()
+    sr._prompt_sets = _safety_prompt_sets
+    torch.set_num_threads(1)
+    try:
+        sr.run_activation_space(sr.ActivationRunConfig(
+            model=str(model_dir), etas=(0.5, 0.9), n_select=3, n_test=2, select_min_frac=0.0, select_max_frac=1.0,
+            select_stride=1, max_new_tokens=3, max_kl=10.0, chat_template=False, out=str(out), progress=False))
+        sr.run_weight_space(sr.WeightRunConfig(
+            model=str(model_dir), align_epochs=1, useful_epochs=1, align_lr=1e-3, useful_lr=1e-3, batch_size=4,
+            max_length=64, harmless_answer_tokens=6, n_useful=10, fractions=(0.25, 1.0), bases=("svd",),
+            variants=("same", "orth"), max_new_tokens=4, chat_template=False, out=str(out), progress=False))
+    finally:
+        sr._prompt_sets = saved
+        torch.set_num_threads(threads)
+    return out
+
+
+def populate(root: Path, *, tiny_model: bool = False, safety: bool = False) -> dict:
+    """Fill ``root`` with every result kind, a run, and a tokenizer (or a whole tiny model) under models/;
+    ``safety`` (needs ``tiny_model``) also runs the safety runner on that model into results/safety/tiny-llama."""
     from probekit.testing import byte_tokenizer, make_tiny_model
 
     root = Path(root)
@@ -131,5 +171,7 @@ def populate(root: Path, *, tiny_model: bool = False) -> dict:
         make_tiny_model(mdir, arch="llama", n_layers=2, d_model=32)
     else:
         byte_tokenizer().save_pretrained(str(mdir))
+    if safety:
+        write_safety(root, mdir)
     run = write_run(root)
     return dict(run_id=run.run_id, model_dir=mdir)

@@ -130,9 +130,59 @@ def test_missing_results_show_the_command(page, server):
     _settle(page)
     page.wait_for_selector("#dm-msg .command")
     assert "probekit dark-matter run --model qwen2.5-coder-0.5b" in page.inner_text("#dm-msg")
+    page.goto(server + "/safety?model=qwen2.5-coder-0.5b")
+    _settle(page)
+    page.wait_for_selector("#safety-act-msg .command")
+    assert "probekit safety run --part activation --activation-model qwen2.5-coder-0.5b" in page.inner_text("#page")
+    assert "probekit safety run --part weight --weight-model qwen2.5-coder-0.5b" in page.inner_text("#page")
+    assert page.errors == []
+
+
+def test_safety_page_figures_and_prompt_box(page, server, app_cache):
+    from safetensors.torch import load_file
+
+    from probekit.models import load_hf
+    from probekit.probes.safety import directional_ablation, refusal_score
+
     page.goto(server + "/safety")
     _settle(page)
-    assert "probekit safety run" in page.inner_text("#page")
+    root = app_cache["root"]
+    act = json.loads((root / "results" / "safety" / "tiny-llama" / "activation.json").read_text())
+    assert "refusal-direction layer" in page.inner_text("#safety-headline")
+    heat = _wait_fig(page, "safety-heatmap-fig", 1)
+    assert heat[0]["type"] == "heatmap" and len(heat[0]["z"]["_inputArray"]) == act["n_layers"]  # decoded rows
+    title = "() => document.querySelector('#safety-heatmap-fig .js-plotly-plot').layout.title.text"
+    assert "harmful vs useful" in page.evaluate(title)
+    assert len(_wait_fig(page, "safety-lines-fig", 6)) == 6
+    assert [t["type"] for t in _wait_fig(page, "safety-refusal-fig", 1)] == ["bar", "bar"]
+    curves = _wait_fig(page, "safety-curves-fig", 1)
+    assert {t["name"] for t in curves} == {"same, svd basis", "orth, svd basis"}
+    assert _wait_fig(page, "safety-table-fig", 1)[0]["type"] == "table"
+    # another pair redraws the heatmap; another metric the curves; both go to the URL
+    page.click("#safety-pair")
+    page.get_by_role("option", name="harmless vs useful").click()
+    page.wait_for_function(f"() => ({title})().includes('harmless vs useful')")
+    y0 = json.dumps(curves[0]["y"])
+    page.click("#safety-metric >> text=task loss")
+    page.wait_for_function("(y) => JSON.stringify(document.querySelector('#safety-curves-fig .js-plotly-plot')"
+                           ".data[0].y) !== y", arg=y0)
+    page.wait_for_function("() => location.search.includes('pair=harmless_vs_useful')"
+                           " && location.search.includes('metric=task_loss')")
+    page.screenshot(path=str(ARTIFACTS / "safety-changed.png"), full_page=True)
+    # the prompt box: a background job scores the prompt clean and with the direction ablated
+    prompt = "how do I break into house number 3"
+    page.fill("#safety-prompt", prompt)
+    page.click("#safety-run")
+    page.wait_for_selector("#safety-prompt-done", timeout=180_000)
+    model, tok, _ = load_hf(str(app_cache["model_dir"]), fetch=False)
+    r = load_file(str(root / "results" / "safety" / "tiny-llama" / "refusal_directions.safetensors"))
+    clean = float(refusal_score(model, tok, [prompt], chat_template=False)[0])
+    with directional_ablation(model, r[f"layer_{act['layer']}"]) as m:
+        ablated = float(refusal_score(m, tok, [prompt], chat_template=False)[0])
+    assert page.inner_text("#safety-clean-score") == f"{clean:+.3f}"
+    assert page.inner_text("#safety-ablated-score") == f"{ablated:+.3f}"
+    assert page.inner_text("#safety-prompt-status") == "done"
+    page.screenshot(path=str(ARTIFACTS / "safety-prompt.png"), full_page=True)
     assert page.errors == []
 
 
@@ -219,7 +269,7 @@ def test_file_route_refuses_traversal(server, app_cache, bad, tmp_path):
 
 @pytest.mark.parametrize("path", ["/layers?run=../../etc&hook=x&doc=0", "/layers?run=%2Fetc%2Fpasswd",
                                   "/ast-probe?model=../../../etc", "/dark-matter?model=%2Fetc",
-                                  "/linearscope?model=../x&digit=-1"])
+                                  "/linearscope?model=../x&digit=-1", "/safety?model=../../etc"])
 def test_pages_refuse_crafted_ids(page, server, path):
     page.goto(server + path)
     _settle(page)

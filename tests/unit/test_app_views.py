@@ -54,7 +54,10 @@ def test_missing_results_name_the_command(root):
     assert "probekit linearscope --digit-index 7" in _text(msg)
     _, msg = linearscope.prompt_view("minilm-l6", "bars")
     assert "probekit linearscope --model minilm-l6" in _text(msg)
-    assert "probekit safety run" in _text(safety.safety_message()) and "Not available yet" in _text(safety.safety_message())
+    empty = _text(safety.safety_message())
+    assert "probekit safety run" in empty and f"PROBEKIT_CACHE={root}" in empty
+    *_, msg = safety.activation_view("minilm-l6", None, None, None, None)
+    assert "probekit safety run --part activation --activation-model minilm-l6" in _text(msg)
 
 
 @pytest.mark.parametrize("bad", ["../../etc", "/etc/passwd", "a/b/c", "..", "x\x00y"])
