@@ -450,16 +450,23 @@ hu.figures()[0].show()
 overlap_lines_figure({name: o.to_dict() for name, o in overlap.items()}, eta=0.9).show()'''),
     ("md", """\
 Every prompt ends with the same tokens (the assistant header), so the uncentred vectors share a large common part:
-up to η ≈ 0.9 one direction, close to the mean activation, holds the energy of each set (k = 1), and it is nearly
-the same direction for both sets, hence an MSO far above the baseline. `centered=True` subtracts each set's mean
+at every η up to 0.9 a single direction, close to the mean activation, holds the energy of each set (k = 1), and it
+is nearly the same direction for both sets, hence an MSO far above the baseline. (At layer 0 the input is the
+embedding of that same last token, identical for every prompt: MSO 1.) `centered=True` subtracts each set's mean
 first and compares the spread around it, where the prompts differ:"""),
     ("code", '''\
 centred = activation_space_overlap(acts["harmful"], acts["useful"], names=("harmful", "useful"), centered=True)
 centred.figures()[0].show()'''),
     ("md", """\
+Centred, the picture changes: the harmful and useful spreads share directions well above the baseline in the early
+layers (about 3 to 10), and from the middle on they overlap only a little more than random subspaces of the same
+sizes. Layer 0 is blank: identical vectors have no spread (k = 0). With 24 prompts per set these numbers are noisy;
+the full run uses every training prompt."""),
+    ("md", """\
 **Separability.** A logistic probe per layer, harmful vs harmless, scored on a held-out quarter of the prompts, next
 to the majority-class and random-feature controls. That the sets separate says they differ along *some*
-direction; it says nothing about whether the model uses that direction to refuse."""),
+direction; it says nothing about whether the model uses that direction to refuse. (Layer 0 is at chance: every
+prompt has the same vector there.)"""),
     ("code", '''\
 from probekit.probes.safety import separability
 
@@ -512,8 +519,9 @@ table.round(2)'''),
     ("md", """\
 SmolLM2-135M barely refuses: it complies with most HarmBench requests, so its refusal score is low on harmful and
 harmless prompts alike, and the difference in means is a weak and noisy refusal direction. Ablating it does not
-lower an already low score; what it does show is that r matters to the model far more than a random direction of
-the same norm, which leaves the scores almost unchanged. The greedy completions tell the same story:"""),
+lower the already low score (here it even rises a little). What the ablation does show is that r matters to the
+model far more than a random direction of the same norm, which leaves the scores almost unchanged; with r ablated
+the completions lose the thread rather than turn into refusals:"""),
     ("code", '''\
 from probekit.probes.safety import generate_greedy, refusal_phrase_match
 
@@ -531,18 +539,19 @@ difference of means, α = 4 by four times that; the random direction is the cont
 from probekit.probes.safety import activation_addition
 
 prompt = [test_harmless[0]]
-rows = {"clean": (float(clean_harmless.mean()), generate_greedy(model, tok, prompt, max_new_tokens=24,
-                                                                progress=False)[0])}
+print(prompt[0])
+completion = generate_greedy(model, tok, prompt, max_new_tokens=24, progress=False)[0]
+print(f"  clean     (mean score {float(clean_harmless.mean()):5.2f}): {completion!r}")
 for alpha in (1.0, 4.0):
     for name, d in (("r", r), ("random", r_random)):
         with activation_addition(model, d, layer, alpha) as m:
             s = float(refusal_score(m, tok, test_harmless).mean())
-            rows[f"+{alpha:g}·{name}"] = (s, generate_greedy(m, tok, prompt, max_new_tokens=24, progress=False)[0])
-print(prompt[0])
-pd.DataFrame(rows, index=["mean refusal score (8 harmless prompts)", "completion of the prompt above"]).T'''),
+            completion = generate_greedy(m, tok, prompt, max_new_tokens=24, progress=False)[0]
+        print(f"  +{alpha:g}·{name:6s} (mean score {s:5.2f}): {completion!r}")'''),
     ("md", """\
-Adding r raises the refusal score of harmless prompts a little more than the random direction does, but not to
-the point of a refusal. For a model that does refuse, run the activation part of `probekit safety run` on
+(The mean score is over the 8 harmless test prompts, the completion is of the first.) At α = 1 neither direction
+moves the score much; at α = 4, r raises it while the random direction lowers it, and no completion turns into a
+refusal. For a model that does refuse, run the activation part of `probekit safety run` on
 Qwen2.5-Coder-0.5B-Instruct (last cell): there the direction is chosen on validation prompts, and ablation and
 addition are evaluated on the whole test split with the random controls.
 
@@ -608,6 +617,10 @@ pd.DataFrame({name: evaluate(m) for name, m in checkpoints.items()}).T.round(3)'
 for p, c in zip(test_harmful[:2], generate_greedy(aligned, tok, test_harmful[:2], max_new_tokens=16, progress=False)):
     print(f"aligned: {p[:70]!r}\\n  -> {c!r}")'''),
     ("md", """\
+A few optimiser steps are enough for some held-out harmful requests to get a refusal, and the refusal score of
+harmful prompts rises; so does that of harmless ones: a miniature alignment is a blunt one. The useful fine-tune
+lowers the task loss and leaves the refusal scores about where they were."""),
+    ("md", """\
 The analysis reads the three state dicts one matrix at a time (`weight_space_analysis` also takes safetensors files
 or folders). `WeightSpaceConfig.include` is a regular expression searched in the parameter names; here it keeps
 the seven matrices (q, k, v, o, gate, up, down) of the first, a middle and the last block. `fractions` are rank
@@ -624,6 +637,10 @@ print(pd.DataFrame({b: ws.energy_kept(b) for b in ws_cfg.bases}).round(3).rename
 for fig in ws.figures():
     fig.show()'''),
     ("md", """\
+At small f the svd curve lies *above* the random and randomk ones: the useful update leans into the alignment
+update's top directions more than chance would, the opposite of a safety subspace that useful learning leaves
+alone, and in line with the paper.
+
 The same question without U's projection: the MSO between V's and U's own top-k left singular subspaces per
 matrix, averaged per layer, against the random baseline k / m (`update_space_overlap`)."""),
     ("code", '''\
@@ -649,6 +666,9 @@ for variant in ("same", "orth"):
                                                    fraction=0.25, variant=variant, keys=keys))
     rows[f"{variant}, f = 0.25"] = evaluate(projected)
 pd.DataFrame(rows).T.round(3)'''),
+    ("md", """\
+Here the useful update is too small to move refusal either way, so both variants score like the fine-tuned model;
+the full run, with longer fine-tunes and every matrix, is the one to read."""),
     ("md", """\
 ## 5 · The full experiment
 
