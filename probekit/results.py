@@ -14,7 +14,7 @@ load
 find
 figures
 headline
-build_result, overlap_lines_figure, projection_curves, projection_table, WEIGHT_METRICS
+build_result, overlap_lines_figure, projection_curves, projection_table, tradeoff_figures, WEIGHT_METRICS
 """
 
 from __future__ import annotations
@@ -224,6 +224,42 @@ def projection_curves(p: dict) -> list:
     return figs
 
 
+def tradeoff_figures(p: dict) -> list:
+    """Every model as a point: (1) task loss vs refusal rate; (2) harmless vs harmful refusal score.
+
+    A selective safety subspace would show up in (1) as projections that keep the fine-tuned task loss with the
+    aligned refusal rate, and in (2) as projections that move the harmful score without the harmless one.
+    """
+    import plotly.graph_objects as go
+
+    ck, rows = p["checkpoints"], p["projections"]
+    symbol = {"same": "circle", "orth": "square", "opp": "diamond", "full": "x", "none": "cross"}
+    color = {"svd": "#d62728", "random": "#1f77b4", "randomk": "#2ca02c"}
+    figs = []
+    for (xk, xl), (yk, yl), title in (
+            (("task_loss", "task loss (nats/token)"), ("refusal_rate", "refusal rate, harmful test prompts"),
+             "Safety–utility trade-off of every model"),
+            (("harmless_refusal_score", "refusal score, harmless prompts"),
+             ("refusal_score", "refusal score, harmful prompts"),
+             "Refusal on harmful vs harmless prompts (log-odds)")):
+        fig = go.Figure()
+        for b in dict.fromkeys(r["basis"] for r in rows):
+            for v in dict.fromkeys(r["variant"] for r in rows):
+                sel = [r for r in rows if r["basis"] == b and r["variant"] == v]
+                if sel:
+                    fig.add_trace(go.Scatter(
+                        x=[r[xk] for r in sel], y=[r[yk] for r in sel], mode="markers+text",
+                        text=[str(r["fraction"]) for r in sel], textposition="top center", name=f"{v}, {b}",
+                        marker={"symbol": symbol.get(v, "circle"), "color": color.get(b), "size": 9}))
+        fig.add_trace(go.Scatter(x=[c[xk] for c in ck.values()], y=[c[yk] for c in ck.values()],
+                                 mode="markers+text", text=list(ck), textposition="bottom center",
+                                 name="checkpoints", marker={"symbol": "star", "size": 14, "color": "black"}))
+        fig.update_layout(title=title + " (labels: rank fraction f)", xaxis_title=xl, yaxis_title=yl,
+                          template="plotly_white")
+        figs.append(fig)
+    return figs
+
+
 def projection_table(p: dict) -> Any:
     """The projection experiment as a plotly table: one row per checkpoint and per (basis, fraction, variant)."""
     import plotly.graph_objects as go
@@ -244,7 +280,7 @@ def projection_table(p: dict) -> Any:
 def _safety_weight_figures(p: dict) -> list:
     from .probes.weight_space import UpdateOverlapResult, WeightSpaceResult
 
-    figs = [projection_table(p)] + projection_curves(p)
+    figs = [projection_table(p)] + projection_curves(p) + tradeoff_figures(p)
     figs += build_result(WeightSpaceResult, p["weight_space"]).figures()
     figs += build_result(UpdateOverlapResult, p["update_overlap"]).figures()
     return figs
@@ -320,5 +356,9 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
             if r["basis"] == "svd" and r["fraction"] in (0.25, 0.75):
                 out[f"{r['variant']} f={r['fraction']}: refusal rate / task loss"] = \
                     f"{r['refusal_rate']:.3f} / {r['task_loss']:.3f}"
+        pts = list(ck.values()) + payload["projections"]
+        if len(pts) >= 3:
+            out["corr(harmful, harmless refusal score) over models"] = float(np.corrcoef(
+                [q["refusal_score"] for q in pts], [q["harmless_refusal_score"] for q in pts])[0, 1])
         return out
     raise ValueError(f"no headline for result kind {kind!r}; expected one of {RESULT_KINDS}")

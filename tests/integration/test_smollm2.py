@@ -124,3 +124,35 @@ def test_ast_probe_on_smollm2_beats_both_controls(tmp_path, monkeypatch):
     assert f1_mid > rnd["f1"][1] + 0.05, (res["f1"], rnd["f1"])
     assert max(res["orthogonality"]) < 0.1
     assert payload["k_sweep"]["ks"] == [8, 32, 576]
+
+
+def test_harmful_and_harmless_prompts_separate_in_smollm2(smollm2):
+    """Science check on the real model: the last-token state of a middle layer tells HarmBench requests from
+    benign ones far above chance (both sets chat-formatted, so the token read is the same header token), the
+    refusal direction has most of its norm there, and ablating it leaves every residual input orthogonal to it."""
+    from probekit.data.prompts import harmful_prompts, harmless_prompts
+    from probekit.probes.safety import (directional_ablation, last_token_activations, refusal_directions,
+                                        separability)
+
+    bridge, tok = smollm2
+    harmful, harmless = harmful_prompts().split("train")[:40], harmless_prompts().split("train")[:40]
+    acts_h = last_token_activations(bridge, tok, harmful, [0, 15], batch_size=8)
+    acts_b = last_token_activations(bridge, tok, harmless, [0, 15], batch_size=8)
+    torch.testing.assert_close(acts_h[0], acts_h[0][:1].expand_as(acts_h[0]))  # layer 0: the same token everywhere
+    sep = separability(acts_h, acts_b, seed=0)
+    assert sep.test_score[sep.layers.index("15")] >= 0.9 > sep.test_score[sep.layers.index("0")] + 0.3
+    r = refusal_directions(acts_h, acts_b)[15]
+    seen = []
+    with directional_ablation(bridge, r, layers=[15, 20]) as m:
+        hooks = [m.model.layers[l].register_forward_pre_hook(lambda mod, a, kw: seen.append(kw.get("hidden_states",
+                 a[0] if a else None)), with_kwargs=True) for l in (15, 20)]
+        try:
+            ids = tok(harmful[:2], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                m(**ids)
+        finally:
+            for h in hooks:
+                h.remove()
+    rh = r / r.norm()
+    for x in seen:
+        assert (x.float() @ rh).abs().max() < 1e-3 * x.float().norm(dim=-1).max()
