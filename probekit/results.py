@@ -177,6 +177,12 @@ def _safety_activation_figures(p: dict) -> list:
         if name in p["overlap"]:
             figs += build_result(ActivationOverlapResult, p["overlap"][name]).figures()
     figs.append(overlap_lines_figure(p["overlap"]))
+    centred = p.get("overlap_centred")
+    if centred:
+        figs += build_result(ActivationOverlapResult, centred["harmful_vs_useful"]).figures()
+        f = overlap_lines_figure(centred)
+        f.update_layout(title=f"{f.layout.title.text} (centred)")
+        figs.append(f)
     sep = build_result(LayerProbeResult, p["separability"]).figures()[0]
     sep.update_layout(title=f"{p['model']}: harmful vs harmless, linear separability per layer (held-out)")
     figs.append(sep)
@@ -347,6 +353,11 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
         out["MSO harmful vs useful, η≈0.9, 65–90% depth"] = float(np.nanmean(
             [np.nan if o["mso"][i][j] is None else o["mso"][i][j] for i in late]))
         out["random baseline (same cells)"] = float(np.mean([o["baseline"][i][j] for i in late]))
+        c = (payload.get("overlap_centred") or {}).get("harmful_vs_useful")
+        if c:
+            out["centred MSO harmful vs useful, same cells"] = float(np.nanmean(
+                [np.nan if c["mso"][i][j] is None else c["mso"][i][j] for i in late]))
+            out["centred baseline (same cells)"] = float(np.mean([c["baseline"][i][j] for i in late]))
         return out
     if kind == "safety_weight":
         ck = payload["checkpoints"]

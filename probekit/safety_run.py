@@ -20,7 +20,7 @@ Activation space and refusal direction (``run_activation_space``; default Qwen2.
     1. Last-token activations (``blocks.{l}.hook_resid_pre``, every block) of the harmful, harmless and useful
        training prompts.
     2. Per layer and η: MSO harmful vs useful, harmful vs harmless and harmless vs useful, each with its random
-       baseline; harmful-vs-harmless linear separability per layer.
+       baseline, uncentred (the paper's default) and centred; harmful-vs-harmless linear separability per layer.
     3. Difference-in-means refusal directions; the layer chosen on validation prompts
        (:func:`~probekit.probes.safety.select_layer`); refusal rate and score on test prompts without
        intervention, with the direction ablated everywhere, and with a random direction of the same norm
@@ -399,7 +399,10 @@ class ActivationRunConfig:
     n_select : validation prompts per set for the layer choice.
     select_min_frac, select_max_frac, select_stride : candidate layers
         ``range(ceil(min_frac·L), ceil(max_frac·L), stride)``.
-    max_kl : the layer-choice KL filter (nats).
+    max_kl : the layer-choice KL filter (nats). Default 0.5, not Arditi et al.'s 0.1 (a stated deviation): on
+        Qwen2.5-Coder-0.5B ablating the difference-in-means direction of any layer past a third of the depth moves
+        the harmless next-token distribution by more than 0.1 nats, so 0.1 leaves only early layers whose
+        direction does not reduce refusal; the random-direction control shows what ablation alone does.
     n_test : test prompts per set (None: the whole split).
     max_new_tokens : generated tokens read by the refusal phrase match.
     conditions : refusal evaluation on harmful and harmless test prompts.
@@ -414,7 +417,7 @@ class ActivationRunConfig:
     select_min_frac: float = 0.25
     select_max_frac: float = 0.8
     select_stride: int = 2
-    max_kl: float = 0.1
+    max_kl: float = 0.5
     n_test: int | None = 32
     max_new_tokens: int = 20
     conditions: tuple[str, ...] = ("baseline", "ablation", "random_ablation")
@@ -477,8 +480,13 @@ def run_activation_space(cfg: ActivationRunConfig = ActivationRunConfig()) -> di
     timings["activations_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    pairs = (("harmful", "useful"), ("harmful", "harmless"), ("harmless", "useful"))
     overlap = {f"{a}_vs_{b}": activation_space_overlap(acts[a], acts[b], cfg.etas, names=(a, b)).to_dict()
-               for a, b in (("harmful", "useful"), ("harmful", "harmless"), ("harmless", "useful"))}
+               for a, b in pairs}
+    # every last token is the same template token, so the uncentred sets share one dominant mean direction and
+    # the uncentred MSO mostly measures that; the centred one compares how the prompts vary
+    overlap_centred = {f"{a}_vs_{b}": activation_space_overlap(acts[a], acts[b], cfg.etas, centered=True,
+                                                               names=(a, b)).to_dict() for a, b in pairs}
     sep = separability(acts["harmful"], acts["harmless"], seed=cfg.seed)
     timings["overlap_s"] = time.perf_counter() - t
 
@@ -514,7 +522,7 @@ def run_activation_space(cfg: ActivationRunConfig = ActivationRunConfig()) -> di
     payload = dict(
         kind="safety_activation", model=cfg.model, config=asdict(cfg), n_layers=L,
         data={"harmful": harmful.to_dict(), "harmless": harmless.to_dict(), "useful": useful.to_dict()},
-        overlap=overlap, separability=sep.to_dict(), layer_selection=sel.to_dict(), layer=layer,
+        overlap=overlap, overlap_centred=overlap_centred, separability=sep.to_dict(), layer_selection=sel.to_dict(), layer=layer,
         direction_norms=[float(dirs[l].norm()) for l in layers],
         refusal=refusal.to_dict(), induce=None if induce is None else induce.to_dict(),
         directions_file="refusal_directions.safetensors", timings=timings,

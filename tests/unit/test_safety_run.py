@@ -110,6 +110,7 @@ def test_activation_run_end_to_end(tiny_dir, tmp_path):
     for l, n in enumerate(p["direction_norms"]):
         assert dirs[f"layer_{l}"].norm().item() == pytest.approx(n, rel=1e-5)
     saved = results.load(tmp_path / "activation.json")
-    assert len(results.figures(saved)) >= 9
+    assert len(results.figures(saved)) >= 11
+    assert p["overlap_centred"]["harmful_vs_useful"]["centered"] is True
     h = results.headline(saved)
     assert h["refusal-direction layer"] == p["layer"] and "harmful refusal rate (ablation)" in h
