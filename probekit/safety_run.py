@@ -18,7 +18,7 @@ Weight space (``run_weight_space``; default SmolLM2-135M-Instruct, which barely 
 
 Activation space and refusal direction (``run_activation_space``; default Qwen2.5-Coder-0.5B-Instruct)
     1. Last-token activations (``blocks.{l}.hook_resid_pre``, every block) of the harmful, harmless and useful
-       training prompts.
+       training prompts, captured into the activation cache (reused by a rerun).
     2. Per layer and η: MSO harmful vs useful, harmful vs harmless and harmless vs useful, each with its random
        baseline, uncentred (the paper's default) and centred; harmful-vs-harmless linear separability per layer.
     3. Difference-in-means refusal directions; the layer chosen on validation prompts
@@ -407,6 +407,7 @@ class ActivationRunConfig:
     max_new_tokens : generated tokens read by the refusal phrase match.
     conditions : refusal evaluation on harmful and harmless test prompts.
     actadd : also add the direction (and a random one) to harmless test prompts.
+    cache_root : activation-cache root for the captures (None: ``$PROBEKIT_CACHE`` or ``./cache``).
     """
 
     model: str = "qwen2.5-coder-0.5b"
@@ -422,6 +423,7 @@ class ActivationRunConfig:
     max_new_tokens: int = 20
     conditions: tuple[str, ...] = ("baseline", "ablation", "random_ablation")
     actadd: bool = True
+    cache_root: str | None = None
     chat_template: bool = True
     seed: int = 0
     out: str | None = None
@@ -473,10 +475,13 @@ def run_activation_space(cfg: ActivationRunConfig = ActivationRunConfig()) -> di
     kw = dict(batch_size=cfg.batch_size, chat_template=cfg.chat_template)
 
     t = time.perf_counter()
-    acts = {}
+    from .cache import ActivationCache
+
+    acts, store = {}, ActivationCache(cfg.cache_root)  # content-addressed runs under <cache root>/runs: a rerun reads them back
     for nm, ps in (("harmful", harmful), ("harmless", harmless), ("useful", useful)):
         say(f"[probekit safety] last-token activations: {nm} ({len(ps.split('train'))} training prompts)")
-        acts[nm] = last_token_activations(model, tok, ps.split("train"), layers, progress=cfg.progress, **kw)
+        acts[nm] = last_token_activations(model, tok, ps.split("train"), layers, progress=cfg.progress, cache=store,
+                                          model_name=name, **kw)
     timings["activations_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

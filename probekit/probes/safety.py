@@ -256,7 +256,8 @@ def _as_layer_dict(acts: Mapping[Any, torch.Tensor], name: str) -> dict[Any, tor
 
 def last_token_activations(model, tokenizer, prompts: Sequence[str], layers: Iterable[int], *, batch_size: int = 8,
                            chat_template: bool = True, hook: str = "resid_pre", system: str | None = None,
-                           progress: bool = False) -> dict[int, torch.Tensor]:
+                           progress: bool = False, cache=None, model_name: str | None = None
+                           ) -> dict[int, torch.Tensor]:
     """Residual-stream activations at the last prompt token, per layer.
 
     Parameters
@@ -274,6 +275,11 @@ def last_token_activations(model, tokenizer, prompts: Sequence[str], layers: Ite
         Which residual site ``blocks.{l}.hook_{hook}`` stands for layer ``l``.
     system : str or None
     progress : bool
+    cache : probekit.cache.ActivationCache or None
+        Capture into this on-disk cache (content-addressed: the same model, prompts and settings reuse the run;
+        an interrupted capture resumes) and read the rows back from it. None: in memory.
+    model_name : str or None
+        Model identity in the cache key (default: the bridge's registry name or the class name).
 
     Returns
     -------
@@ -283,7 +289,8 @@ def last_token_activations(model, tokenizer, prompts: Sequence[str], layers: Ite
     Notes
     -----
     Uses :func:`probekit.capture.capture` with ``positions="last"``: right padding and each row's own length,
-    so a pad token is never read; the forward stops after the deepest requested layer.
+    so a pad token is never read; the forward stops after the deepest requested layer. Activations are stored in
+    float32 (in memory or in the cache).
     """
     from ..capture import CaptureConfig, capture
 
@@ -297,11 +304,16 @@ def last_token_activations(model, tokenizer, prompts: Sequence[str], layers: Ite
     cfg = CaptureConfig(hooks=names, positions="last", batch_size=batch_size,
                         max_length=max(len(d) for d in docs),  # never truncate: that would move the last token
                         dtype="float32", progress=progress)
-    res = capture(model, docs, cfg, tokenizer=tokenizer)
-    order = torch.argsort(res.meta["doc_index"])  # capture buckets by length; restore prompt order
-    if not torch.equal(res.meta["doc_index"][order], torch.arange(len(docs))):
+    if cache is None:
+        res = capture(model, docs, cfg, tokenizer=tokenizer)
+        doc_index, read = res.meta["doc_index"], lambda n: res.acts[n]
+    else:
+        run = cache.capture(model, docs, cfg, tokenizer=tokenizer, model_name=model_name)
+        doc_index, read = run.meta_tensors(["doc_index"])["doc_index"], lambda n: run.load(n).float()
+    order = torch.argsort(doc_index)  # capture buckets by length; restore prompt order
+    if not torch.equal(doc_index[order], torch.arange(len(docs))):
         raise RuntimeError("capture returned an unexpected set of documents.")
-    return {l: res.acts[n][order].contiguous() for l, n in zip(layers, names)}
+    return {l: read(n)[order].contiguous() for l, n in zip(layers, names)}
 
 
 # ------------------------------------------------------------------------------------------- activation-space MSO

@@ -141,7 +141,8 @@ def write_safety(root: Path, model_dir: Path, name: str = "tiny-llama") -> Path:
     try:
         sr.run_activation_space(sr.ActivationRunConfig(
             model=str(model_dir), etas=(0.5, 0.9), n_select=3, n_test=2, select_min_frac=0.0, select_max_frac=1.0,
-            select_stride=1, max_new_tokens=3, max_kl=10.0, chat_template=False, out=str(out), progress=False))
+            select_stride=1, max_new_tokens=3, max_kl=10.0, chat_template=False, out=str(out), progress=False,
+            cache_root=str(Path(root).parent / f"{Path(root).name}-activations")))  # not among the app's runs
         sr.run_weight_space(sr.WeightRunConfig(
             model=str(model_dir), align_epochs=1, useful_epochs=1, align_lr=1e-3, useful_lr=1e-3, batch_size=4,
             max_length=64, harmless_answer_tokens=6, n_useful=10, fractions=(0.25, 1.0), bases=("svd",),

@@ -78,6 +78,22 @@ def test_last_token_activations_on_plain_hf_model_equal_bridge(tiny_llama, tiny_
         torch.testing.assert_close(a[l], b[l], atol=1e-5, rtol=1e-4)
 
 
+def test_last_token_activations_through_the_cache_equal_memory_and_are_reused(tiny_llama, tmp_path):
+    from probekit.cache import ActivationCache
+
+    bridge, tok = tiny_llama
+    store = ActivationCache(tmp_path)
+    mem = last_token_activations(bridge, tok, PROMPTS, [1, 2], chat_template=False, batch_size=2)
+    disk = last_token_activations(bridge, tok, PROMPTS, [1, 2], chat_template=False, batch_size=2, cache=store)
+    for l in (1, 2):
+        torch.testing.assert_close(mem[l], disk[l], atol=0, rtol=0)  # float32 rows, stored as they are
+    (run,) = list((tmp_path / "runs").iterdir())
+    stamp = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    again = last_token_activations(bridge, tok, PROMPTS, [1, 2], chat_template=False, batch_size=2, cache=store)
+    torch.testing.assert_close(again[2], mem[2], atol=0, rtol=0)
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamp  # read, not rewritten
+
+
 def test_chat_template_missing_is_a_clear_error(tiny_llama):
     bridge, tok = tiny_llama
     with pytest.raises(PromptDataError, match="chat_template=False"):

@@ -96,8 +96,11 @@ def test_activation_run_end_to_end(tiny_dir, tmp_path):
 
     cfg = sr.ActivationRunConfig(model=str(tiny_dir["llama"]), etas=(0.5, 0.9), n_select=3, n_test=2,
                                  select_min_frac=0.0, select_max_frac=1.0, select_stride=1, max_new_tokens=3,
-                                 max_kl=10.0, chat_template=False, out=str(tmp_path), progress=False)
+                                 max_kl=10.0, chat_template=False, out=str(tmp_path), progress=False,
+                                 cache_root=str(tmp_path / "cache"))
     p = sr.run_activation_space(cfg)
+    runs = sorted((tmp_path / "cache" / "runs").iterdir())
+    assert len(runs) == 3  # harmful, harmless, useful: one content-addressed cache run each
     assert p["kind"] == "safety_activation" and p["n_layers"] == 3
     assert set(p["overlap"]) == {"harmful_vs_useful", "harmful_vs_harmless", "harmless_vs_useful"}
     o = p["overlap"]["harmful_vs_useful"]
