@@ -116,8 +116,8 @@ def _cmd_demo(args) -> int:
 def _cmd_linearscope(args) -> int:
     from .linearscope_run import LinearScopeRunConfig, run_linearscope
 
-    run_linearscope(LinearScopeRunConfig(digit_index=args.digit_index, model=args.model, prompt=args.prompt,
-                                         k=args.k, out=args.out, skip_lm=args.skip_lm))
+    run_linearscope(LinearScopeRunConfig(digit_index=args.digit_index, digits=args.digits, model=args.model,
+                                         prompt=args.prompt, k=args.k, out=args.out, skip_lm=args.skip_lm))
     return 0
 
 
@@ -241,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         kp.set_defaults(func=_cmd_cache)
 
     ls = sub.add_parser("linearscope", help="exact linear interpreters: digits CNN and a prompt on an LM")
-    ls.add_argument("--digit-index", type=int, default=0, help="index into the digits test split")
+    ls.add_argument("--digit-index", type=int, default=None,
+                    help="one index into the digits test split (only that digit unless --digits is also given)")
+    ls.add_argument("--digits", default=None, metavar="I,J,...|per-class",
+                    help="several test digits, one digit-<i>.json each: comma-separated indices or 'per-class' (the "
+                         "first test digit of each class; the default when --digit-index is not given)")
     ls.add_argument("--model", default=DEFAULT_MODEL, help="decoder LM for the token contributions")
     ls.add_argument("--prompt", default="def add(a, b):\n    return a +")
     ls.add_argument("--k", type=int, default=4, help="singular vectors to show")

@@ -2,8 +2,10 @@
 
 Writes JSON + plotly HTML under ``<cache root>/results/linearscope/``:
 
-- ``digits-cnn/``: for one test digit, the input, the class rows of A as images ("votes"), the bias share
-  b_k / y_k per class, the top singular vectors as images; the bias share over the whole test set.
+- ``digits-cnn/digit-<i>.json``: for each chosen test digit ``i``, the input, the class rows of A as images
+  ("votes"), the bias share b_k / y_k per class, the top singular vectors as images; and the bias share over the
+  whole test set (computed once per run, the same in every file). Which digits: ``digits`` (test indices, or
+  ``"per-class"``: the first test digit of each class) plus ``digit_index``; with neither given, ``"per-class"``.
 - ``<model>/``: the exact reconstruction error of the logits (float32 and float64) and, for a prompt, each
   token's contribution to the predicted next-token logit beside gradient × input.
 """
@@ -20,12 +22,15 @@ from .html_page import write_figures_page
 from .models import DEFAULT_MODEL
 from .paths import results_dir
 
+PER_CLASS = "per-class"
+
 
 @dataclass
 class LinearScopeRunConfig:
     """What ``probekit linearscope`` computes."""
 
-    digit_index: int = 0
+    digit_index: int | None = None
+    digits: tuple[int, ...] | str | None = None
     model: str = DEFAULT_MODEL
     prompt: str = "def add(a, b):\n    return a +"
     k: int = 4
@@ -33,10 +38,43 @@ class LinearScopeRunConfig:
     skip_lm: bool = False
 
     def __post_init__(self) -> None:
-        if self.digit_index < 0:
+        if self.digit_index is not None and (isinstance(self.digit_index, bool) or not isinstance(self.digit_index, int)
+                                             or self.digit_index < 0):
             raise ValueError("digit_index must be a test-set index ≥ 0")
+        self.digits = _parse_digits(self.digits)
         if not self.prompt.strip():
             raise ValueError("prompt is empty")
+
+
+def _parse_digits(digits) -> tuple[int, ...] | str | None:
+    """``None``, ``"per-class"``, or a tuple of test indices ≥ 0 (from ``"0,5,12"`` or a list)."""
+    if digits is None or digits == PER_CLASS:
+        return digits
+    if isinstance(digits, str):
+        parts = [t.strip() for t in digits.split(",") if t.strip()]
+        try:
+            digits = [int(t) for t in parts]
+        except ValueError:
+            raise ValueError(f"digits must be {PER_CLASS!r} or comma-separated test indices, got {digits!r}") from None
+    if isinstance(digits, int) and not isinstance(digits, bool):
+        digits = [digits]
+    if not isinstance(digits, (list, tuple)) or not digits or \
+            any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in digits):
+        raise ValueError(f"digits must be {PER_CLASS!r} or a non-empty list of test indices ≥ 0, got {digits!r}")
+    return tuple(digits)
+
+
+def digit_indices(cfg: LinearScopeRunConfig, y_test) -> list[int]:
+    """The test indices one run writes, ascending, without repeats (see the module docstring)."""
+    chosen = cfg.digits if cfg.digits is not None else (PER_CLASS if cfg.digit_index is None else ())
+    if chosen == PER_CLASS:
+        y = [int(v) for v in y_test]
+        chosen = [y.index(c) for c in sorted(set(y))]
+    out = set(chosen) | ({cfg.digit_index} if cfg.digit_index is not None else set())
+    for i in out:
+        if i >= len(y_test):
+            raise ValueError(f"digit index {i} is past the {len(y_test)} test digits")
+    return sorted(out)
 
 
 def _write(out: Path, name: str, payload: dict, figures: list) -> list[str]:
@@ -48,7 +86,10 @@ def _write(out: Path, name: str, payload: dict, figures: list) -> list[str]:
 
 
 def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
-    """Compute and write the outputs; return ``{"files": [...], "digits": {...}, "lm": {...}}``."""
+    """Compute and write the outputs; return ``{"files": [...], "digits": {...}, "digit_indices": [...], "lm": {...}}``.
+
+    ``digits`` is the payload of ``digit_index`` (or of the first digit written when it is not set).
+    """
     from .digits_cnn import digits_split, load_digits_cnn
     from .probes.linearscope import LinearScope
 
@@ -56,15 +97,18 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
     files: list[str] = []
     net = load_digits_cnn()
     _, X_test, _, y_test = digits_split()
-    if cfg.digit_index >= len(X_test):
-        raise ValueError(f"digit_index {cfg.digit_index} is past the {len(X_test)} test digits")
+    indices = digit_indices(cfg, y_test)
     scope = LinearScope(net, dtype=torch.float64)
-    one = scope.analyze(X_test[cfg.digit_index], k=cfg.k, label=int(y_test[cfg.digit_index]))
-    dataset = scope.dataset_bias_share(X_test, y_test)
-    digits = dict(kind="linearscope_digits", one=one.to_dict(), test_set=dataset.to_dict(), test_accuracy=getattr(net, "test_accuracy", None))
-    files += _write(root / "digits-cnn", f"digit-{cfg.digit_index}", digits, one.figures() + dataset.figures())
-    print(f"[probekit linearscope] digit {cfg.digit_index}: mean bias share over the test set "
-          f"{dataset.mean_share_predicted:+.3f} (at the predicted class)")
+    dataset = scope.dataset_bias_share(X_test, y_test)  # the same for every digit: computed once
+    written: dict[int, dict] = {}
+    for i in indices:
+        one = scope.analyze(X_test[i], k=cfg.k, label=int(y_test[i]))
+        written[i] = dict(kind="linearscope_digits", one=one.to_dict(), test_set=dataset.to_dict(),
+                          test_accuracy=getattr(net, "test_accuracy", None))
+        files += _write(root / "digits-cnn", f"digit-{i}", written[i], one.figures() + dataset.figures())
+    digits = written[indices[0]] if cfg.digit_index is None else written[cfg.digit_index]
+    print(f"[probekit linearscope] digit{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))}: mean bias "
+          f"share over the test set {dataset.mean_share_predicted:+.3f} (at the predicted class)")
 
     lm = {}
     if not cfg.skip_lm:
@@ -86,4 +130,4 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
               f"next token {tc.target!r}: logit {tc.logit:.3f} = Σ token contributions + b ({tc.bias:.3f})")
     for f in files:
         print(f"[probekit linearscope] wrote {f}")
-    return dict(files=files, digits=digits, lm=lm, config=asdict(cfg))
+    return dict(files=files, digits=digits, digit_indices=indices, lm=lm, config=asdict(cfg))

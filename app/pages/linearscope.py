@@ -94,15 +94,34 @@ def prompt_view(model: str | None, view: str | None) -> tuple[dict, object]:
     return data.memo(("ls-prompt", stamp, view), build), None
 
 
-def layout(params: dict) -> html.Div:
+def digit_label(i: int) -> str:
+    """``"#12 (class 3)"`` for a computed digit (its true class read from the file), ``"#12 (not computed)"``."""
+    try:
+        one = data.load_result("linearscope-digits", "digits-cnn", index=i).get("one")
+    except data.ResultMissing:
+        return f"#{i} (not computed)"
+    except (UnsafePathError, ValueError, OSError):
+        return f"#{i}"
+    label = one.get("label") if isinstance(one, dict) else None
+    return f"#{i} (class {label})" if isinstance(label, int) and not isinstance(label, bool) else f"#{i}"
+
+
+def digit_options(selected: int | None = None) -> tuple[list[dict], int]:
+    """The picker's options (every computed digit, plus ``selected`` when it is not one) and its value."""
     digits = [int(d) for d in data.list_results("linearscope-digits")]
+    digit = selected if selected is not None else (digits[0] if digits else 0)
+    values = digits if digit in digits else digits + [digit]
+    return options(values, [digit_label(d) for d in values]), digit
+
+
+def layout(params: dict) -> html.Div:
     lms = data.list_results("linearscope-lm")
-    digit = params.get("digit", digits[0] if digits else 0)
+    digit_opts, digit = digit_options(params.get("digit"))
     model = params.get("model") or (lms[0] if lms else data.DEFAULT_MODEL)
     return html.Div([
         html.H2("LinearScope"),
         card("Digits CNN",
-             dcc.Dropdown(id="ls-digit", options=options(digits + [digit] if digit not in digits else digits), value=digit, clearable=False),
+             dcc.Dropdown(id="ls-digit", options=digit_opts, value=digit, clearable=False),
              html.Div(id="ls-digit-msg"), graph("ls-rows-fig"), graph("ls-share-fig")),
         card("Token contributions to a logit",
              html.Div(className="controls", children=[

@@ -204,3 +204,32 @@ def test_cli_parses_app_defaults():
     assert (a.host, a.port, a.debug, a.cache_root) == ("127.0.0.1", 8050, False, None)
     a = build_parser().parse_args(["app", "--host", "0.0.0.0", "--port", "9000", "--debug", "--cache-root", "x"])
     assert (a.host, a.port, a.debug, a.cache_root) == ("0.0.0.0", 9000, True, "x")
+
+
+def test_linearscope_picker_lists_every_computed_digit(tmp_path):
+    import numpy as np
+
+    from tests.browser.fixture_cache import linearscope_digit
+
+    folder = tmp_path / "results" / "linearscope" / "digits-cnn"
+    folder.mkdir(parents=True)
+    for i, label in ((0, 0), (12, 3), (40, 7)):
+        p = linearscope_digit()
+        p["one"]["label"] = label
+        p["one"]["input"] = np.random.default_rng(i).random((1, 8, 8)).tolist()
+        (folder / f"digit-{i}.json").write_text(json.dumps(p))
+    data.set_root(tmp_path)
+    opts, value = linearscope.digit_options(None)
+    assert value == 0 and opts == [{"label": "#0 (class 0)", "value": 0}, {"label": "#12 (class 3)", "value": 12},
+                                   {"label": "#40 (class 7)", "value": 40}]
+    opts, value = linearscope.digit_options(7)  # a URL digit not computed stays selectable, and says so
+    assert value == 7 and opts[-1] == {"label": "#7 (not computed)", "value": 7}
+    page = _text(linearscope.layout({"digit": 12}))
+    assert '"value": 12' in page and "#40 (class 7)" in page
+    a, _, msg_a = linearscope.digit_view(12)
+    b, _, msg_b = linearscope.digit_view(40)
+    assert msg_a is None and msg_b is None
+    assert a["data"][0]["z"] != b["data"][0]["z"]  # choosing a digit changes the input image
+    assert "label 3" in a["layout"]["title"]["text"] and "label 7" in b["layout"]["title"]["text"]
+    _, _, msg = linearscope.digit_view(7)
+    assert "probekit linearscope --digit-index 7" in _text(msg)

@@ -405,3 +405,55 @@ def test_load_digits_cnn_caches_safetensors(tmp_path, monkeypatch, digits):
     m3, acc3 = train_digits_cnn(seed=0, epochs=2)
     with torch.no_grad():
         assert torch.equal(m3(digits[1][:8]), m1(digits[1][:8]))
+
+
+# ---------------------------------------------------------------------------
+# probekit linearscope: several digits in one run
+# ---------------------------------------------------------------------------
+
+
+def test_linearscope_command_writes_several_digits(cnn, digits, tmp_path, monkeypatch, capsys):
+    from probekit import results
+    from probekit.cli import main
+    from probekit.linearscope_run import LinearScopeRunConfig
+
+    monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("probekit.digits_cnn.load_digits_cnn", lambda: cnn)  # trained once, by the fixture
+    y = [int(v) for v in digits[3]]
+    per_class = sorted(y.index(c) for c in range(10))
+
+    def written(out):
+        got = {int(p.stem.removeprefix("digit-")): json.loads(p.read_text())
+               for p in (out / "digits-cnn").glob("digit-*.json")}
+        assert all((out / "digits-cnn" / f"digit-{i}.html").is_file() for i in got)
+        return got
+
+    # default: the first test digit of each class
+    many = written(_run(main, tmp_path / "default", []))
+    assert sorted(many) == per_class and sorted(y[i] for i in many) == list(range(10))
+    # --digits plus --digit-index: the union
+    more = written(_run(main, tmp_path / "list", ["--digits", "5, 12", "--digit-index", "3"]))
+    assert sorted(more) == [3, 5, 12]
+    for i, p in {**many, **more}.items():
+        assert p["kind"] == "linearscope_digits" and p["one"]["label"] == y[i]
+        assert p["test_set"] == many[per_class[0]]["test_set"]  # computed once, the same in every file
+    # each file equals a single-digit run for that index (the old --digit-index behaviour: one file)
+    for i in (3, 12, per_class[-1]):
+        single = written(_run(main, tmp_path / f"single-{i}", ["--digit-index", str(i)]))
+        assert list(single) == [i]
+        assert single[i] == {**many, **more}[i]
+        figs = results.figures(single[i])
+        assert figs and all(f.to_json() for f in figs)
+    # bad values are refused with exit code 2, naming the problem
+    for bad in (["--digits", "1,x"], ["--digits", "100000"], ["--digits", "-1"], ["--digit-index", "-2"]):
+        assert main(["linearscope", "--skip-lm", "--out", str(tmp_path / "bad"), *bad]) == 2
+    assert not (tmp_path / "bad" / "digits-cnn").exists()
+    assert LinearScopeRunConfig(digits=[4, 1]).digits == (4, 1)
+    assert LinearScopeRunConfig(digits="per-class").digits == "per-class"
+    with pytest.raises(ValueError, match="per-class"):
+        LinearScopeRunConfig(digits=[])
+
+
+def _run(main, out, args):
+    assert main(["linearscope", "--skip-lm", "--out", str(out), *args]) == 0
+    return out
