@@ -355,6 +355,22 @@ class ActivationOverlapResult:
     centered: bool = False
     names: tuple[str, str] = ("a", "b")
 
+    def __repr__(self) -> str:
+        a, b = self.names
+        return (f"ActivationOverlapResult({a} vs {b}, layers={len(self.layers)}, etas={len(self.etas)}, "
+                f"mean MSO={np.nanmean(np.asarray(self.mso, dtype=float)):.3f}, mean baseline="
+                f"{np.nanmean(np.asarray(self.baseline, dtype=float)):.3f}, centered={self.centered})")
+
+    def _repr_html_(self) -> str:
+        from ..html_page import html_table
+
+        m = np.asarray(self.mso, dtype=float)
+        b = np.asarray(self.baseline, dtype=float)
+        rows = [{"layer": l, **{f"η={e}": f"{m[i, j]:.3f} ({b[i, j]:.3f})" for j, e in enumerate(self.etas)}}
+                for i, l in enumerate(self.layers)]
+        a, bn = self.names
+        return html_table(rows, caption=f"MSO {a} vs {bn} per layer and η (random baseline in brackets)")
+
     def excess(self) -> np.ndarray:
         """``MSO - baseline``, shape ``(L, E)``."""
         return np.asarray(self.mso, dtype=float) - np.asarray(self.baseline, dtype=float)
@@ -1016,6 +1032,21 @@ class LayerSelection:
     filtered: bool
     config: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"LayerSelection(layer={self.layer}, candidates={self.layers}, filtered={self.filtered}, "
+                f"harmful score {self.harmful_baseline:.2f} -> "
+                f"{self.harmful_ablated[self.layers.index(self.layer)]:.2f} ablated)")
+
+    def _repr_html_(self) -> str:
+        from ..html_page import html_table
+
+        rows = [{"layer": l, "harmful ablated": h, "harmless ablated": b, "harmless KL": k, "eligible": e,
+                 **({"harmless induced": self.harmless_induced[i]} if self.harmless_induced is not None else {})}
+                for i, (l, h, b, k, e) in enumerate(zip(self.layers, self.harmful_ablated, self.harmless_ablated,
+                                                        self.harmless_kl, self.eligible))]
+        return html_table(rows, caption=f"Refusal-direction layer selection: chosen {self.layer} (clean harmful "
+                                        f"{self.harmful_baseline:.3f}, harmless {self.harmless_baseline:.3f})")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind"] = "refusal_layer_selection"
@@ -1172,6 +1203,18 @@ class RefusalResult:
     layer: int | None
     direction_norm: float
     config: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        rates = ", ".join(f"{c}: " + "/".join(f"{self.refusal_rate[c][s]:.2f}" for s in self.sets)
+                          for c in self.conditions)
+        return f"RefusalResult(refusal rate {'/'.join(self.sets)} — {rates}; layer={self.layer})"
+
+    def _repr_html_(self) -> str:
+        from ..html_page import html_table
+
+        rows = [{"condition": c, **{f"{s} refusal rate": self.refusal_rate[c][s] for s in self.sets},
+                 **{f"{s} refusal score": self.refusal_score[c][s] for s in self.sets}} for c in self.conditions]
+        return html_table(rows, caption=f"Refusal with and without the direction (layer {self.layer})")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

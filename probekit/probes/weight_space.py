@@ -497,6 +497,20 @@ class WeightSpaceResult:
                 out[p["fraction"]] = out.get(p["fraction"], 0.0) + p["sq_norm_upar"]
         return {f: (v / total if total > 0 else float("nan")) for f, v in sorted(out.items())}
 
+    def __repr__(self) -> str:
+        ek = self.energy_kept("svd") if any(p["basis"] == "svd" for p in self.projections) else {}
+        kept = ", ".join(f"f={f}: {v:.3f}" for f, v in ek.items())
+        return f"WeightSpaceResult({len(self.matrices)} matrices; energy of U kept in V's subspace: {kept or 'n/a'})"
+
+    def _repr_html_(self) -> str:
+        from ..html_page import html_table
+
+        bases = list(dict.fromkeys(p["basis"] for p in self.projections))
+        kept = {b: self.energy_kept(b) for b in bases}
+        fr = sorted({p["fraction"] for p in self.projections})
+        rows = [{"rank fraction f": f, **{f"energy kept ({b})": kept[b].get(f) for b in bases}} for f in fr]
+        return html_table(rows, caption=f"Σ‖U∥‖² / Σ‖U‖² over {len(self.matrices)} matrices")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind"] = "weight_space"

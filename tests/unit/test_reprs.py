@@ -95,3 +95,23 @@ def test_capture_result_repr(tiny_llama):
     text = repr(res)
     assert text.startswith("CaptureResult(2 docs") and "'blocks.0.hook_resid_post': (" in text
     assert "config" not in text  # the whole config no longer floods notebook output
+
+
+def test_safety_result_reprs_are_short_and_tables_hold_the_numbers():
+    from probekit.probes.safety import ActivationOverlapResult, LayerSelection, RefusalResult
+    from probekit.probes.weight_space import WeightSpaceResult
+
+    o = ActivationOverlapResult([3, 4], [0.5, 0.9], [[0.25, 0.5], [0.75, 1.0]], [[1, 2], [3, 4]], [[1, 2], [3, 4]],
+                                [[0.01, 0.02], [0.03, 0.04]], [64, 64], 10, 12, names=("harmful", "useful"))
+    assert "harmful vs useful" in repr(o) and "0.625" in repr(o)  # mean MSO
+    assert "0.750 (0.030)" in _cells(o._repr_html_())
+    r = RefusalResult(["baseline", "ablation"], ["harmful"], {"baseline": {"harmful": 0.75}, "ablation":
+                      {"harmful": 0.0}}, {"baseline": {"harmful": 1.5}, "ablation": {"harmful": -3.0}},
+                      {"baseline": {"harmful": ["x" * 500]}, "ablation": {"harmful": ["y" * 500]}}, 18, 2.0)
+    assert len(repr(r)) < 200 and "0.75" in repr(r) and "0.00" in repr(r)
+    assert _cells(r._repr_html_())[-3:] == ["ablation", "0", "-3"]
+    sel = LayerSelection([6, 8], -1.2, -3.1, [-0.9, -3.7], [-3.2, -4.0], [0.05, 0.4], None, [True, True], 8, True)
+    assert "layer=8" in repr(sel) and "-3.70" in repr(sel)
+    assert "0.4" in _cells(sel._repr_html_())
+    ws = WeightSpaceResult([{"norm_u": 2.0}], [{"basis": "svd", "fraction": 0.5, "sq_norm_upar": 1.0}])
+    assert "f=0.5: 0.250" in repr(ws) and "0.25" in _cells(ws._repr_html_())
