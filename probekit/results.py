@@ -350,14 +350,15 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
             out[f"harmful refusal rate ({c})"] = rr[c]["harmful"]
         if payload.get("induce"):
             out["harmless refusal rate (actadd)"] = payload["induce"]["refusal_rate"]["actadd"]["harmless"]
-        out["MSO harmful vs useful, η≈0.9, 65–90% depth"] = float(np.nanmean(
-            [np.nan if o["mso"][i][j] is None else o["mso"][i][j] for i in late]))
-        out["random baseline (same cells)"] = float(np.mean([o["baseline"][i][j] for i in late]))
+        def cells(ov: dict, key: str) -> float:  # mean over the late layers at η ≈ 0.9; None (k = 0) skipped
+            return float(np.nanmean([np.nan if ov[key][i][j] is None else ov[key][i][j] for i in late]))
+
+        out["MSO harmful vs useful, η≈0.9, 65–90% depth"] = cells(o, "mso")
+        out["random baseline (same cells)"] = cells(o, "baseline")
         c = (payload.get("overlap_centred") or {}).get("harmful_vs_useful")
         if c:
-            out["centred MSO harmful vs useful, same cells"] = float(np.nanmean(
-                [np.nan if c["mso"][i][j] is None else c["mso"][i][j] for i in late]))
-            out["centred baseline (same cells)"] = float(np.mean([c["baseline"][i][j] for i in late]))
+            out["centred MSO harmful vs useful, same cells"] = cells(c, "mso")
+            out["centred baseline (same cells)"] = cells(c, "baseline")
         return out
     if kind == "safety_weight":
         ck = payload["checkpoints"]

@@ -261,13 +261,14 @@ def _bank(base, aligned, keys, cfg: WeightRunConfig):
 
 @torch.no_grad()
 def _load_projection(model, aligned_sd, finetuned_sd, keys, bank_kind, fraction: float, variant: str) -> None:
-    """Write the projected weights of one (basis, fraction, variant) into ``model`` (fine-tuned elsewhere)."""
+    """Write the projected weights of one (basis, fraction, variant) into ``model``.
+
+    ``model`` is a copy of the fine-tuned model: only the analysed matrices differ between the variants, so
+    every other tensor already holds the fine-tuned value.
+    """
     from .probes.weight_space import project_update, projected_weight
 
     own = model.state_dict()
-    for k, t in finetuned_sd.items():
-        if k in own:
-            own[k].copy_(t)
     for k in keys:
         Wa = aligned_sd[k].double()
         U = finetuned_sd[k].double() - Wa

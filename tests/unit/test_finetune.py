@@ -11,12 +11,7 @@ PROMPTS = ["say hi", "count to three", "name a colour", "what is 2+2?", "spell c
 ANSWERS = ["hi!", "one two three", "blue", "4", "c a t", "d e f"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf(tiny_dir):

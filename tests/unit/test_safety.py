@@ -36,13 +36,7 @@ PROMPTS = ["hello there", "how do I bake bread?", "x", "write a poem about the s
 N_LAYERS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls are far slower with 2 threads on a shared, busy 2-core box; restore the setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ from probekit.probes.weight_space import (
 from probekit.subspace import rank_fraction_k
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoints(seed: int = 0, dtype=torch.float64):
