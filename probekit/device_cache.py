@@ -370,7 +370,8 @@ class DeviceCache:
         n = len(sel)
         views = {h: self._shard_views(h) for h in hooks}
 
-        if self.device.type != "cuda":
+        up = self._uploader()
+        if up is None:
             reuse: dict[str, torch.Tensor] = {}  # one host buffer per hook, refilled: no fresh pages per buffer
 
             def own(part):  # batches must outlive the buffer's refill: each gets its own copy (cast included)
@@ -381,33 +382,16 @@ class DeviceCache:
                                     batch_size, drop_last, own)
             return
 
-        main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-
-        def stage(b):
-            """Host read into pinned memory, then an async upload on the side stream; returns (tensors, event)."""
-            host = self._read_buffer(hooks, views, sel, *b, pin=True)
-            # device memory is allocated on the main stream; the side stream must not write it before main-stream
-            # work that used the same memory (before it was freed) is done
-            dev = {k: torch.empty_like(v, device=self.device) for k, v in host.items()}
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                for k, v in host.items():
-                    dev[k].copy_(v, non_blocking=True)  # the host allocator keeps `v` until this copy completes
-            ev = torch.cuda.Event()
-            ev.record(side)
-            return dev, ev
-
         def chunks(buffers):
+            """Stage buffer k+1 (host read, async upload) before buffer k is handed out: the upload overlaps the
+            consumer's work on buffer k."""
             it = iter(buffers)
             cur = next(it, None)
-            cur = stage(cur) if cur is not None else None
+            cur = up.stage(self._read_buffer(hooks, views, sel, *cur, pin=up.pin)) if cur is not None else None
             while cur is not None:
                 nxt = next(it, None)
-                nxt = stage(nxt) if nxt is not None else None  # prefetch: uploads while `cur` is consumed
-                dev, ev = cur
-                main.wait_event(ev)
-                yield dev
+                nxt = up.stage(self._read_buffer(hooks, views, sel, *nxt, pin=up.pin)) if nxt is not None else None
+                yield up.ready(cur)
                 cur = nxt
 
         def cast(part):  # device buffers are fresh per buffer: batches may stay views of them
@@ -417,7 +401,48 @@ class DeviceCache:
             for buffers in self._epochs(n, rpb, buffer_blocks, shuffle, seed, epochs):
                 yield from _rebatch(chunks(buffers), batch_size, drop_last, cast)
         finally:  # closed early with an upload in flight: order its buffer's reuse after the copy
-            main.wait_stream(side)
+            up.close()
+
+    def _uploader(self) -> "_CudaUploader | None":
+        """The host->device transport of the streamed path on CUDA; ``None`` on the CPU, where buffers are read
+        straight into reused host memory. (A seam: tests drive the pipelined path with a fake transport.)"""
+        return _CudaUploader(self.device) if self.device.type == "cuda" else None
+
+
+class _CudaUploader:
+    """Uploads host buffers on a side stream so they overlap the main stream's work.
+
+    ``stage`` copies a dict of pinned host tensors into fresh device tensors on the side stream and records an
+    event; ``ready`` makes the main stream wait for that event and returns the device tensors; ``close`` orders
+    every later main-stream use of memory the side stream wrote after the side stream's work.
+    """
+
+    pin = True  # host buffers must be pinned for the copies to be asynchronous
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.main = torch.cuda.current_stream(device)
+        self.side = torch.cuda.Stream(device)
+
+    def stage(self, host: dict[str, torch.Tensor]):
+        # device memory is allocated on the main stream; the side stream must not write it before main-stream
+        # work that used the same memory (before it was freed) is done
+        dev = {k: torch.empty_like(v, device=self.device) for k, v in host.items()}
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            for k, v in host.items():
+                dev[k].copy_(v, non_blocking=True)  # the host allocator keeps `v` until this copy completes
+        ev = torch.cuda.Event()
+        ev.record(self.side)
+        return dev, ev
+
+    def ready(self, staged) -> dict[str, torch.Tensor]:
+        dev, ev = staged
+        self.main.wait_event(ev)
+        return dev
+
+    def close(self) -> None:
+        self.main.wait_stream(self.side)
 
 
 def _rebatch(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int, drop_last: bool, convert):
