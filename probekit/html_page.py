@@ -1,4 +1,4 @@
-"""One self-contained HTML page of plotly figures (plotly.js inlined once, so it opens offline)."""
+"""One HTML page of plotly figures that opens offline: plotly.js inlined once, or shared from a file beside it."""
 
 from __future__ import annotations
 
@@ -11,22 +11,43 @@ __all__ = ["html_table", "write_figures_page"]
 
 
 def write_figures_page(path: str | Path, figures: Sequence[Any], *, title: str = "probekit",
-                       default_height: int = 520) -> Path:
+                       default_height: int = 520, plotlyjs: str = "inline") -> Path:
     """Write ``figures`` one below the other into ``path``.
 
     A figure without an explicit layout height gets ``default_height`` pixels: a page of several divs would
     otherwise give each one the full window height. The figures are not modified.
+
+    ``plotlyjs="inline"`` embeds plotly.js (~3.5 MB) so the page stands alone; ``"directory"`` writes
+    ``plotly.min.js`` once beside the page and links to it, for a folder of many pages (keep them together).
     """
+    if plotlyjs not in ("inline", "directory"):
+        raise ValueError(f"plotlyjs must be 'inline' or 'directory', got {plotlyjs!r}")
     path = Path(path)
+    if plotlyjs == "directory":
+        _write_plotlyjs(path.parent)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"]
     for i, fig in enumerate(figures):
         if fig.layout.height is None:
             fig = type(fig)(fig)  # copy: leave the caller's figure as it was
             fig.update_layout(height=default_height)
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+        include = (True if plotlyjs == "inline" else "directory") if i == 0 else False  # "directory": a <script src>
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=include))
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _write_plotlyjs(folder: Path) -> None:
+    """``folder/plotly.min.js`` (the installed plotly's bundle), written atomically unless already the same."""
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs().encode("utf-8")
+    dest = folder / "plotly.min.js"
+    if dest.is_file() and dest.stat().st_size == len(js) and dest.read_bytes() == js:
+        return
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_bytes(js)
+    tmp.replace(dest)
 
 
 def html_table(rows: Sequence[dict[str, Any]], *, caption: str | None = None, digits: int = 3) -> str:

@@ -77,12 +77,13 @@ def digit_indices(cfg: LinearScopeRunConfig, y_test) -> list[int]:
     return sorted(out)
 
 
-def _write(out: Path, name: str, payload: dict, figures: list) -> list[str]:
+def _write(out: Path, name: str, payload: dict, figures: list, plotlyjs: str = "inline") -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     html = out / f"{name}.html"
-    write_figures_page(html, figures, title=f"probekit {name}")
-    return [str(out / f"{name}.json"), str(html)]
+    write_figures_page(html, figures, title=f"probekit {name}", plotlyjs=plotlyjs)
+    files = [str(out / f"{name}.json"), str(html)]
+    return files + ([str(out / "plotly.min.js")] if plotlyjs == "directory" else [])
 
 
 def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
@@ -105,7 +106,9 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
         one = scope.analyze(X_test[i], k=cfg.k, label=int(y_test[i]))
         written[i] = dict(kind="linearscope_digits", one=one.to_dict(), test_set=dataset.to_dict(),
                           test_accuracy=getattr(net, "test_accuracy", None))
-        files += _write(root / "digits-cnn", f"digit-{i}", written[i], one.figures() + dataset.figures())
+        # one page per digit: they share one plotly.min.js instead of inlining 3.5 MB each
+        files += _write(root / "digits-cnn", f"digit-{i}", written[i], one.figures() + dataset.figures(),
+                        plotlyjs="directory")
     digits = written[indices[0]] if cfg.digit_index is None else written[cfg.digit_index]
     print(f"[probekit linearscope] digit{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))}: mean bias "
           f"share over the test set {dataset.mean_share_predicted:+.3f} (at the predicted class)")

@@ -118,5 +118,7 @@ def test_linearscope_command_writes_json_and_html(tiny_dir, tmp_path, monkeypatc
     assert abs(sum(c["linearscope"]) + c["bias"] - c["logit"]) < 1e-9
     digits = json.loads((out / "digits-cnn" / "digit-0.json").read_text())
     assert 0.9 < digits["test_accuracy"] <= 1 and digits["test_set"]["n"] > 400
-    assert (out / "digits-cnn" / "digit-0.html").stat().st_size > 100_000
+    page = (out / "digits-cnn" / "digit-0.html").read_text()
+    assert 'src="plotly.min.js"' in page and "Plotly.newPlot" in page  # shared bundle, not inlined
+    assert len(page) < 1_000_000 < (out / "digits-cnn" / "plotly.min.js").stat().st_size
     assert main(["linearscope", "--digit-index", "100000", "--skip-lm", "--out", str(out)]) == 2
