@@ -79,7 +79,8 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
             path = data.result_file_path(rel, root)
         except (UnsafePathError, FileNotFoundError):
             flask.abort(404)
-        return flask.send_file(path, mimetype="text/html" if path.suffix == ".html" else "application/json")
+        mimetype = {".html": "text/html", ".js": "text/javascript"}.get(path.suffix, "application/json")
+        return flask.send_file(path, mimetype=mimetype)
 
     return app
 

@@ -226,6 +226,9 @@ def _inside(root: Path, p: Path) -> bool:
         return False
 
 
+PLOTLY_JS = "plotly.min.js"
+
+
 def result_files(root: Path | None = None) -> list[dict]:
     """Every JSON/HTML file under ``results/`` (inside the root): ``{"kind", "id", "file", "rel", "bytes"}``."""
     root = root or get_root()
@@ -243,8 +246,9 @@ def result_files(root: Path | None = None) -> list[dict]:
 
 
 def result_file_path(rel: str, root: Path | None = None) -> Path:
-    """A served result file: only ``.json``/``.html`` under ``results/``; raises ``UnsafePathError``."""
-    if not isinstance(rel, str) or not rel.endswith((".json", ".html")):
+    """A served result file: only ``.json``/``.html`` under ``results/``, and the ``plotly.min.js`` that a
+    folder of pages shares (see ``write_figures_page(plotlyjs="directory")``); raises ``UnsafePathError``."""
+    if not isinstance(rel, str) or not (rel.endswith((".json", ".html")) or rel.split("/")[-1] == PLOTLY_JS):
         raise UnsafePathError(f"not a result file: {str(rel)[:60]!r}")
     p = safe_path(root or get_root(), "results", rel)
     if not p.is_file():

@@ -60,3 +60,22 @@ def test_run_ids_and_names():
     for bad in ["../x", "a/b", "blocks..3", "", "a b"]:
         with pytest.raises(UnsafePathError):
             check_hook(bad)
+
+
+def test_result_files_served_only_json_html_and_the_shared_plotly_bundle(tmp_path):
+    from app import create_app
+    from probekit.html_page import write_figures_page
+    import plotly.graph_objects as go
+
+    folder = tmp_path / "results" / "linearscope" / "digits-cnn"
+    folder.mkdir(parents=True)
+    write_figures_page(folder / "digit-0.html", [go.Figure(go.Bar(x=["a"], y=[1]))], plotlyjs="directory")
+    (folder / "notes.js").write_text("alert(1)")
+    (folder / "x.txt").write_text("x")
+    client = create_app(tmp_path).server.test_client()
+    page = client.get("/files/results/linearscope/digits-cnn/digit-0.html")
+    assert page.status_code == 200 and b'src="plotly.min.js"' in page.data
+    js = client.get("/files/results/linearscope/digits-cnn/plotly.min.js")  # what the page's relative src asks
+    assert js.status_code == 200 and js.mimetype == "text/javascript" and b"plotly.js v" in js.data[:2000]
+    for bad in ["linearscope/digits-cnn/notes.js", "linearscope/digits-cnn/x.txt", "linearscope/plotly.min.js"]:
+        assert client.get(f"/files/results/{bad}").status_code == 404
