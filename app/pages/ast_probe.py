@@ -3,9 +3,9 @@ recall per non-terminal at a chosen layer, and a snippet picker drawing gold vs 
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 
+from probekit import results as pr
 from probekit.probes.ast_figures import f1_vs_k_figure, per_label_recall_figure, tree_comparison_figure
 
 from .. import data
@@ -16,8 +16,7 @@ from ..urlstate import encode_query
 PATH = "/ast-probe"
 TITLE = "AST-Probe"
 SCHEMA = {"model": str, "metric": str, "controls": bool, "curves": str, "layer": str, "snippet": int}
-METRICS = {"f1": "constituent F1", "precision": "precision", "recall": "recall", "c_accuracy": "c accuracy",
-           "u_accuracy": "u accuracy", "d_order_accuracy": "d order accuracy"}
+METRICS = dict(pr.AST_METRICS)
 CURVES = {"both": "separate + Matryoshka", "separate": "separate fits", "matryoshka": "Matryoshka prefixes"}
 
 
@@ -59,22 +58,7 @@ def layer_view(model: str | None, metric: str | None, controls: list | None) -> 
     show = bool(controls)
 
     def build() -> dict:
-        r = p.get("result") or {}
-        x = [str(v) for v in r.get("layers", [])]
-        fig = go.Figure(go.Scatter(x=x, y=r.get(metric, []), mode="lines+markers", name=f"AST-Probe {METRICS[metric]}"))
-        if show and metric == "f1":
-            for name, ys in (r.get("controls") or {}).items():
-                ys = list(ys) * (len(x) if len(ys) == 1 else 1)
-                fig.add_trace(go.Scatter(x=x, y=ys, mode="lines", name=name, line={"dash": "dash"}))
-            for name, v in (p.get("published") or {}).items():
-                fig.add_hline(y=float(v), line={"dash": "dot", "color": "grey"}, annotation_text=f"published {name}")
-        best = p.get("best_layer_by_validation")
-        fig.update_layout(title=f"{METRICS[metric]} per layer (k={r.get('k')}, n={r.get('n_snippets')}; "
-                                f"best by validation: {best})", xaxis_title="layer", yaxis_title=METRICS[metric],
-                          template="plotly_white", legend={"orientation": "h", "y": -0.25})
-        fig.update_xaxes(type="category")
-        fig.update_yaxes(range=[0, 1.02])
-        return fig.to_dict()
+        return pr.ast_layer_figure(p, metric=metric, controls=show, published=show).to_dict()
 
     return data.memo(("ast-layer", stamp, metric, show), build), None
 

@@ -3,8 +3,9 @@ next-token CE with each reconstruction spliced in, and a per-token scatter when 
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
+
+from probekit import results as pr
 
 from .. import data
 from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
@@ -15,10 +16,6 @@ PATH = "/dark-matter"
 TITLE = "Dark matter"
 SCHEMA = {"model": str, "fvu": str, "width": str}
 FVU_MODES = {"stacked": "stacked split", "total": "total FVU only"}
-SPLIT = (("absent features", "absent"), ("linear error", "linear"), ("nonlinear error", "nonlinear"),
-         ("cross term (held out)", "cross"))
-CE = (("clean", "ce_clean"), ("x̂", "ce_sae"), ("x̂ + linear error", "ce_linear"),
-      ("x̂ + nonlinear error", "ce_nonlinear"), ("zero ablation", "ce_zero"))
 #: Field the per-token scatter reads (written by ``probekit dark-matter run``):
 #: ``{"width", "actual", "predicted", "hover"}`` for an evenly spaced subset of held-out tokens.
 PER_TOKEN_FIELD = "scatter"
@@ -43,34 +40,8 @@ def figures_view(model: str | None, fvu_mode: str | None) -> tuple[dict, dict, d
     mode = fvu_mode if fvu_mode in FVU_MODES else "stacked"
 
     def build():
-        s = p.get("fvu_split") or {}
-        x = [str(w) for w in s.get("widths", [])]
-        fvu = go.Figure()
-        if mode == "stacked":
-            for name, key in SPLIT:
-                fvu.add_trace(go.Bar(x=x, y=s.get(key, []), name=name))
-        else:
-            fvu.add_trace(go.Bar(x=x, y=s.get("fvu", []), name="FVU"))
-        fvu.update_layout(barmode="relative", template="plotly_white", xaxis_title="SAE width (latents)",
-                          yaxis_title="fraction of variance unexplained",
-                          title=f"SAE error split across widths at {p.get('hook', '')}")
-        fvu.update_xaxes(type="category")
-        dec = p.get("decomposition") or {}
-        r2 = go.Figure()
-        for name, key in (("error vector e", "r2_error_vector"), ("‖e‖²", "r2_error_norm_sq"), ("‖e‖", "r2_error_norm")):
-            r2.add_trace(go.Bar(x=list(dec), y=[d.get(key) for d in dec.values()], name=name))
-        r2.update_layout(barmode="group", template="plotly_white", yaxis_title="R² from x (held out)",
-                         xaxis_title="SAE width", title="How much of the SAE error is linearly predictable")
-        r2.update_xaxes(type="category")
-        r2.update_yaxes(range=[0, 1])
-        ce = p.get("ce") or {}
-        cef = go.Figure()
-        for name, key in CE:
-            cef.add_trace(go.Bar(x=list(ce), y=[v.get(key) for v in ce.values()], name=name))
-        cef.update_layout(barmode="group", template="plotly_white", xaxis_title="SAE width", yaxis_title="CE (nats)",
-                          title="Next-token CE with each reconstruction spliced in")
-        cef.update_xaxes(type="category")
-        return fvu.to_dict(), r2.to_dict(), cef.to_dict()
+        return (pr.fvu_split_figure(p, mode=mode).to_dict(), pr.error_r2_figure(p).to_dict(),
+                pr.ce_figure(p).to_dict())
 
     f1, f2, f3 = data.memo(("dm-figs", stamp, mode), build)
     return f1, f2, f3, None
@@ -87,12 +58,7 @@ def scatter_view(model: str | None) -> tuple[dict, object]:
                                   "predicted, hover}); rerun `probekit dark-matter run` to add them.")
 
     def build():
-        fig = go.Figure(go.Scattergl(x=pt["actual"], y=pt["predicted"], mode="markers",
-                                     marker={"size": 4, "opacity": 0.5}, text=pt.get("hover"),
-                                     hovertemplate="%{text}<br>‖e‖ = %{x:.3f}<br>predicted %{y:.3f}<extra></extra>"))
-        fig.update_layout(template="plotly_white", xaxis_title="‖e‖", yaxis_title="‖e‖ predicted from x",
-                          title=f"Per-token ‖e‖, SAE width {pt.get('width', '')}")
-        return fig.to_dict()
+        return pr.error_scatter_figure(p, diagonal=False).to_dict()
 
     return data.memo(("dm-scatter", stamp), build), None
 

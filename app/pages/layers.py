@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
+
+from probekit import results as pr
 
 from .. import data
 from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
@@ -17,7 +18,7 @@ PATH = "/layers"
 TITLE = "Layers"
 SCHEMA = {"model": str, "show": list, "run": str, "stat": str, "hook": str, "doc": int}
 SHOW = {"train": "train accuracy", "controls": "controls (majority, token identity, random features)"}
-STATS = {"mean_norm": "mean ‖x‖", "std_norm": "std of ‖x‖", "mean_abs": "mean |x_i|"}
+STATS = dict(pr.HOOK_STATS)
 
 
 # --------------------------------------------------------------------------------------------- pure views
@@ -37,31 +38,8 @@ def accuracy_view(model: str | None, show: list[str] | None) -> tuple[dict, obje
         return EMPTY_FIGURE, missing("layer-probe result for " + model, e.command)
     except (UnsafePathError, ValueError) as e:
         return EMPTY_FIGURE, error(str(e))
-    return data.memo(("demo-fig", stamp, tuple(show)), lambda: _accuracy_figure(payload, show)), None
-
-
-def _accuracy_figure(p: dict, show: list[str]) -> dict:
-    r = p.get("result") or {}
-    layers = [str(x) for x in r.get("layers", [])]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=layers, y=r.get("test_score", []), mode="lines+markers", name="test accuracy"))
-    if "train" in show:
-        fig.add_trace(go.Scatter(x=layers, y=r.get("train_score", []), mode="lines", name="train accuracy",
-                                 line={"dash": "dot"}))
-    if "controls" in show:
-        if r.get("random_feature_control"):
-            fig.add_trace(go.Scatter(x=layers, y=r["random_feature_control"], mode="lines",
-                                     name="random features", line={"dash": "dash"}))
-        for name, key in (("majority class", "majority_baseline"), ("token identity", "token_identity_control")):
-            if isinstance(r.get(key), (int, float)):
-                fig.add_trace(go.Scatter(x=layers, y=[r[key]] * len(layers), mode="lines", name=name,
-                                         line={"dash": "dash"}))
-    fig.update_layout(title=f"{p.get('model', '')}: linear probe accuracy per layer — {r.get('task', '')}",
-                      xaxis_title="layer", yaxis_title="accuracy", template="plotly_white",
-                      legend={"orientation": "h", "y": -0.25}, margin={"t": 60})
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(range=[0, 1.02])
-    return fig.to_dict()
+    return data.memo(("demo-fig", stamp, tuple(show)),
+                     lambda: pr.layer_accuracy_figure(payload, show=show).to_dict()), None
 
 
 def run_options() -> list[dict]:
@@ -83,11 +61,7 @@ def stats_view(run_id: str | None, stat: str | None) -> tuple[dict, object]:
         s = data.run_hook_stats(run_id)
     except Exception as e:  # invalid id, corrupt run: shown in the page
         return EMPTY_FIGURE, error(str(e))
-    fig = go.Figure(go.Bar(x=s["hooks"], y=s[stat], name=STATS[stat]))
-    fig.update_layout(title=f"{STATS[stat]} per hook, run {run_id[:12]} ({s['n_sampled']:,} sampled rows)",
-                      template="plotly_white", yaxis_title=STATS[stat], margin={"b": 140})
-    fig.update_xaxes(type="category", tickangle=-45)
-    return fig.to_dict(), None
+    return pr.hook_stats_figure(s, stat=stat, run_id=run_id).to_dict(), None
 
 
 def token_choices(run_id: str | None, hook: str | None, doc: int | None) -> tuple[list, str | None, list, int | None]:

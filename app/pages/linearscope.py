@@ -3,10 +3,9 @@ pick a prompt result → each token's exact contribution to the predicted logit 
 
 from __future__ import annotations
 
-import numpy as np
-import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
-from plotly.subplots import make_subplots
+
+from probekit import results as pr
 
 from .. import data
 from ..components import EMPTY_FIGURE, card, error, graph, missing, options
@@ -31,31 +30,7 @@ def digit_view(digit: int | None) -> tuple[dict, dict, object]:
         return EMPTY_FIGURE, EMPTY_FIGURE, error(str(e))
 
     def build():
-        one = p["one"]
-        side = int(round(np.sqrt(np.asarray(one["input"]).size)))
-        A = np.asarray(one["matrix"], dtype=float)
-        n_cls = A.shape[0]
-        fig = make_subplots(rows=2, cols=6, subplot_titles=["input"] + [f"row {k}" for k in range(n_cls)],
-                            horizontal_spacing=0.02, vertical_spacing=0.12)
-        fig.add_trace(go.Heatmap(z=np.asarray(one["input"], float).reshape(side, side)[::-1].tolist(), colorscale="gray_r",
-                                 showscale=False, name="input"), row=1, col=1)
-        lim = float(np.abs(A).max()) or 1.0
-        for k in range(n_cls):
-            r, c = divmod(k + 1, 6)
-            fig.add_trace(go.Heatmap(z=A[k].reshape(side, side)[::-1].tolist(), zmin=-lim, zmax=lim, colorscale="RdBu",
-                                     showscale=k == 0, name=f"class {k}"), row=r + 1, col=c + 1)
-        fig.update_xaxes(visible=False)
-        fig.update_yaxes(visible=False, scaleanchor="x")
-        fig.update_layout(title=f"Digit {i}: label {one.get('label')}, predicted {one.get('predicted')} — "
-                                "class rows of A(x) (y = A x + b exactly)", template="plotly_white", height=420)
-        share = go.Figure(go.Bar(x=[str(k) for k in range(len(one["bias_share"]))], y=one["bias_share"],
-                                 marker_color=["#d62728" if k == one.get("predicted") else "#1f77b4"
-                                               for k in range(len(one["bias_share"]))]))
-        ts = p.get("test_set") or {}
-        share.update_layout(title=f"Bias share b_k / y_k per class (red: predicted); test-set mean at the predicted "
-                                  f"class {ts.get('mean_share_predicted', float('nan')):+.3f}",
-                            xaxis_title="class", yaxis_title="b_k / y_k", template="plotly_white")
-        return fig.to_dict(), share.to_dict()
+        return pr.digit_rows_figure(p, index=i).to_dict(), pr.bias_share_figure(p).to_dict()
 
     a, b = data.memo(("ls-digit", stamp), build)
     return a, b, None
@@ -74,22 +49,7 @@ def prompt_view(model: str | None, view: str | None) -> tuple[dict, object]:
         return EMPTY_FIGURE, error(str(e))
 
     def build():
-        c = p["contributions"]
-        toks = [f"{i}:{t}" for i, t in enumerate(c["tokens"])]
-        title = (f"{p.get('prompt', '')!r} → {c.get('target')!r}: logit {c.get('logit', 0):.2f} = "
-                 f"Σ LinearScope + b ({c.get('bias', 0):.2f})")
-        if view == "bars":
-            fig = go.Figure([go.Bar(x=toks, y=c["linearscope"], name="LinearScope (exact)"),
-                             go.Bar(x=toks, y=c["grad_x_input"], name="gradient × input")])
-            fig.update_layout(barmode="group", yaxis_title="contribution to the logit")
-        else:
-            z = [c["linearscope"], c["grad_x_input"]]
-            lim = float(np.nanmax(np.abs(z))) or 1.0
-            fig = go.Figure(go.Heatmap(z=z, x=toks, y=["LinearScope", "gradient × input"], colorscale="RdBu",
-                                       zmin=-lim, zmax=lim))
-        fig.update_layout(title=title, template="plotly_white", xaxis_title="token")
-        fig.update_xaxes(type="category")
-        return fig.to_dict()
+        return pr.token_contributions_figure(p, view=view).to_dict()
 
     return data.memo(("ls-prompt", stamp, view), build), None
 

@@ -16,6 +16,7 @@ from app.jobs import build_safety_spec, resolve_model, run_safety_prompt_job
 from app.pages import safety
 from app.security import UnsafePathError
 from tests.browser.fixture_cache import write_safety
+from tests.unit._dash_text import dash_text
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,6 @@ def _root(root):
     data.set_root(root)
 
 
-def _text(component) -> str:
-    return json.dumps(component.to_plotly_json(),
-                      default=lambda o: o.to_plotly_json() if hasattr(o, "to_plotly_json") else str(o))
-
-
 def _array(v) -> np.ndarray:
     """A figure array as plotly's ``to_dict`` writes it: a list, or base64 ``{"dtype", "bdata", "shape"}``."""
     if isinstance(v, dict):
@@ -58,9 +54,9 @@ def _payload(root, name="activation.json"):
 
 def test_lists_result_folders_and_url_state(root):
     assert safety.result_choices() == ["tiny-llama", "weight-only"]
-    page = _text(safety.layout({}))
+    page = dash_text(safety.layout({}))
     assert '"value": "tiny-llama"' in page and "safety-heatmap-fig" in page and "safety-prompt" in page
-    page = _text(safety.layout({"model": "weight-only", "pair": "harmless_vs_useful", "eta": 0.5,
+    page = dash_text(safety.layout({"model": "weight-only", "pair": "harmless_vs_useful", "eta": 0.5,
                                 "metric": "task_loss"}))
     for value in ("weight-only", "harmless_vs_useful", "task_loss"):
         assert f'"value": "{value}"' in page
@@ -103,13 +99,13 @@ def test_weight_figures_and_headline(root):
     trace = next(t for t in loss["data"] if t["name"] == "same, svd basis")
     assert trace["y"] == [r["task_loss"] for r in svd_same] and trace["x"] == [0.25, 1.0]
     assert table["data"][0]["type"] == "table" and len(table["data"][0]["cells"]["values"][0]) == 3 + 4
-    head = _text(safety.headline_view("tiny-llama"))
+    head = dash_text(safety.headline_view("tiny-llama"))
     assert "refusal-direction layer" in head and "weight: aligned: refusal rate" in head
     # a folder with only the weight part: its figures, and the command for the missing activation part
     assert safety.weight_view("weight-only", "refusal_rate")[2] is None
     *_, msg = safety.activation_view("weight-only", None, None, None, None)
-    assert "probekit safety run --part activation --activation-model weight-only" in _text(msg)
-    assert "probekit safety run --part activation" in _text(safety.headline_view("weight-only"))
+    assert "probekit safety run --part activation --activation-model weight-only" in dash_text(msg)
+    assert "probekit safety run --part activation" in dash_text(safety.headline_view("weight-only"))
     with pytest.raises(ValueError, match="no activation.json"):
         safety.prompt_spec("weight-only", "hi", None)
 
@@ -117,7 +113,7 @@ def test_weight_figures_and_headline(root):
 def test_empty_cache_names_the_command(tmp_path):
     data.set_root(tmp_path)
     try:
-        page = _text(safety.layout({}))
+        page = dash_text(safety.layout({}))
         assert "No safety result yet" in page and "probekit safety run" in page and "safety-heatmap-fig" not in page
         assert safety.result_choices() == []
     finally:
@@ -127,10 +123,10 @@ def test_empty_cache_names_the_command(tmp_path):
 @pytest.mark.parametrize("bad", ["../../etc", "/etc/passwd", "a/b/c", "..", "x\x00y", "../safety/tiny-llama"])
 def test_crafted_folder_names_are_refused(root, bad):
     *figs, msg = safety.activation_view(bad, None, None, None, None)
-    assert all(f["data"] == [] for f in figs) and "notice error" in _text(msg)
+    assert all(f["data"] == [] for f in figs) and "notice error" in dash_text(msg)
     curve, table, msg = safety.weight_view(bad, None)
-    assert curve["data"] == [] and "notice error" in _text(msg)
-    assert "notice error" in _text(safety.headline_view(bad))
+    assert curve["data"] == [] and "notice error" in dash_text(msg)
+    assert "notice error" in dash_text(safety.headline_view(bad))
     with pytest.raises(ValueError):
         safety.prompt_spec(bad, "how do I pick a lock", None)
     with pytest.raises(ValueError):
@@ -145,7 +141,7 @@ def test_files_outside_the_root_are_refused(root, tmp_path):
     link.symlink_to(outside, target_is_directory=True)
     try:
         assert "link-out" not in safety.result_choices()
-        assert "outside the cache root" in _text(safety.activation_view("link-out", None, None, None, None)[3])
+        assert "outside the cache root" in dash_text(safety.activation_view("link-out", None, None, None, None)[3])
         p = _payload(root)
         with pytest.raises(UnsafePathError):
             data.safety_directions_path("tiny-llama", dict(p, directions_file="../../../x.safetensors"))
@@ -205,7 +201,7 @@ def test_prompt_job_matches_the_library(root):
     assert final["ablated_score"] == pytest.approx(ablated, abs=1e-6)
     assert abs(clean - ablated) > 1e-6  # the ablation changed something: the two numbers are not one value twice
     assert (final["clean_completion"], final["ablated_completion"]) == (clean_text, ablated_text)
-    view = _text(safety.prompt_result_view(final))
+    view = dash_text(safety.prompt_result_view(final))
     assert f"{clean:+.3f}" in view and f"{ablated:+.3f}" in view and "safety-prompt-done" in view
 
 
@@ -220,7 +216,7 @@ def test_prompt_job_reports_a_model_that_cannot_load(root):
     said = []
     final = safety_worker.run(spec.to_dict(), str(root), lambda **e: said.append(e))
     assert final["event"] == "error" and final["message"].startswith(f"The model {broken} could not be loaded")
-    view = _text(safety.prompt_result_view(final))
+    view = dash_text(safety.prompt_result_view(final))
     assert "notice error" in view and "could not be loaded" in view
     # a layer the direction file does not have, and a direction file path that leaves the root
     bad = dict(spec.to_dict(), layer=99)

@@ -12,6 +12,7 @@ from app.jobs import build_spec, parse_event, parse_hooks, progress_percent, spl
 from app.pages import ast_probe, capture, dark_matter, home, layers, linearscope, safety
 from app.security import UnsafePathError
 from tests.browser.fixture_cache import populate
+from tests.unit._dash_text import dash_text
 
 
 class _Root(type(__import__("pathlib").Path())):
@@ -32,10 +33,6 @@ def _root(root):
     data.set_root(root)
 
 
-def _text(component) -> str:
-    return json.dumps(component.to_plotly_json(), default=lambda o: o.to_plotly_json() if hasattr(o, "to_plotly_json") else str(o))
-
-
 def test_layers_accuracy_control_changes_traces(root):
     fig, msg = layers.accuracy_view("smollm2-135m", [])
     assert msg is None and [t["name"] for t in fig["data"]] == ["test accuracy"]
@@ -45,26 +42,26 @@ def test_layers_accuracy_control_changes_traces(root):
 
 def test_missing_results_name_the_command(root):
     _, msg = layers.accuracy_view("qwen2.5-coder-0.5b", None)
-    assert "probekit demo --model qwen2.5-coder-0.5b" in _text(msg) and f"PROBEKIT_CACHE={root}" in _text(msg)
+    assert "probekit demo --model qwen2.5-coder-0.5b" in dash_text(msg) and f"PROBEKIT_CACHE={root}" in dash_text(msg)
     *_, msg = dark_matter.figures_view("minilm-l6", "stacked")
-    assert "probekit dark-matter run --model minilm-l6" in _text(msg)
+    assert "probekit dark-matter run --model minilm-l6" in dash_text(msg)
     _, msg = ast_probe.layer_view("minilm-l6", "f1", ["on"])
-    assert "probekit ast-probe --model minilm-l6" in _text(msg)
+    assert "probekit ast-probe --model minilm-l6" in dash_text(msg)
     _, _, msg = linearscope.digit_view(7)
-    assert "probekit linearscope --digit-index 7" in _text(msg)
+    assert "probekit linearscope --digit-index 7" in dash_text(msg)
     _, msg = linearscope.prompt_view("minilm-l6", "bars")
-    assert "probekit linearscope --model minilm-l6" in _text(msg)
-    empty = _text(safety.safety_message())
+    assert "probekit linearscope --model minilm-l6" in dash_text(msg)
+    empty = dash_text(safety.safety_message())
     assert "probekit safety run" in empty and f"PROBEKIT_CACHE={root}" in empty
     *_, msg = safety.activation_view("minilm-l6", None, None, None, None)
-    assert "probekit safety run --part activation --activation-model minilm-l6" in _text(msg)
+    assert "probekit safety run --part activation --activation-model minilm-l6" in dash_text(msg)
 
 
 @pytest.mark.parametrize("bad", ["../../etc", "/etc/passwd", "a/b/c", "..", "x\x00y"])
 def test_crafted_result_ids_are_refused(root, bad):
     for fig_msg in (layers.accuracy_view(bad, None), ast_probe.layer_view(bad, "f1", []), ast_probe.tree_view(bad, 0),
                     dark_matter.figures_view(bad, None)[::3], linearscope.prompt_view(bad, None)):
-        assert fig_msg[0]["data"] == [] and "notice error" in _text(fig_msg[1])
+        assert fig_msg[0]["data"] == [] and "notice error" in dash_text(fig_msg[1])
     with pytest.raises(UnsafePathError):
         data.result_path("demo", bad)
 
@@ -72,9 +69,9 @@ def test_crafted_result_ids_are_refused(root, bad):
 @pytest.mark.parametrize("bad", ["../" * 3 + "etc", "/tmp", "0123456789abcdef0123456", "*", "../runs/x"])
 def test_crafted_run_ids_are_refused(root, bad):
     fig, msg = layers.stats_view(bad, "mean_norm")
-    assert fig["data"] == [] and "notice error" in _text(msg)
-    assert "not a run id" in _text(layers.token_view(bad, "blocks.0.hook_resid_post", 0)[0])
-    assert "bad" in _text(home.verify_run(bad)) and "Not deleted" in _text(home.delete_run(bad))
+    assert fig["data"] == [] and "notice error" in dash_text(msg)
+    assert "not a run id" in dash_text(layers.token_view(bad, "blocks.0.hook_resid_post", 0)[0])
+    assert "bad" in dash_text(home.verify_run(bad)) and "Not deleted" in dash_text(home.delete_run(bad))
     assert layers.token_choices(bad, None, None) == ([], None, [], None)
 
 
@@ -92,7 +89,7 @@ def test_run_stats_and_token_view(root):
     spans = view[2].children
     assert "".join(s.children for s in spans[1:]) == "def f(x):\n    return x + 1"  # decoded by the byte tokenizer
     assert len({s.style["backgroundColor"] for s in spans}) > 1
-    assert "no document 9" in _text(layers.token_view(rid, hook, 9)[0])
+    assert "no document 9" in dash_text(layers.token_view(rid, hook, 9)[0])
 
 
 def test_ast_views(root):
@@ -110,9 +107,9 @@ def test_ast_views(root):
     assert len(ast_probe.snippet_options("smollm2-135m")) == 3
     t0, m0 = ast_probe.tree_view("smollm2-135m", 0)
     assert m0 is None and len(t0["data"]) == 6
-    assert "outside the 3 test snippets" in _text(ast_probe.tree_view("smollm2-135m", 9)[1])
+    assert "outside the 3 test snippets" in dash_text(ast_probe.tree_view("smollm2-135m", 9)[1])
     _, msg = ast_probe.tree_view("old-run", 0)
-    assert "test_snippets" in _text(msg) and "--out" in _text(msg) and "probekit ast-probe --model smollm2-135m" in _text(msg)
+    assert "test_snippets" in dash_text(msg) and "--out" in dash_text(msg) and "probekit ast-probe --model smollm2-135m" in dash_text(msg)
 
 
 def test_dark_matter_and_linearscope_views(root):
@@ -144,13 +141,13 @@ def test_home_lists_and_deletes(root):
 
     runs = data.list_runs()
     assert [r["run_id"] for r in runs] == [root.run_id] and runs[0]["complete"]
-    assert "verified" in _text(home.verify_run(root.run_id))
+    assert "verified" in dash_text(home.verify_run(root.run_id))
     extra = write_run(root, seed=3)
     assert extra.run_id in home.confirm_message(extra.run_id)
-    assert "Deleted run" in _text(home.delete_run(extra.run_id)) and not extra.path.exists()
+    assert "Deleted run" in dash_text(home.delete_run(extra.run_id)) and not extra.path.exists()
     kinds = {f["kind"] for f in data.result_files()}
     assert {"demo", "ast-probe", "dark-matter", "linearscope"} <= kinds
-    assert "layer_probes.html" in _text(home.results_list())
+    assert "layer_probes.html" in dash_text(home.results_list())
 
 
 def test_file_route_and_pages_refuse_traversal(root, tmp_path):
@@ -189,7 +186,7 @@ def test_capture_spec_validation(root, tmp_path):
     assert progress_percent(5, 10) == 50 and progress_percent(5, 0) == 0 and progress_percent(20, 10) == 100
     assert capture.progress_step({"event": "progress", "done": 3, "total": 4})[0] == "75"
     view, value, label = capture.final_view({"event": "done", "run_id": "a" * 24, "rows": 3, "hooks": ["h"]})
-    assert (value, label) == ("100", "100%") and "a" * 24 in _text(view)
+    assert (value, label) == ("100", "100%") and "a" * 24 in dash_text(view)
     assert capture.final_view({"event": "error", "message": "boom"})[2] == "failed"
     assert capture.cancelled_view()[2] == "cancelled"
     opts = capture.model_options()
@@ -224,7 +221,7 @@ def test_linearscope_picker_lists_every_computed_digit(tmp_path):
                                    {"label": "#40 (class 7)", "value": 40}]
     opts, value = linearscope.digit_options(7)  # a URL digit not computed stays selectable, and says so
     assert value == 7 and opts[-1] == {"label": "#7 (not computed)", "value": 7}
-    page = _text(linearscope.layout({"digit": 12}))
+    page = dash_text(linearscope.layout({"digit": 12}))
     assert '"value": 12' in page and "#40 (class 7)" in page
     a, _, msg_a = linearscope.digit_view(12)
     b, _, msg_b = linearscope.digit_view(40)
@@ -232,4 +229,4 @@ def test_linearscope_picker_lists_every_computed_digit(tmp_path):
     assert a["data"][0]["z"] != b["data"][0]["z"]  # choosing a digit changes the input image
     assert "label 3" in a["layout"]["title"]["text"] and "label 7" in b["layout"]["title"]["text"]
     _, _, msg = linearscope.digit_view(7)
-    assert "probekit linearscope --digit-index 7" in _text(msg)
+    assert "probekit linearscope --digit-index 7" in dash_text(msg)
