@@ -154,7 +154,7 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
     from .models import load_model
     from .probes.dark_matter import (earlier_layer_prediction, error_decomposition, fvu_split_across_widths,
                                      per_token_scaling, pursuit_refit)
-    from .probes.sae import SAEConfig, ce_recovered, sae_metrics, save_sae, train_sae
+    from .probes.sae import SAEConfig, ce_recovered_many, sae_metrics, save_sae, train_sae
 
     t0 = time.perf_counter()
     say = print
@@ -204,11 +204,14 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
             res = error_decomposition(sae, batches(train_rows), batches(test_rows), hook=hook, label=f"{w}")
         decomp[w] = res
         W = torch.as_tensor(res.estimator.coef_, dtype=torch.float32, device=sae.W_dec.device)
-        base = ce_recovered(bridge, _token_batches(test_docs, pad_id), hook, _keep_first(sae, device)).to_dict()
-        lin = ce_recovered(bridge, _token_batches(test_docs, pad_id), hook,
-                           _keep_first(lambda a: sae(a) + a @ W, device)).to_dict()
-        nonlin = ce_recovered(bridge, _token_batches(test_docs, pad_id), hook,
-                              _keep_first(lambda a: a - a @ W, device)).to_dict()  # x̂ + (e − xW*) = x − xW*
+        b = torch.as_tensor(res.estimator.intercept_, dtype=torch.float32, device=sae.W_dec.device)  # 0 unless fitted
+        # one clean and one zero-ablated forward per batch serve all three replacements
+        ces = ce_recovered_many(bridge, _token_batches(test_docs, pad_id), hook, {
+            "sae": _keep_first(sae, device),
+            "linear": _keep_first(lambda a: sae(a) + a @ W + b, device),
+            "nonlinear": _keep_first(lambda a: a - a @ W - b, device),  # x̂ + (e − xW* − b) = x − xW* − b
+        })
+        base, lin, nonlin = (ces[k].to_dict() for k in ("sae", "linear", "nonlinear"))
         ce[str(w)] = {**base, "ce_linear": lin["ce_sae"], "ce_nonlinear": nonlin["ce_sae"],
                       "kl_linear": lin["kl_sae"], "kl_nonlinear": nonlin["kl_sae"]}
         say(f"[probekit dark-matter] width {w}: FVU {metrics[w]['fvu']:.3f}, L0 {metrics[w]['l0']:.1f}, "

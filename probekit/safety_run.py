@@ -344,9 +344,10 @@ def run_weight_space(cfg: WeightRunConfig = WeightRunConfig()) -> dict[str, Any]
     ws = weight_space_analysis(base_sd, aligned_sd, finetuned_sd,
                                WeightSpaceConfig(fractions=cfg.fractions, bases=cfg.bases, seed=cfg.seed,
                                                  progress=cfg.progress), bases=bank)
+    # V's svd bases are already in the bank (same seed, method and fractions); only U's are computed here
     overlap = update_space_overlap((base_sd, aligned_sd), (aligned_sd, finetuned_sd), fractions=cfg.fractions,
-                                   seed=cfg.seed, names=("alignment (V)", "useful fine-tune (U)"),
-                                   progress=cfg.progress)
+                                   keys=keys, seed=cfg.seed, names=("alignment (V)", "useful fine-tune (U)"),
+                                   progress=cfg.progress, bases_a=bank.get("svd"))
     timings["weight_space_s"] = time.perf_counter() - t
 
     del base

@@ -300,6 +300,48 @@ def update_bases(V: torch.Tensor, fractions: Sequence[float], kind: str = "svd",
     return {f: L[:, : ks[f]] for f in fractions}
 
 
+def _banked_bases(bank: Mapping[str, Mapping[float, torch.Tensor]], key: str, shape: Sequence[int],
+                  fractions: Sequence[float], what: str) -> Mapping[float, torch.Tensor]:
+    """``bank[key]`` checked against the matrix it should span: every fraction present, each ``L (m, k_f)``.
+
+    Parameters
+    ----------
+    bank : mapping key -> (fraction -> L)
+        Precomputed :func:`update_bases` output per matrix.
+    key : str
+        The matrix.
+    shape : (m, n)
+        The matrix's shape.
+    fractions : sequence of float
+    what : str
+        Name of the bank in error messages.
+
+    Returns
+    -------
+    mapping float -> torch.Tensor
+        ``bank[key]``, unchanged.
+
+    Raises
+    ------
+    ValueError
+        Naming ``key`` when it is missing, lacks a fraction or holds a basis of the wrong shape (a bank built for
+        other matrices or other fractions would otherwise give silently wrong numbers).
+    """
+    if key not in bank:
+        raise ValueError(f"{what} has no bases for matrix {key!r} (a bank built for other matrices?).")
+    Ls = bank[key]
+    m = int(shape[0])
+    for f in fractions:
+        if f not in Ls:
+            raise ValueError(f"{what}[{key!r}] has no basis for rank fraction {f} (has {sorted(Ls)}).")
+        want = (m, rank_fraction_k(tuple(shape), f))
+        got = tuple(Ls[f].shape)
+        if got != want:
+            raise ValueError(f"{what}[{key!r}][{f}] has shape {got}; the {tuple(shape)} matrix {key!r} needs "
+                             f"{want} at rank fraction {f}.")
+    return Ls
+
+
 def project_update(U: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """``U_par = L (L^T U)``: the part of ``U (m, n)`` in the span of the orthonormal ``L (m, k)``; float64."""
     Ud = U.double()
@@ -572,8 +614,12 @@ def weight_space_analysis(base: StateSource, aligned: StateSource, finetuned: St
         mats.append(dict(key=k, layer=layer_of(k), module=module_of(k), shape=list(V.shape),
                          norm_u=float(U.norm()), norm_v=float(V.norm()), cos_uv=frob_cos(U, V)))
         for b in cfg.bases:
-            Ls = (bases[b][k] if bases is not None
-                  else update_bases(V, cfg.fractions, b, seed=cfg.seed, key=k, method=cfg.method))
+            if bases is None:
+                Ls = update_bases(V, cfg.fractions, b, seed=cfg.seed, key=k, method=cfg.method)
+            elif b not in bases:
+                raise ValueError(f"bases has no {b!r} kind (has {list(bases)}).")
+            else:
+                Ls = _banked_bases(bases[b], k, V.shape, cfg.fractions, f"bases[{b!r}]")
             for f in cfg.fractions:
                 L = Ls[f]
                 Up = project_update(U, L)
@@ -647,7 +693,9 @@ class UpdateOverlapResult:
 def update_space_overlap(pair_a: tuple[StateSource, StateSource], pair_b: tuple[StateSource, StateSource], *,
                          fractions: Sequence[float] = DEFAULT_FRACTIONS, keys: Sequence[str] | None = None,
                          skip_embeddings: bool = True, method: str = "auto", seed: int = 0,
-                         names: tuple[str, str] = ("a", "b"), device: str | None = None, progress: bool = True
+                         names: tuple[str, str] = ("a", "b"), device: str | None = None, progress: bool = True,
+                         bases_a: Mapping[str, Mapping[float, torch.Tensor]] | None = None,
+                         bases_b: Mapping[str, Mapping[float, torch.Tensor]] | None = None
                          ) -> UpdateOverlapResult:
     """MSO between the update subspaces of two fine-tunes, per matrix and per layer, with the random baseline.
 
@@ -662,6 +710,12 @@ def update_space_overlap(pair_a: tuple[StateSource, StateSource], pair_b: tuple[
     keys : sequence of str or None
         Default: :func:`matrix_keys` of the four checkpoints.
     skip_embeddings, method, seed, names, device, progress
+    bases_a, bases_b : mapping or None
+        Precomputed ``svd`` bases of ``dA`` / ``dB``: ``bases[key][fraction] -> L (m, k)`` as
+        :func:`update_bases` returns them with ``kind="svd"`` and the same ``seed`` and ``method`` (e.g.
+        ``bank["svd"]`` of the safety run, whose alignment update is ``dA``); each must cover every key and
+        fraction with the right shape (``ValueError`` naming the matrix otherwise). None computes them here.
+        A bank replaces that update's difference and SVD; the MSO is the same as without it.
 
     Returns
     -------
@@ -674,15 +728,19 @@ def update_space_overlap(pair_a: tuple[StateSource, StateSource], pair_b: tuple[
     keys = list(matrix_keys(*stores, skip_embeddings=skip_embeddings) if keys is None else keys)
     if not keys:
         raise ValueError("no 2-D weight matrix is shared by the checkpoints.")
+
+    def bases_of(k, dev, bank, before, after, what):
+        if bank is not None:
+            Ls = _banked_bases(bank, k, before.shape(k), fractions, what)
+            return {f: Ls[f].to(dev, torch.float64) for f in fractions}
+        d = after.get(k).to(dev, torch.float64) - before.get(k).to(dev, torch.float64)
+        return update_bases(d, fractions, "svd", seed=seed, key=k, method=method)
+
     M, BL, LK = [], [], []
     for k in tqdm(keys, desc="update overlap", disable=not progress):
         dev = torch.device(device) if device else stores[0].get(k).device
-        dA = stores[1].get(k).to(dev, torch.float64) - stores[0].get(k).to(dev, torch.float64)
-        La = update_bases(dA, fractions, "svd", seed=seed, key=k, method=method)
-        del dA
-        dB = stores[3].get(k).to(dev, torch.float64) - stores[2].get(k).to(dev, torch.float64)
-        Lb = update_bases(dB, fractions, "svd", seed=seed, key=k, method=method)
-        del dB
+        La = bases_of(k, dev, bases_a, stores[0], stores[1], "bases_a")
+        Lb = bases_of(k, dev, bases_b, stores[2], stores[3], "bases_b")
         m = La[fractions[0]].shape[0]
         M.append([float(mso(La[f], Lb[f])) for f in fractions])
         BL.append([max(La[f].shape[1], Lb[f].shape[1]) / m for f in fractions])

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from probekit.cache import ActivationCache
 from probekit.capture import CaptureConfig
 from probekit.device_cache import DeviceCache
-from probekit.probes.sae import (SAE, SAEConfig, ce_recovered, dead_fraction, explained_variance, fvu, l0, lm_logits,
-                                 load_sae, sae_metrics, save_sae, splice, train_sae)
+from probekit.probes import sae as sae_mod
+from probekit.probes.sae import (SAE, SAEConfig, ce_recovered, ce_recovered_many, dead_fraction, explained_variance,
+                                 fvu, l0, lm_logits, load_sae, sae_metrics, save_sae, splice, train_sae)
 from tests.conftest import TEXTS
 
 HOOK = "blocks.1.hook_resid_post"
@@ -233,6 +234,53 @@ def test_ce_padding_masked(tiny_llama, tokens):
     for key in ("ce_clean", "ce_sae", "ce_zero", "kl_sae"):
         assert getattr(whole, key) == pytest.approx(sum(getattr(p, key) * p.n_tokens for p in parts) / n, abs=1e-5)
     assert whole.kl_sae > 0 and np.isfinite(whole.ce_recovered)
+
+
+def test_ce_many_equals_separate_calls_and_shares_clean_and_zero(tiny_llama, tokens, monkeypatch):
+    """One clean and one zero forward per batch serve every replacement; results match separate calls."""
+    bridge, _ = tiny_llama
+    ids, mask = tokens
+    sae = SAE(SAEConfig(d_in=64, d_sae=128, k=8, hook_name=HOOK))
+    reps = {"sae": sae, "half": lambda a: 0.5 * a, "flip": lambda a: a.flip(-1)}
+    batches = [(ids[:2], mask[:2]), (ids[2:], mask[2:])]
+    n_batches = len(batches)
+
+    forwards, zero_splices, rep_calls = [0], [0], {k: 0 for k in reps}
+    real_logits, real_splice = sae_mod.lm_logits, sae_mod.splice
+
+    def counting_logits(*a, **kw):
+        forwards[0] += 1
+        return real_logits(*a, **kw)
+
+    def counting_splice(model, hook_name, fn, **kw):
+        zero_splices[0] += fn is torch.zeros_like
+        return real_splice(model, hook_name, fn, **kw)
+
+    def counted(k):
+        def g(a):
+            rep_calls[k] += 1
+            return reps[k](a)
+        return g
+
+    monkeypatch.setattr(sae_mod, "lm_logits", counting_logits)
+    monkeypatch.setattr(sae_mod, "splice", counting_splice)
+    # a generator: read once
+    many = ce_recovered_many(bridge, (b for b in batches), HOOK, {k: counted(k) for k in reps})
+    assert forwards[0] == n_batches * (2 + len(reps))  # clean + zero once per batch, plus one per replacement
+    assert zero_splices[0] == n_batches and all(c == n_batches for c in rep_calls.values())
+    assert list(many) == list(reps)
+
+    forwards[0] = zero_splices[0] = 0
+    separate = {k: ce_recovered(bridge, batches, HOOK, f) for k, f in reps.items()}
+    assert forwards[0] == 3 * n_batches * len(reps) and zero_splices[0] == n_batches * len(reps)
+    for k in reps:
+        a, b = many[k].to_dict(), separate[k].to_dict()
+        assert a["n_tokens"] == b["n_tokens"] == int((mask[:, :-1] * mask[:, 1:]).sum())
+        for key in ("ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl_sae", "kl_zero"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), (k, key)
+    assert many["half"].ce_sae != many["flip"].ce_sae
+    with pytest.raises(ValueError, match="at least one"):
+        ce_recovered_many(bridge, batches, HOOK, {})
 
 
 def test_splice_plain_module_and_shape_check(tiny_llama, tokens):

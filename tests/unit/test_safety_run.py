@@ -44,8 +44,20 @@ def test_weight_run_end_to_end_and_resume(tiny_dir, tmp_path, monkeypatch):
 
     from probekit.probes.weight_space import project_into
 
+    import probekit.probes.weight_space as ws_mod
+
+    real_overlap, banked = ws_mod.update_space_overlap, []
+
+    def checked_overlap(pair_a, pair_b, **kw):  # the run passes its bank of V bases; the MSO is unchanged by it
+        res = real_overlap(pair_a, pair_b, **kw)
+        banked.append(kw.get("bases_a") is not None)
+        assert res.mso == real_overlap(pair_a, pair_b, **{k: v for k, v in kw.items() if k != "bases_a"}).mso
+        return res
+
+    monkeypatch.setattr(ws_mod, "update_space_overlap", checked_overlap)
     cfg = _weight_cfg(tiny_dir, tmp_path)
     p = sr.run_weight_space(cfg)
+    assert banked == [True]
     assert p["kind"] == "safety_weight" and set(p["checkpoints"]) == {"base", "aligned", "finetuned"}
     assert len(p["projections"]) == 3 * 2 * 2  # bases x fractions x variants
     assert p["n_matrices"] == 3 * 7  # q k v o gate up down per block

@@ -168,6 +168,61 @@ def test_update_space_overlap_self_is_one_and_baseline():
     assert len(res.figures()) == 1
 
 
+def _svd_bank(before, after, keys, fractions, seed=0):
+    return {k: update_bases(after[k] - before[k], fractions, "svd", seed=seed, key=k) for k in keys}
+
+
+def test_update_space_overlap_with_precomputed_bases_equals_without():
+    b, a, t = _checkpoints()
+    fr = (0.1, 0.5, 1.0)
+    keys = matrix_keys(b, a, t)
+    plain = update_space_overlap((b, a), (a, t), fractions=fr, progress=False).to_dict()
+    bank_a, bank_b = _svd_bank(b, a, keys, fr), _svd_bank(a, t, keys, fr)
+    for kw in (dict(bases_a=bank_a), dict(bases_b=bank_b), dict(bases_a=bank_a, bases_b=bank_b)):
+        banked = update_space_overlap((b, a), (a, t), fractions=fr, progress=False, **kw).to_dict()
+        assert banked["keys"] == plain["keys"] and banked["baseline"] == plain["baseline"]
+        np.testing.assert_allclose(banked["mso"], plain["mso"], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(banked["layer_mso"], plain["layer_mso"], rtol=0, atol=1e-12)
+    # exactly equal here: the bank holds the very bases the function would compute
+    banked = update_space_overlap((b, a), (a, t), fractions=fr, progress=False, bases_a=bank_a, bases_b=bank_b)
+    assert banked.mso == plain["mso"]
+
+
+def test_update_space_overlap_rejects_mismatched_bank():
+    b, a, t = _checkpoints()
+    fr = (0.1, 0.5)
+    keys = matrix_keys(b, a, t)
+    bank = _svd_bank(b, a, keys, fr)
+    missing = {k: v for k, v in bank.items() if k != KEY}
+    with pytest.raises(ValueError, match=rf"bases_a has no bases for matrix '{KEY}'"):
+        update_space_overlap((b, a), (a, t), fractions=fr, progress=False, bases_a=missing)
+    with pytest.raises(ValueError, match=rf"bases_b\['{KEY}'\] has no basis for rank fraction 0.5"):
+        update_space_overlap((b, a), (a, t), fractions=fr, progress=False,
+                             bases_b={**bank, KEY: {0.1: bank[KEY][0.1]}})
+    # a bank for other fractions: right matrix, wrong k
+    wrong_k = {**bank, KEY: {0.1: bank[KEY][0.5], 0.5: bank[KEY][0.5]}}
+    with pytest.raises(ValueError, match=rf"bases_a\['{KEY}'\]\[0.1\] has shape \(20, 6\).*{KEY}.*\(20, 1\)"):
+        update_space_overlap((b, a), (a, t), fractions=fr, progress=False, bases_a=wrong_k)
+    # bases of another matrix (transposed shapes): wrong m
+    swapped = {**bank, KEY: bank["model.layers.1.mlp.down_proj.weight"]}
+    with pytest.raises(ValueError, match=rf"'{KEY}'.*needs \(20, "):
+        update_space_overlap((b, a), (a, t), fractions=fr, progress=False, bases_a=swapped)
+
+
+def test_weight_space_analysis_rejects_mismatched_bank():
+    b, a, t = _checkpoints()
+    fr = (0.1, 0.5)
+    keys = matrix_keys(b, a, t)
+    cfg = WeightSpaceConfig(fractions=fr, bases=("svd",), progress=False)
+    bank = {"svd": _svd_bank(b, a, keys, fr)}
+    assert (weight_space_analysis(b, a, t, cfg, bases=bank).projections
+            == weight_space_analysis(b, a, t, cfg).projections)
+    with pytest.raises(ValueError, match="no 'svd' kind"):
+        weight_space_analysis(b, a, t, cfg, bases={"random": bank["svd"]})
+    with pytest.raises(ValueError, match=rf"bases\['svd'\] has no bases for matrix '{KEY}'"):
+        weight_space_analysis(b, a, t, cfg, bases={"svd": {k: v for k, v in bank["svd"].items() if k != KEY}})
+
+
 def test_safetensors_and_project_into(tmp_path):
     from safetensors.torch import save_file
 
