@@ -5,7 +5,9 @@ Every run writes a JSON payload with a ``kind`` (``layer_probes``, ``ast_probe``
 its plotly figures from that payload alone and :func:`headline` picks the few numbers a summary table shows, so
 a figure looks the same wherever it is drawn and nothing is recomputed to draw it. A figure the app also draws is
 built by one public builder that both :func:`figures` and the app's page call; the page's interactive choices are
-keyword parameters whose defaults give the report's figure.
+keyword parameters whose defaults give the report's figure. Where a probe module draws the figure for its result
+type, the builder only turns the payload back into that result (:func:`build_result`) and calls the probe's
+figure, so notebooks, reports and the app share one drawing.
 
 Public API
 ----------
@@ -17,7 +19,7 @@ headline
 build_result
 layer_accuracy_figure, hook_stats_figure, HOOK_STATS
 ast_layer_figure, AST_METRICS
-fvu_split_figure, error_r2_figure, ce_figure, error_scatter_figure, FVU_SPLIT, CE_SPLICES
+fvu_split_figure, error_r2_figure, ce_figure, error_scatter_figure, CE_SPLICES
 digit_rows_figure, bias_share_figure, token_contributions_figure
 overlap_lines_figure, projection_curves, projection_table, tradeoff_figures, WEIGHT_METRICS
 """
@@ -25,13 +27,15 @@ overlap_lines_figure, projection_curves, projection_table, tradeoff_figures, WEI
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RESULT_KINDS", "WEIGHT_METRICS", "HOOK_STATS", "AST_METRICS", "FVU_SPLIT", "CE_SPLICES", "load", "find",
+from .probes.ast_figures import AST_METRICS
+
+__all__ = ["RESULT_KINDS", "WEIGHT_METRICS", "HOOK_STATS", "AST_METRICS", "CE_SPLICES", "load", "find",
            "figures", "headline", "build_result", "layer_accuracy_figure", "hook_stats_figure", "ast_layer_figure",
            "fvu_split_figure", "error_r2_figure", "ce_figure", "error_scatter_figure", "digit_rows_figure",
            "bias_share_figure", "token_contributions_figure", "overlap_lines_figure", "projection_curves",
@@ -65,10 +69,26 @@ def find(root: str | Path | None = None) -> list[Path]:
     return out
 
 
-def build_result(cls, d: dict[str, Any], arrays: tuple[str, ...] = ()):
-    """A result dataclass from its ``to_dict`` form (array fields back to numpy)."""
+def build_result(cls, d: dict[str, Any], arrays: tuple[str, ...] = (), *, partial: bool = False):
+    """A result dataclass from its ``to_dict`` form (array fields back to numpy).
+
+    Parameters
+    ----------
+    cls : dataclass type
+    d : dict
+        Its ``to_dict()``; keys that are not fields are ignored.
+    arrays : tuple of str
+        Fields turned back into float arrays.
+    partial : bool
+        Fields missing from ``d`` that have no default become None, for a figure that reads only some fields of
+        a hand-made or older payload.
+    """
     names = {f.name for f in fields(cls)}
     kw = {k: v for k, v in d.items() if k in names}
+    if partial:
+        for f in fields(cls):
+            if f.name not in kw and f.default is MISSING and f.default_factory is MISSING:
+                kw[f.name] = None
     for a in arrays:
         if kw.get(a) is not None:
             kw[a] = np.asarray(kw[a], dtype=float)
@@ -77,7 +97,8 @@ def build_result(cls, d: dict[str, Any], arrays: tuple[str, ...] = ()):
 
 # --------------------------------------------------------------------------------------------- per-kind builders
 # One builder per figure, shared by the report (``figures``) and the app's pages: the page's interactive choices
-# are keyword parameters whose defaults give the report's figure.
+# are keyword parameters whose defaults give the report's figure. Figures of a probe's result type are drawn by
+# the probe module; these builders adapt the payload to it.
 
 
 def _check(name: str, value: str, allowed) -> None:
@@ -87,44 +108,22 @@ def _check(name: str, value: str, allowed) -> None:
 
 
 def layer_accuracy_figure(p: dict, *, show: tuple[str, ...] | list[str] = ("train", "controls")) -> Any:
-    """Linear-probe test score per layer of a ``layer_probes`` payload, with optional train and control curves.
+    """Linear-probe test score per layer of a ``layer_probes`` payload (``LayerProbeResult.figures``).
 
     Parameters
     ----------
     p : dict
         The payload; reads ``model`` and ``result`` (``LayerProbeResult.to_dict()``: ``layers``, ``test_score``,
         ``train_score``, ``random_feature_control``, ``majority_baseline``, ``token_identity_control``,
-        ``metric``, ``kind``, ``task``).
+        ``metric``, ``kind``, ``task``, ``n_train``, ``n_test``).
     show : collection of str
         ``"train"`` adds the train score; ``"controls"`` adds the random-feature curve and the constant majority
         (or train-mean) and token-identity baselines. Default: both, as in the report.
     """
-    import plotly.graph_objects as go
+    from .probes.linear import LayerProbeResult
 
-    r = p.get("result") or {}
-    label = "accuracy" if r.get("metric", "accuracy") == "accuracy" else "R²"
-    layers = [str(x) for x in r.get("layers", [])]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=layers, y=r.get("test_score", []), mode="lines+markers", name=f"test {label}"))
-    if "train" in show:
-        fig.add_trace(go.Scatter(x=layers, y=r.get("train_score", []), mode="lines", name=f"train {label}",
-                                 line={"dash": "dot"}))
-    if "controls" in show:
-        if r.get("random_feature_control"):
-            fig.add_trace(go.Scatter(x=layers, y=r["random_feature_control"], mode="lines",
-                                     name="random features", line={"dash": "dash"}))
-        majority = "majority class" if r.get("kind", "logistic") == "logistic" else "train-mean baseline"
-        for name, key in ((majority, "majority_baseline"), ("token identity", "token_identity_control")):
-            if isinstance(r.get(key), (int, float)):
-                fig.add_trace(go.Scatter(x=layers, y=[r[key]] * len(layers), mode="lines", name=name,
-                                         line={"dash": "dash"}))
-    fig.update_layout(title=f"{p.get('model', '')}: linear probe {label} per layer — {r.get('task', '')}",
-                      xaxis_title="layer", yaxis_title=label, template="plotly_white",
-                      legend={"orientation": "h", "y": -0.25}, margin={"t": 60})
-    fig.update_xaxes(type="category")
-    if label == "accuracy":  # R² has no upper range worth fixing
-        fig.update_yaxes(range=[0, 1.02])
-    return fig
+    res = build_result(LayerProbeResult, p["result"], partial=True)
+    return res.figures(show=show, model=p.get("model", ""))[0]
 
 
 HOOK_STATS = (("mean_norm", "mean ‖x‖"), ("std_norm", "std of ‖x‖"), ("mean_abs", "mean |x_i|"))
@@ -153,12 +152,8 @@ def hook_stats_figure(stats: dict, *, stat: str = "mean_norm", run_id: str = "")
     return fig
 
 
-AST_METRICS = (("f1", "constituent F1"), ("precision", "precision"), ("recall", "recall"),
-               ("c_accuracy", "c accuracy"), ("u_accuracy", "u accuracy"), ("d_order_accuracy", "d order accuracy"))
-
-
 def ast_layer_figure(p: dict, *, metric: str = "f1", controls: bool = True, published: bool = False) -> Any:
-    """One AST-Probe score per layer of an ``ast_probe`` payload, with the F1 controls and published references.
+    """One AST-Probe score per layer of an ``ast_probe`` payload (``ASTProbeResult.figures``).
 
     Parameters
     ----------
@@ -173,34 +168,15 @@ def ast_layer_figure(p: dict, *, metric: str = "f1", controls: bool = True, publ
     published : bool
         Add the published F1 numbers as dotted horizontal lines; only with ``metric="f1"``.
     """
-    import plotly.graph_objects as go
+    from .probes.ast_probe import ASTProbeResult
 
-    _check("metric", metric, dict(AST_METRICS))
-    label = dict(AST_METRICS)[metric]
-    r = p.get("result") or {}
-    x = [str(v) for v in r.get("layers", [])]
-    fig = go.Figure(go.Scatter(x=x, y=r.get(metric, []), mode="lines+markers", name=f"AST-Probe {label}"))
-    if controls and metric == "f1":
-        for name, ys in (r.get("controls") or {}).items():
-            ys = list(ys) * (len(x) if len(ys) == 1 else 1)  # one value: a constant control
-            fig.add_trace(go.Scatter(x=x, y=ys, mode="lines", name=name, line={"dash": "dash"}))
-    if published and metric == "f1":
-        for name, v in (p.get("published") or {}).items():
-            fig.add_hline(y=float(v), line={"dash": "dot", "color": "grey"}, annotation_text=f"published {name}")
-    fig.update_layout(title=f"{label} per layer (k={r.get('k')}, n={r.get('n_snippets')}; best by validation: "
-                            f"{p.get('best_layer_by_validation')})", xaxis_title="layer", yaxis_title=label,
-                      template="plotly_white", legend={"orientation": "h", "y": -0.25})
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(range=[0, 1.02])
-    return fig
-
-
-FVU_SPLIT = (("absent features", "absent"), ("linear error", "linear"), ("nonlinear error", "nonlinear"),
-             ("cross term (held out)", "cross"))
+    res = build_result(ASTProbeResult, p["result"], partial=True)
+    return res.figures(metric=metric, show_controls=controls, published=p.get("published") if published else None,
+                       best_layer=p.get("best_layer_by_validation"))[0]
 
 
 def fvu_split_figure(p: dict, *, mode: str = "stacked") -> Any:
-    """FVU per SAE width of a ``dark_matter`` payload: split into absent / linear / nonlinear / cross, or total.
+    """FVU per SAE width of a ``dark_matter`` payload, split or total (``FVUSplitAcrossWidths.figures``).
 
     Parameters
     ----------
@@ -210,25 +186,15 @@ def fvu_split_figure(p: dict, *, mode: str = "stacked") -> Any:
     mode : {"stacked", "total"}
         Stacked bars of the four parts (as in the report), or one bar of the total FVU per width.
     """
-    import plotly.graph_objects as go
+    from .probes.dark_matter import FVUSplitAcrossWidths
 
-    _check("mode", mode, ("stacked", "total"))
-    s = p.get("fvu_split") or {}
-    x = [str(w) for w in s.get("widths", [])]
-    fig = go.Figure()
-    for name, key in FVU_SPLIT if mode == "stacked" else (("FVU", "fvu"),):
-        fig.add_trace(go.Bar(x=x, y=s.get(key, []), name=name))
-    title = "SAE error split across widths" + (f" at {p['hook']}" if p.get("hook") else "")
-    if mode == "stacked" and s.get("reference_width") is not None:
-        title += f" (absent = linear error above width {s['reference_width']})"
-    fig.update_layout(barmode="relative", template="plotly_white", xaxis_title="SAE width (latents)",
-                      yaxis_title="fraction of variance unexplained", title=title)
-    fig.update_xaxes(type="category")
-    return fig
+    split = build_result(FVUSplitAcrossWidths, p["fvu_split"], partial=True)
+    return split.figures(mode=mode, hook=p.get("hook"))[0]
 
 
 def error_r2_figure(p: dict) -> Any:
-    """Grouped bars per SAE width of a ``dark_matter`` payload: held-out R² of e, ‖e‖² and ‖e‖ from x.
+    """Grouped bars per SAE width of a ``dark_matter`` payload: held-out R² of e, ‖e‖² and ‖e‖ from x
+    (``dark_matter.r2_bars_figure``).
 
     Parameters
     ----------
@@ -236,18 +202,10 @@ def error_r2_figure(p: dict) -> Any:
         The payload; reads ``decomposition`` = {width: ``DarkMatterResult.to_dict()``} (``r2_error_vector``,
         ``r2_error_norm_sq``, ``r2_error_norm``).
     """
-    import plotly.graph_objects as go
+    from .probes.dark_matter import DarkMatterResult, r2_bars_figure
 
-    dec = p.get("decomposition") or {}
-    fig = go.Figure()
-    for name, key in (("error vector e", "r2_error_vector"), ("‖e‖²", "r2_error_norm_sq"),
-                      ("‖e‖", "r2_error_norm")):
-        fig.add_trace(go.Bar(x=list(dec), y=[d.get(key) for d in dec.values()], name=name))
-    fig.update_layout(barmode="group", template="plotly_white", yaxis_title="R² from x (held out)",
-                      xaxis_title="SAE width", title="How much of the SAE error is linearly predictable")
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(range=[0, 1])
-    return fig
+    dec = {w: build_result(DarkMatterResult, d, partial=True) for w, d in (p.get("decomposition") or {}).items()}
+    return r2_bars_figure(dec, xaxis_title="SAE width")
 
 
 CE_SPLICES = (("clean", "ce_clean"), ("x̂", "ce_sae"), ("x̂ + linear error", "ce_linear"),
@@ -275,94 +233,69 @@ def ce_figure(p: dict) -> Any:
 
 
 def error_scatter_figure(p: dict, *, diagonal: bool = True) -> Any:
-    """Per held-out token, ‖e‖ predicted from x (y) against actual (x), hover = the token in context.
+    """Per held-out token, ‖e‖ predicted from x (y) against actual (x) (``dark_matter.error_norm_scatter``).
 
     Parameters
     ----------
     p : dict
         A ``dark_matter`` payload with ``scatter`` = {``width``, ``actual``: [float], ``predicted``: [float],
-        ``hover``: [str] or absent}, an evenly spaced subset of held-out tokens.
+        ``hover``: [str] or absent}, an evenly spaced subset of held-out tokens, all of which are drawn.
     diagonal : bool
         Add the dashed ``y = x`` line (the report's reference; the page leaves it out).
     """
-    import plotly.graph_objects as go
+    from .probes.dark_matter import error_norm_scatter
 
     sc = p["scatter"]
-    hover = sc.get("hover")
-    fig = go.Figure(go.Scattergl(x=sc["actual"], y=sc["predicted"], mode="markers", name="tokens",
-                                 marker={"size": 4, "opacity": 0.5}, text=hover,
-                                 hovertemplate="%{text}<br>‖e‖ = %{x:.3f}<br>predicted %{y:.3f}<extra></extra>"
-                                 if hover else None))
-    if diagonal:
-        hi = max([*sc["actual"], *sc["predicted"], 0.0]) or 1.0
-        fig.add_trace(go.Scatter(x=[0, hi], y=[0, hi], mode="lines", line={"dash": "dash"}, name="y = x"))
-    fig.update_layout(template="plotly_white", xaxis_title="‖e‖", yaxis_title="‖e‖ predicted from x",
-                      title=f"Per-token ‖e‖ predicted from x, SAE width {sc.get('width', '')} (held-out tokens)")
-    return fig
+    return error_norm_scatter(sc["actual"], sc["predicted"], hover_text=sc.get("hover"),
+                              max_points=max(len(sc["actual"]), 1), diagonal=diagonal,
+                              title=f"Per-token ‖e‖ predicted from x, SAE width {sc.get('width', '')} "
+                                    "(held-out tokens)")
+
+
+_SCOPE_ARRAYS = ("input", "logits", "bias", "matrix", "singular_values", "left_singular_vectors",
+                 "right_singular_vectors")
+
+
+def _scope_result(p: dict):
+    """The ``LinearScopeResult`` of a ``linearscope_digits`` payload's ``one``, its input back in ``in_shape``."""
+    from .probes.linearscope import LinearScopeResult
+
+    one = build_result(LinearScopeResult, p["one"], _SCOPE_ARRAYS, partial=True)
+    one.input = one.input.reshape(p["one"].get("in_shape", one.input.shape))
+    return one
 
 
 def digit_rows_figure(p: dict, *, index: int | None = None) -> Any:
-    """A ``linearscope_digits`` payload as images: the input, then each class row of A(x) (shared colour scale).
+    """A ``linearscope_digits`` payload as images: the input, then each class row of A(x)
+    (``LinearScopeResult.digit_rows_figure``).
 
     Parameters
     ----------
     p : dict
-        The payload; reads ``one`` (``LinearScopeResult.to_dict()``: ``input`` of a square image, ``matrix``
-        of shape (n_classes, n_pixels), ``label``, ``predicted``).
+        The payload; reads ``one`` (``LinearScopeResult.to_dict()``: ``input``, ``in_shape``, ``matrix`` of shape
+        (n_classes, n_pixels), ``label``, ``predicted``).
     index : int, optional
         Test-set index of the digit, named in the title.
     """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    one = p["one"]
-    img = np.asarray(one["input"], dtype=float)
-    side = int(round(np.sqrt(img.size)))
-    A = np.asarray(one["matrix"], dtype=float)
-    n_cls = A.shape[0]
-    fig = make_subplots(rows=2, cols=6, subplot_titles=["input"] + [f"row {k}" for k in range(n_cls)],
-                        horizontal_spacing=0.02, vertical_spacing=0.12)
-    # rows flipped: heatmaps draw row 0 at the bottom, images at the top
-    fig.add_trace(go.Heatmap(z=img.reshape(side, side)[::-1].tolist(), colorscale="gray_r", showscale=False,
-                             name="input"), row=1, col=1)
-    lim = float(np.abs(A).max()) or 1.0
-    for k in range(n_cls):
-        r, c = divmod(k + 1, 6)
-        fig.add_trace(go.Heatmap(z=A[k].reshape(side, side)[::-1].tolist(), zmin=-lim, zmax=lim, colorscale="RdBu",
-                                 showscale=k == 0, name=f"class {k}"), row=r + 1, col=c + 1)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, scaleanchor="x")
-    which = "Test digit" if index is None else f"Digit {index}"
-    fig.update_layout(title=f"{which}: label {one.get('label')}, predicted {one.get('predicted')} — "
-                            "class rows of A(x) (y = A x + b exactly)", template="plotly_white", height=420)
-    return fig
+    return _scope_result(p).digit_rows_figure(index=index)
 
 
 def bias_share_figure(p: dict) -> Any:
-    """Bars of the bias share b_k / y_k per class of one digit (predicted class in red), with the test-set mean.
+    """Bars of the bias share b_k / y_k per class of one digit (predicted class in red), with the test-set mean
+    (``LinearScopeResult.bias_share_figure``).
 
     Parameters
     ----------
     p : dict
-        A ``linearscope_digits`` payload; reads ``one`` (``bias_share``: [float or None] per class,
-        ``predicted``) and ``test_set`` (``mean_share_predicted``).
+        A ``linearscope_digits`` payload; reads ``one`` (``bias``, ``logits``, ``predicted``) and ``test_set``
+        (``mean_share_predicted``).
     """
-    import plotly.graph_objects as go
-
-    one = p["one"]
-    share = one["bias_share"]
-    fig = go.Figure(go.Bar(x=[str(k) for k in range(len(share))], y=share,
-                           marker_color=["#d62728" if k == one.get("predicted") else "#1f77b4"
-                                         for k in range(len(share))]))
-    ts = p.get("test_set") or {}
-    fig.update_layout(title=f"Bias share b_k / y_k per class (red: predicted); test-set mean at the predicted "
-                            f"class {ts.get('mean_share_predicted', float('nan')):+.3f}",
-                      xaxis_title="class", yaxis_title="b_k / y_k", template="plotly_white")
-    return fig
+    return _scope_result(p).bias_share_figure(test_mean=(p.get("test_set") or {}).get("mean_share_predicted"))
 
 
 def token_contributions_figure(p: dict, *, view: str = "heatmap") -> Any:
-    """Each prompt token's contribution to the predicted logit: LinearScope (exact) beside gradient × input.
+    """Each prompt token's contribution to the predicted logit: LinearScope (exact) beside gradient × input
+    (``TokenContributions.figures``).
 
     Parameters
     ----------
@@ -372,25 +305,10 @@ def token_contributions_figure(p: dict, *, view: str = "heatmap") -> Any:
     view : {"heatmap", "bars"}
         A two-row heatmap on a symmetric colour scale (as in the report), or grouped bars per token.
     """
-    import plotly.graph_objects as go
+    from .probes.linearscope_transformer import TokenContributions
 
-    _check("view", view, ("heatmap", "bars"))
-    c = p["contributions"]
-    toks = [f"{i}:{t}" for i, t in enumerate(c["tokens"])]  # the position keeps repeated tokens apart
-    if view == "bars":
-        fig = go.Figure([go.Bar(x=toks, y=c["linearscope"], name="LinearScope (exact)"),
-                         go.Bar(x=toks, y=c["grad_x_input"], name="gradient × input")])
-        fig.update_layout(barmode="group", yaxis_title="contribution to the logit")
-    else:
-        z = [c["linearscope"], c["grad_x_input"]]
-        lim = float(np.nanmax(np.abs(np.asarray(z, dtype=float)))) or 1.0
-        fig = go.Figure(go.Heatmap(z=z, x=toks, y=["LinearScope", "gradient × input"], colorscale="RdBu",
-                                   zmin=-lim, zmax=lim))
-    fig.update_layout(title=f"{p.get('prompt', '')!r} → {c.get('target')!r}: logit {c.get('logit', 0):.2f} = "
-                            f"Σ LinearScope + b ({c.get('bias', 0):.2f})", template="plotly_white",
-                      xaxis_title="token")
-    fig.update_xaxes(type="category")
-    return fig
+    tc = build_result(TokenContributions, p["contributions"])
+    return tc.figures(view=view, prompt=p.get("prompt", ""))[0]
 
 
 def _layer_probe_figures(p: dict) -> list:
@@ -431,19 +349,12 @@ def _dark_matter_figures(p: dict) -> list:
     return figs
 
 
-# title of the plain bias-share bars in LinearScopeResult.figures(), which the report draws with the app's builder
-_PLAIN_SHARE_TITLE = "bias share b_k / y_k per class"
-
-
 def _linearscope_digit_figures(p: dict) -> list:
-    from .probes.linearscope import DatasetBiasShare, LinearScopeResult
+    from .probes.linearscope import DatasetBiasShare
 
-    arrays = ("input", "logits", "bias", "matrix", "singular_values", "left_singular_vectors",
-              "right_singular_vectors")
-    one = build_result(LinearScopeResult, p["one"], arrays)
-    one.input = one.input.reshape(p["one"]["in_shape"])
-    figs = [bias_share_figure(p) if f.layout.title.text == _PLAIN_SHARE_TITLE else f for f in one.figures()]
-    return figs + build_result(DatasetBiasShare, p["test_set"]).figures()
+    test_set = build_result(DatasetBiasShare, p["test_set"])
+    return (_scope_result(p).figures(test_mean_share=test_set.mean_share_predicted)
+            + test_set.figures())
 
 
 def _linearscope_lm_figures(p: dict) -> list:

@@ -39,6 +39,7 @@ import numpy as np
 from probekit.probes.ast_tree import EMPTY, Node, constituents, tree_f1, tuple_to_tree
 
 __all__ = [
+    "AST_METRICS",
     "MATCH_COLOR",
     "MISMATCH_COLOR",
     "EMPTY_COLOR",
@@ -46,6 +47,10 @@ __all__ = [
     "f1_vs_k_figure",
     "per_label_recall_figure",
 ]
+
+#: Score name -> axis label of the per-layer scores of an ``ASTProbeResult`` (``figures(metric=...)``).
+AST_METRICS = (("f1", "constituent F1"), ("precision", "precision"), ("recall", "recall"),
+               ("c_accuracy", "c accuracy"), ("u_accuracy", "u accuracy"), ("d_order_accuracy", "d order accuracy"))
 
 #: Node colour of a constituent present in both trees.
 MATCH_COLOR = "#2ca02c"

@@ -38,7 +38,7 @@ score_ast_predictions
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from probekit.probes.ast_figures import AST_METRICS
 from probekit.probes.ast_tree import constituents, tree_f1, tuple_to_tree
 from probekit.probes.linear import _json_safe
 
@@ -469,14 +470,26 @@ class ASTProbeResult:
                                                                   self.d_order_accuracy, self.orthogonality))]
         return html_table(rows, caption=f"AST-Probe, k={self.k}, {self.n_snippets} snippets")
 
-    def figures(self, controls: dict[str, Sequence[float]] | None = None) -> list[Any]:
-        """One plotly figure: F1 per layer, with control curves.
+    def figures(self, controls: dict[str, Sequence[float]] | None = None, *, metric: str = "f1",
+                show_controls: bool = True, published: Mapping[str, float] | None = None,
+                best_layer: str | None = None) -> list[Any]:
+        """One plotly figure: one score per layer, with the F1 control curves and published references.
+
+        Reads ``layers``, the list named by ``metric``, ``controls``, ``k`` and ``n_snippets``.
 
         Parameters
         ----------
         controls : dict of str -> sequence of float, optional
             Extra curves (length n_layers, or length 1 drawn as a constant),
             added to ``self.controls``.
+        metric : str
+            Which score (a key of :data:`AST_METRICS`).
+        show_controls : bool
+            Draw the control F1 curves (dashed); only with ``metric="f1"``, the controls being F1 values.
+        published : mapping of str -> float, optional
+            Published F1 numbers, drawn as dotted horizontal lines; only with ``metric="f1"``.
+        best_layer : str, optional
+            The layer chosen on validation data, named in the title.
 
         Returns
         -------
@@ -484,21 +497,24 @@ class ASTProbeResult:
         """
         import plotly.graph_objects as go
 
-        x = list(self.layers)
-        fig = go.Figure()
-        fig.add_trace(go.Scatter(x=x, y=self.f1, mode="lines+markers", name="AST-Probe F1"))
-        curves = {**self.controls, **(controls or {})}
-        for name, ys in curves.items():
-            ys = list(ys)
-            if len(ys) == 1:
-                ys = ys * len(x)
-            fig.add_trace(go.Scatter(x=x, y=ys, mode="lines", name=name, line={"dash": "dash"}))
-        fig.update_layout(
-            title=f"AST-Probe constituent F1 per layer (k={self.k}, n={self.n_snippets})",
-            xaxis_title="layer",
-            yaxis_title="F1",
-            template="plotly_white",
-        )
+        labels = dict(AST_METRICS)
+        if metric not in labels:
+            raise ValueError(f"metric must be one of {list(labels)}, not {metric!r}")
+        label = labels[metric]
+        x = [str(l) for l in self.layers]
+        fig = go.Figure(go.Scatter(x=x, y=list(getattr(self, metric)), mode="lines+markers",
+                                   name=f"AST-Probe {label}"))
+        if show_controls and metric == "f1":
+            for name, ys in {**self.controls, **(controls or {})}.items():
+                ys = list(ys) * (len(x) if len(ys) == 1 else 1)  # one value: a constant control
+                fig.add_trace(go.Scatter(x=x, y=ys, mode="lines", name=name, line={"dash": "dash"}))
+        if published and metric == "f1":
+            for name, v in published.items():
+                fig.add_hline(y=float(v), line={"dash": "dot", "color": "grey"}, annotation_text=f"published {name}")
+        extra = "" if best_layer is None else f"; best by validation: {best_layer}"
+        fig.update_layout(title=f"AST-Probe {label} per layer (k={self.k}, n={self.n_snippets}{extra})",
+                          xaxis_title="layer", yaxis_title=label, template="plotly_white",
+                          legend={"orientation": "h", "y": -0.25})
         fig.update_xaxes(type="category")
         fig.update_yaxes(range=[0, 1.02])
         return [fig]

@@ -353,21 +353,16 @@ class FVUSplitAcrossWidths:
     def to_dict(self) -> dict[str, Any]:
         return _json_safe(asdict(self))
 
-    def figures(self) -> list[Any]:
-        """One plotly figure: stacked bars per width."""
-        import plotly.graph_objects as go
+    def figures(self, *, mode: str = "stacked", hook: str | None = None) -> list[Any]:
+        """One plotly figure: the FVU per width, stacked into its parts or as a total (:func:`fvu_split_figure`).
 
-        x = [str(w) for w in self.widths]
-        fig = go.Figure()
-        for name, ys in (("absent features", self.absent), ("linear error", self.linear),
-                         ("nonlinear error", self.nonlinear), ("cross term (held out)", self.cross)):
-            fig.add_trace(go.Bar(x=x, y=ys, name=name))
-        fig.update_layout(barmode="relative", template="plotly_white", xaxis_title="SAE width (latents)",
-                          yaxis_title="fraction of variance unexplained",
-                          title=f"SAE error split across widths (absent = linear error above width "
-                                f"{self.reference_width})")
-        fig.update_xaxes(type="category")
-        return [fig]
+        Parameters
+        ----------
+        mode : {"stacked", "total"}
+        hook : str, optional
+            Named in the title.
+        """
+        return [fvu_split_figure(self, mode=mode, hook=hook)]
 
 
 def fvu_split_across_widths(results_by_width: Mapping[int, DarkMatterResult], *,
@@ -724,59 +719,108 @@ def earlier_layer_prediction(sae: Any, train_batches: Iterable[Mapping[str, Any]
 # ----------------------------------------------------------------------------------------------- figures
 
 
-def fvu_split_figure(results: Mapping[str, DarkMatterResult]) -> Any:
-    """Stacked bars of ``fvu_linear``, ``fvu_nonlinear`` and ``fvu_cross`` per labelled result."""
+def fvu_split_figure(results: Mapping[str, DarkMatterResult] | FVUSplitAcrossWidths, *, mode: str = "stacked",
+                     hook: str | None = None) -> Any:
+    """Bars of the FVU per SAE, split into its parts (stacked) or as one total bar.
+
+    Parameters
+    ----------
+    results : mapping of str -> DarkMatterResult, or FVUSplitAcrossWidths
+        A mapping gives one bar per label, split into ``fvu_linear``, ``fvu_nonlinear`` and ``fvu_cross`` (total:
+        ``fvu``). A :class:`FVUSplitAcrossWidths` gives one bar per width, split into ``absent``, ``linear``,
+        ``nonlinear`` and ``cross`` (total: ``fvu``), the reference width named in the title.
+    mode : {"stacked", "total"}
+        Stacked bars of the parts, or one bar of the total FVU per SAE.
+    hook : str, optional
+        The hook the SAEs read, named in the title.
+    """
     import plotly.graph_objects as go
 
-    x = list(results)
+    if mode not in ("stacked", "total"):
+        raise ValueError(f"mode must be one of ['stacked', 'total'], not {mode!r}")
+    if isinstance(results, FVUSplitAcrossWidths):
+        x = [str(w) for w in results.widths]
+        parts = [("absent features", results.absent), ("linear error", results.linear),
+                 ("nonlinear error", results.nonlinear), ("cross term (held out)", results.cross)]
+        total, xaxis = list(results.fvu), "SAE width (latents)"
+        title = "SAE error split across widths"
+        note = f" (absent = linear error above width {results.reference_width})"
+    else:
+        x = list(results)
+        rs = list(results.values())
+        parts = [(name, [getattr(r, attr) for r in rs])
+                 for name, attr in (("linear error", "fvu_linear"), ("nonlinear error", "fvu_nonlinear"),
+                                    ("cross term (held out)", "fvu_cross"))]
+        total, xaxis = [r.fvu for r in rs], "SAE"
+        title, note = "SAE error: linear and nonlinear parts", " (held-out tokens)"
     fig = go.Figure()
-    for name, attr in (("linear error", "fvu_linear"), ("nonlinear error", "fvu_nonlinear"),
-                       ("cross term (held out)", "fvu_cross")):
-        fig.add_trace(go.Bar(x=x, y=[getattr(r, attr) for r in results.values()], name=name))
-    fig.update_layout(barmode="relative", template="plotly_white", yaxis_title="fraction of variance unexplained",
-                      title="SAE error: linear and nonlinear parts (held-out tokens)")
+    for name, ys in parts if mode == "stacked" else [("FVU", total)]:
+        fig.add_trace(go.Bar(x=x, y=list(ys), name=name))
+    if hook:
+        title += f" at {hook}"
+    if mode == "stacked":  # the note explains the parts, which the total bar does not show
+        title += note
+    fig.update_layout(barmode="relative", template="plotly_white", xaxis_title=xaxis,
+                      yaxis_title="fraction of variance unexplained", title=title)
+    fig.update_xaxes(type="category")  # widths are labels, not positions on a number line
     return fig
 
 
-def r2_bars_figure(results: Mapping[str, DarkMatterResult]) -> Any:
-    """Grouped bars: R² of the error vector, of ‖e‖² and of ‖e‖ from ``x``, per labelled result."""
+def r2_bars_figure(results: Mapping[str, DarkMatterResult], *, xaxis_title: str = "SAE") -> Any:
+    """Grouped bars: R² of the error vector, of ‖e‖² and of ‖e‖ from ``x``, per labelled result.
+
+    Parameters
+    ----------
+    results : mapping of str -> DarkMatterResult
+        Reads ``r2_error_vector``, ``r2_error_norm_sq`` and ``r2_error_norm`` of each; the keys label the bars.
+    xaxis_title : str
+        What the labels are (e.g. ``"SAE width"``).
+    """
     import plotly.graph_objects as go
 
-    x = list(results)
+    x = [str(k) for k in results]
     fig = go.Figure()
     for name, attr in (("error vector e", "r2_error_vector"), ("‖e‖²", "r2_error_norm_sq"),
                        ("‖e‖", "r2_error_norm")):
         fig.add_trace(go.Bar(x=x, y=[getattr(r, attr) for r in results.values()], name=name))
     fig.update_layout(barmode="group", template="plotly_white", yaxis_title="R² from x (held out)",
-                      title="How much of the SAE error is linearly predictable")
+                      xaxis_title=xaxis_title, title="How much of the SAE error is linearly predictable")
+    fig.update_xaxes(type="category")
     fig.update_yaxes(range=[0, 1])
     return fig
 
 
 def error_norm_scatter(actual: Any, predicted: Any, *, hover_text: Sequence[str] | None = None,
-                       max_points: int = 5000, title: str = "‖e‖ predicted from x") -> Any:
+                       max_points: int = 5000, title: str = "‖e‖ predicted from x", diagonal: bool = True) -> Any:
     """Scatter of per-token ``‖e‖`` predicted (y) against actual (x), with caller-supplied hover text.
 
     Parameters
     ----------
-    actual, predicted : tensor or array, shape (n,)
+    actual, predicted : tensor, array or list, shape (n,)
+        Kept in float64, so the plotted values are the given ones.
     hover_text : sequence of str, length n, optional
     max_points : int
         Evenly spaced subset shown when ``n`` is larger.
+    title : str
+    diagonal : bool
+        Add the dashed ``y = x`` reference line.
     """
     import plotly.graph_objects as go
 
-    a, p = np.asarray(torch.as_tensor(actual).float()), np.asarray(torch.as_tensor(predicted).float())
+    a = torch.as_tensor(actual, dtype=torch.float64).detach().cpu().numpy()
+    p = torch.as_tensor(predicted, dtype=torch.float64).detach().cpu().numpy()
     if hover_text is not None and len(hover_text) != len(a):
         raise ValueError(f"hover_text has {len(hover_text)} entries for {len(a)} tokens")
     idx = np.unique(np.linspace(0, len(a) - 1, min(len(a), max_points)).round().astype(int)) if len(a) else []
     text = [str(hover_text[i]) for i in idx] if hover_text is not None else None
-    fig = go.Figure(go.Scattergl(x=a[idx], y=p[idx], mode="markers", marker={"size": 4, "opacity": 0.5},
-                                 text=text, hovertemplate="%{text}<br>‖e‖ %{x:.3f}, predicted %{y:.3f}"
+    # plain lists: plotly would otherwise ship float arrays base64-encoded to the app
+    fig = go.Figure(go.Scattergl(x=a[idx].tolist(), y=p[idx].tolist(), mode="markers",
+                                 marker={"size": 4, "opacity": 0.5},
+                                 text=text, hovertemplate="%{text}<br>‖e‖ = %{x:.3f}<br>predicted %{y:.3f}"
                                  "<extra></extra>" if text else None, name="tokens"))
-    hi = float(max(a.max(initial=0), p.max(initial=0))) if len(a) else 1.0
-    fig.add_trace(go.Scatter(x=[0, hi], y=[0, hi], mode="lines", line={"dash": "dash"}, name="y = x"))
-    fig.update_layout(template="plotly_white", xaxis_title="‖e‖ actual", yaxis_title="‖e‖ predicted",
+    if diagonal:
+        hi = float(max(a.max(initial=0), p.max(initial=0))) or 1.0
+        fig.add_trace(go.Scatter(x=[0, hi], y=[0, hi], mode="lines", line={"dash": "dash"}, name="y = x"))
+    fig.update_layout(template="plotly_white", xaxis_title="‖e‖", yaxis_title="‖e‖ predicted from x",
                       title=title)
     return fig
-

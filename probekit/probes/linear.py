@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -676,8 +676,19 @@ class LayerProbeResult:
             extra += f", token identity {self.token_identity_control:.3f}"
         return html_table(rows, caption=f"{self.task} ({extra})")
 
-    def figures(self) -> list[Any]:
-        """One plotly line figure: test score per layer with the controls.
+    def figures(self, *, show: Sequence[str] = ("train", "controls"), model: str = "") -> list[Any]:
+        """One plotly line figure: test score per layer, with the chosen extra curves.
+
+        Reads ``layers``, ``test_score``, ``train_score``, ``random_feature_control``, ``majority_baseline``,
+        ``token_identity_control`` (skipped when None), ``metric``, ``kind``, ``task``, ``n_train``, ``n_test``.
+
+        Parameters
+        ----------
+        show : collection of str
+            ``"train"`` adds the train score; ``"controls"`` adds the random-feature curve and the constant
+            majority (ridge: train-mean) and token-identity baselines. Default: both.
+        model : str
+            Model name put in front of the title (the result itself does not record it).
 
         Returns
         -------
@@ -685,48 +696,34 @@ class LayerProbeResult:
         """
         import plotly.graph_objects as go
 
-        x = list(self.layers)
+        x = [str(l) for l in self.layers]
         label = "accuracy" if self.metric == "accuracy" else "R²"
         fig = go.Figure()
-        fig.add_trace(go.Scatter(x=x, y=self.test_score, mode="lines+markers", name=f"probe (test {label})"))
-        fig.add_trace(
-            go.Scatter(
-                x=x, y=self.train_score, mode="lines", name=f"probe (train {label})",
-                line={"dash": "dot"}, opacity=0.5,
-            )
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=x, y=self.random_feature_control, mode="lines", name="random-feature control",
-                line={"dash": "dash", "color": "gray"},
-            )
-        )
-        # Constant baselines as traces (not shapes) so they appear in the legend.
-        fig.add_trace(
-            go.Scatter(
-                x=x, y=[self.majority_baseline] * len(x), mode="lines",
-                name="majority baseline" if self.kind == "logistic" else "train-mean baseline",
-                line={"dash": "dash", "color": "black"},
-            )
-        )
-        if self.token_identity_control is not None:
-            fig.add_trace(
-                go.Scatter(
-                    x=x, y=[self.token_identity_control] * len(x), mode="lines",
-                    name="token-identity control", line={"dash": "dashdot", "color": "firebrick"},
-                )
-            )
-        title = f"Linear probe ({self.kind}) per layer"
+        fig.add_trace(go.Scatter(x=x, y=list(self.test_score), mode="lines+markers", name=f"test {label}"))
+        if "train" in show:
+            fig.add_trace(go.Scatter(x=x, y=list(self.train_score), mode="lines", name=f"train {label}",
+                                     line={"dash": "dot"}, opacity=0.5))
+        if "controls" in show:
+            if self.random_feature_control:
+                fig.add_trace(go.Scatter(x=x, y=list(self.random_feature_control), mode="lines",
+                                         name="random-feature control", line={"dash": "dash", "color": "gray"}))
+            # constant baselines as traces (not shapes) so they appear in the legend
+            majority = "majority baseline" if self.kind == "logistic" else "train-mean baseline"
+            for name, value, line in ((majority, self.majority_baseline, {"dash": "dash", "color": "black"}),
+                                      ("token-identity control", self.token_identity_control,
+                                       {"dash": "dashdot", "color": "firebrick"})):
+                if value is not None:
+                    fig.add_trace(go.Scatter(x=x, y=[value] * len(x), mode="lines", name=name, line=line))
+        title = f"Linear probe {label} per layer ({self.kind})"
+        if model:
+            title = f"{model}: {title}"
         if self.task:
-            title += f": {self.task}"
-        fig.update_layout(
-            title=f"{title}  (n_train={self.n_train}, n_test={self.n_test})",
-            xaxis_title="layer",
-            yaxis_title=f"test {label}",
-            template="plotly_white",
-        )
+            title += f" — {self.task}"
+        fig.update_layout(title=f"{title}  (n_train={self.n_train}, n_test={self.n_test})", xaxis_title="layer",
+                          yaxis_title=f"test {label}", template="plotly_white",
+                          legend={"orientation": "h", "y": -0.25}, margin={"t": 60})
         fig.update_xaxes(type="category")
-        if self.metric == "accuracy":
+        if self.metric == "accuracy":  # R² has no upper range worth fixing
             fig.update_yaxes(range=[0, 1.02])
         return [fig]
 

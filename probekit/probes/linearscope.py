@@ -1027,8 +1027,80 @@ class LinearScopeResult:
         d["bias_share"] = [float(s) if np.isfinite(s) else None for s in share]
         return _json_safe(d)
 
-    def figures(self) -> list[Any]:
+    def _image(self, a: np.ndarray) -> np.ndarray:
+        """``a`` (n_in values) as a 2-D image: reshaped to ``in_shape``, channels averaged, flat squares folded."""
+        img = np.asarray(a, dtype=np.float64).reshape(self.in_shape)
+        if img.ndim == 3:  # (C, H, W): the channel mean
+            img = img.mean(axis=0)
+        if img.ndim == 1:
+            side = int(round(math.sqrt(img.size)))
+            img = img.reshape(side, side) if side * side == img.size else img[None]
+        return img
+
+    def bias_share_figure(self, *, test_mean: float | None = None) -> Any:
+        """Bars of the bias share ``b_k / y_k`` per class, the predicted class in red.
+
+        Reads ``bias``, ``logits`` (through :attr:`bias_share`; a non-finite share is left out) and ``predicted``.
+
+        Parameters
+        ----------
+        test_mean : float, optional
+            The test-set mean share at the predicted class (``DatasetBiasShare.mean_share_predicted``), named in
+            the title.
+        """
+        import plotly.graph_objects as go
+
+        share = [float(s) if np.isfinite(s) else None for s in self.bias_share]
+        fig = go.Figure(go.Bar(x=[str(k) for k in range(len(share))], y=share, name="b_k / y_k",
+                               marker_color=["#d62728" if k == self.predicted else "#1f77b4"
+                                             for k in range(len(share))]))
+        title = "Bias share b_k / y_k per class (red: predicted)"
+        if test_mean is not None:
+            title += f"; test-set mean at the predicted class {test_mean:+.3f}"
+        fig.update_layout(title=title, xaxis_title="class", yaxis_title="b_k / y_k", template="plotly_white")
+        return fig
+
+    def digit_rows_figure(self, *, index: int | None = None, cols: int = 6) -> Any:
+        """The input, then each class row of ``A`` as an image on one shared colour scale.
+
+        Reads ``input``, ``matrix`` (n_out, n_in), ``label`` and ``predicted``.
+
+        Parameters
+        ----------
+        index : int, optional
+            Data-set index of the input, named in the title.
+        cols : int
+            Images per row of the grid.
+        """
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        n_cls = len(self.matrix)
+        rows = -(-(n_cls + 1) // cols)
+        fig = make_subplots(rows=rows, cols=cols, subplot_titles=["input"] + [f"row {k}" for k in range(n_cls)],
+                            horizontal_spacing=0.02, vertical_spacing=0.12)
+        # rows flipped: a heatmap draws its first row at the bottom, an image at the top
+        fig.add_trace(go.Heatmap(z=self._image(self.input)[::-1].tolist(), colorscale="gray_r", showscale=False,
+                                 name="input"), row=1, col=1)
+        lim = float(np.abs(self.matrix).max()) or 1.0
+        for k in range(n_cls):
+            r, c = divmod(k + 1, cols)
+            fig.add_trace(go.Heatmap(z=self._image(self.matrix[k])[::-1].tolist(), zmin=-lim, zmax=lim,
+                                     colorscale="RdBu", showscale=k == 0, name=f"class {k}"), row=r + 1, col=c + 1)
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False, scaleanchor="x")
+        which = "Test digit" if index is None else f"Digit {index}"
+        fig.update_layout(title=f"{which}: label {self.label}, predicted {self.predicted} — class rows of A(x) "
+                                "(y = A x + b exactly)", template="plotly_white", height=210 * rows)
+        return fig
+
+    def figures(self, *, test_mean_share: float | None = None) -> list[Any]:
         """Plotly figures: input, votes of ``target``, votes x input, bias share per class, singular vectors.
+
+        Parameters
+        ----------
+        test_mean_share : float, optional
+            Test-set mean bias share at the predicted class, named in the bias-share figure's title.
 
         Returns
         -------
@@ -1049,9 +1121,7 @@ class LinearScopeResult:
         bar.update_layout(barmode="relative", title="logit = input part + bias part, per class",
                           xaxis_title="class", template="plotly_white")
         figs.append(bar)
-        share = go.Figure(go.Bar(x=x, y=[float(s) if np.isfinite(s) else None for s in self.bias_share]))
-        share.update_layout(title="bias share b_k / y_k per class", xaxis_title="class", template="plotly_white")
-        figs.append(share)
+        figs.append(self.bias_share_figure(test_mean=test_mean_share))
         for i, s in enumerate(self.singular_values):
             figs.append(_heatmap(self.right_singular_vectors[i].reshape(self.in_shape),
                                  f"right singular vector {i + 1} (sigma = {s:.3g})"))

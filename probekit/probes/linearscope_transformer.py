@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from .linearscope import LinearScopeError
@@ -82,14 +83,40 @@ class TokenContributions:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def figures(self) -> list:
+    def figures(self, *, view: str = "heatmap", prompt: str | None = None) -> list:
+        """One plotly figure: each token's contribution to the logit, LinearScope (exact) beside gradient × input.
+
+        Reads ``tokens``, ``target``, ``logit``, ``bias``, ``linearscope`` and ``grad_x_input`` (one float per token).
+
+        Parameters
+        ----------
+        view : {"heatmap", "bars"}
+            A two-row heatmap on a colour scale symmetric about 0, or grouped bars per token.
+        prompt : str, optional
+            The prompt text, named in the title.
+
+        Returns
+        -------
+        list of plotly.graph_objects.Figure
+        """
         import plotly.graph_objects as go
 
-        fig = go.Figure(go.Heatmap(z=[self.linearscope, self.grad_x_input], x=list(range(len(self.tokens))),
-                                   y=["LinearScope", "gradient × input"], colorscale="RdBu", zmid=0,
-                                   text=[self.tokens, self.tokens], texttemplate="%{text}"))
-        fig.update_layout(title=f"contributions to the logit of {self.target!r} (= {self.logit:.3f}; "
-                                f"input-independent part b = {self.bias:.3f})", xaxis_title="token position")
+        if view not in ("heatmap", "bars"):
+            raise ValueError(f"view must be one of ['heatmap', 'bars'], not {view!r}")
+        toks = [f"{i}:{t}" for i, t in enumerate(self.tokens)]  # the position keeps repeated tokens apart
+        if view == "bars":
+            fig = go.Figure([go.Bar(x=toks, y=list(self.linearscope), name="LinearScope (exact)"),
+                             go.Bar(x=toks, y=list(self.grad_x_input), name="gradient × input")])
+            fig.update_layout(barmode="group", yaxis_title="contribution to the logit")
+        else:
+            z = [list(self.linearscope), list(self.grad_x_input)]
+            lim = float(np.nanmax(np.abs(np.asarray(z, dtype=float)), initial=0.0)) or 1.0
+            fig = go.Figure(go.Heatmap(z=z, x=toks, y=["LinearScope", "gradient × input"], colorscale="RdBu",
+                                       zmin=-lim, zmax=lim))
+        head = f"{prompt!r} → {self.target!r}" if prompt is not None else f"{self.target!r}"
+        fig.update_layout(title=f"{head}: logit {self.logit:.2f} = Σ LinearScope + b ({self.bias:.2f})",
+                          template="plotly_white", xaxis_title="token")
+        fig.update_xaxes(type="category")
         return [fig]
 
 

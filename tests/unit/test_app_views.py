@@ -37,7 +37,7 @@ def test_layers_accuracy_control_changes_traces(root):
     fig, msg = layers.accuracy_view("smollm2-135m", [])
     assert msg is None and [t["name"] for t in fig["data"]] == ["test accuracy"]
     fig2, _ = layers.accuracy_view("smollm2-135m", ["train", "controls"])
-    assert {"train accuracy", "majority class", "token identity", "random features"} <= {t["name"] for t in fig2["data"]}
+    assert {"train accuracy", "majority baseline", "token-identity control", "random-feature control"} <= {t["name"] for t in fig2["data"]}
 
 
 def test_missing_results_name_the_command(root):

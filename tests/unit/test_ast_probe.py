@@ -227,3 +227,24 @@ def test_per_label_recall_counts_constituents_independently(gold_tuples):
     assert rec == pytest.approx({lab: hit[lab] / n[lab] for lab in n})
     assert min(rec.values()) < 1.0
     assert per_label_recall(golds, golds)[0] == {lab: 1.0 for lab in n}
+
+
+def _hand_ast_result() -> ASTProbeResult:
+    return ASTProbeResult(layers=["embed", "3"], precision=[0.4, 0.6], recall=[0.3, 0.5], f1=[0.35, 0.55],
+                          c_accuracy=[0.7, 0.9], u_accuracy=[0.95, 0.99], d_order_accuracy=[0.6, 0.8],
+                          orthogonality=[0.0, 0.0], k=8, n_snippets=4, controls={"random-init model": [0.3, 0.32]})
+
+
+def test_figure_metric_controls_published_and_best_layer():
+    res = _hand_ast_result()
+    (fig,) = res.figures(controls={"layer 0": [0.35]}, published={"codebert": 0.75}, best_layer="3")
+    assert [t.name for t in fig.data] == ["AST-Probe constituent F1", "random-init model", "layer 0"]
+    assert list(fig.data[0].y) == [0.35, 0.55] and list(fig.data[2].y) == [0.35, 0.35]  # one value: constant
+    assert [s.y0 for s in fig.layout.shapes] == [0.75] and "best by validation: 3" in fig.layout.title.text
+    (c,) = res.figures(metric="c_accuracy", published={"codebert": 0.75})
+    assert len(c.data) == 1 and list(c.data[0].y) == [0.7, 0.9] and not c.layout.shapes  # F1 lines only with F1
+    assert c.layout.yaxis.title.text == "c accuracy" and "best by validation" not in c.layout.title.text
+    (bare,) = res.figures(show_controls=False)
+    assert len(bare.data) == 1
+    with pytest.raises(ValueError, match="metric must be one of"):
+        res.figures(metric="accuracy")

@@ -237,3 +237,36 @@ def test_fvu_split_across_widths_definition():
     json.dumps(res.to_dict())
     with pytest.raises(ValueError):
         fvu_split_across_widths({1: _fake(0.1, 0.1)})
+
+
+def test_fvu_split_figure_modes_and_sources():
+    from probekit.probes.dark_matter import fvu_split_figure
+
+    res = fvu_split_across_widths({1024: _fake(0.20, 0.09), 16384: _fake(0.05, 0.08, 0.01)})
+    (fig,) = res.figures(hook="blocks.2.hook_resid_post")
+    np.testing.assert_allclose([list(t.y) for t in fig.data], [[0.15, 0.0], [0.05, 0.05], [0.09, 0.08], [0.0, 0.01]])
+    assert list(fig.data[0].x) == ["1024", "16384"]
+    assert "blocks.2.hook_resid_post" in fig.layout.title.text and "width 16384" in fig.layout.title.text
+    (total,) = res.figures(mode="total")
+    assert [t.name for t in total.data] == ["FVU"] and list(total.data[0].y) == pytest.approx([0.29, 0.14])
+    assert "absent" not in total.layout.title.text
+    by_label = fvu_split_figure({"a": _fake(0.1, 0.2, 0.03), "b": _fake(0.3, 0.1)})
+    assert [t.name for t in by_label.data] == ["linear error", "nonlinear error", "cross term (held out)"]
+    assert [list(t.y) for t in by_label.data] == [[0.1, 0.3], [0.2, 0.1], [0.03, 0.0]]
+    assert list(fvu_split_figure({"a": _fake(0.1, 0.2)}, mode="total").data[0].y) == pytest.approx([0.3])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        res.figures(mode="grouped")
+
+
+def test_r2_bars_and_error_scatter_options():
+    from probekit.probes.dark_matter import error_norm_scatter, r2_bars_figure
+
+    fig = r2_bars_figure({128: _fake(0.1, 0.1), 256: _fake(0.1, 0.1)}, xaxis_title="SAE width")
+    assert list(fig.data[0].x) == ["128", "256"] and list(fig.data[1].y) == [0.9, 0.9]
+    assert fig.layout.xaxis.title.text == "SAE width"
+    actual, pred = [0.1, 0.7, 0.3], [0.2, 0.5, 0.9]
+    sc = error_norm_scatter(actual, pred, hover_text=["a", "b", "c"])
+    assert list(sc.data[0].x) == actual and list(sc.data[0].y) == pred  # float64 kept: the given values
+    assert [t.name for t in sc.data] == ["tokens", "y = x"] and list(sc.data[1].x) == [0, 0.9]
+    bare = error_norm_scatter(actual, pred, diagonal=False, max_points=2)
+    assert [t.name for t in bare.data] == ["tokens"] and list(bare.data[0].x) == [0.1, 0.3]

@@ -391,3 +391,35 @@ def test_fit_layer_probes_emits_one_summary_convergence_warning():
     conv = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert len(conv) == 1
     assert "3/3 layers" in str(conv[0].message)
+
+
+def _hand_result(**kw) -> LayerProbeResult:
+    base = dict(task="toy", kind="logistic", metric="accuracy", layers=["embed", "0", "1"],
+                train_score=[0.6, 0.9, 0.95], test_score=[0.5, 0.8, 0.7], majority_baseline=0.3,
+                random_feature_control=[0.31, 0.32, 0.33], token_identity_control=0.45, n_train=10, n_test=5)
+    return LayerProbeResult(**{**base, **kw})
+
+
+def test_layer_figure_show_selects_the_curves():
+    res = _hand_result()
+    (fig,) = res.figures()
+    assert [t.name for t in fig.data] == ["test accuracy", "train accuracy", "random-feature control",
+                                          "majority baseline", "token-identity control"]
+    assert list(fig.data[0].y) == [0.5, 0.8, 0.7] and list(fig.data[1].y) == [0.6, 0.9, 0.95]
+    assert list(fig.data[2].y) == [0.31, 0.32, 0.33] and list(fig.data[3].y) == [0.3] * 3
+    assert list(fig.data[4].y) == [0.45] * 3 and fig.layout.yaxis.range == (0, 1.02)
+    (only,) = res.figures(show=[])
+    assert [t.name for t in only.data] == ["test accuracy"]
+    (train,) = res.figures(show=["train"])
+    assert [list(t.y) for t in train.data] == [[0.5, 0.8, 0.7], [0.6, 0.9, 0.95]]
+    (ctl,) = _hand_result(token_identity_control=None).figures(show=["controls"])
+    assert [t.name for t in ctl.data] == ["test accuracy", "random-feature control", "majority baseline"]
+
+
+def test_layer_figure_model_title_and_ridge_labels():
+    (fig,) = _hand_result().figures(model="tiny")
+    assert fig.layout.title.text.startswith("tiny: Linear probe accuracy per layer") and "toy" in fig.layout.title.text
+    (ridge,) = _hand_result(kind="ridge", metric="r2").figures()
+    assert [t.name for t in ridge.data][:2] == ["test R²", "train R²"] and "train-mean baseline" in {
+        t.name for t in ridge.data}
+    assert ridge.layout.yaxis.range is None and not ridge.layout.title.text.startswith(":")

@@ -457,3 +457,36 @@ def test_linearscope_command_writes_several_digits(cnn, digits, tmp_path, monkey
 def _run(main, out, args):
     assert main(["linearscope", "--skip-lm", "--out", str(out), *args]) == 0
     return out
+
+
+def _hand_scope_result(n_cls: int = 3) -> LinearScopeResult:
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 2, 2))
+    A = rng.normal(size=(n_cls, 4))
+    bias = np.array([1.0, -2.0, 0.5, 3.0][:n_cls])
+    logits = A @ x.ravel() + bias
+    return LinearScopeResult(input=x, logits=logits, bias=bias, matrix=A, predicted=1, target=1, label=0,
+                             singular_values=np.zeros(0), left_singular_vectors=np.zeros((n_cls, 0)),
+                             right_singular_vectors=np.zeros((0, 4)), reconstruction_rel_error=0.0)
+
+
+def test_bias_share_figure_marks_predicted_and_names_the_test_mean():
+    res = _hand_scope_result()
+    fig = res.bias_share_figure(test_mean=-0.125)
+    assert np.allclose(list(fig.data[0].y), res.bias / res.logits)
+    assert list(fig.data[0].marker.color) == ["#1f77b4", "#d62728", "#1f77b4"]  # class 1 predicted
+    assert "-0.125" in fig.layout.title.text and "test-set" not in res.bias_share_figure().layout.title.text
+    assert any(f.to_json() == fig.to_json() for f in res.figures(test_mean_share=-0.125))  # the same bars
+
+
+def test_digit_rows_figure_draws_the_input_and_every_row():
+    res = _hand_scope_result(n_cls=4)
+    fig = res.digit_rows_figure(index=7)
+    assert [t.name for t in fig.data] == ["input", "class 0", "class 1", "class 2", "class 3"]
+    assert np.allclose(fig.data[0].z, res.input[0][::-1])  # rows flipped: heatmaps draw row 0 at the bottom
+    assert np.allclose(fig.data[3].z, res.matrix[2].reshape(2, 2)[::-1])
+    lim = np.abs(res.matrix).max()
+    assert fig.data[1].zmax == pytest.approx(lim) and fig.data[1].zmin == pytest.approx(-lim)
+    assert fig.layout.title.text.startswith("Digit 7: label 0, predicted 1")
+    tall = res.digit_rows_figure(cols=2)  # 5 images on a 2-wide grid: 3 rows
+    assert tall.layout.height == 630 and tall.layout.title.text.startswith("Test digit:")

@@ -122,3 +122,22 @@ def test_linearscope_command_writes_json_and_html(tiny_dir, tmp_path, monkeypatc
     assert 'src="plotly.min.js"' in page and "Plotly.newPlot" in page  # shared bundle, not inlined
     assert len(page) < 1_000_000 < (out / "digits-cnn" / "plotly.min.js").stat().st_size
     assert main(["linearscope", "--digit-index", "100000", "--skip-lm", "--out", str(out)]) == 2
+
+
+def test_token_contributions_figure_views():
+    import numpy as np
+
+    from probekit.probes.linearscope_transformer import TokenContributions
+
+    tc = TokenContributions(tokens=["a", "b", "a"], target="c", logit=2.5, bias=0.5, linearscope=[1.0, -3.0, 4.0],
+                            grad_x_input=[0.5, 2.0, -1.0])
+    (heat,) = tc.figures()
+    assert heat.data[0].type == "heatmap" and list(heat.data[0].x) == ["0:a", "1:b", "2:a"]
+    assert np.allclose(heat.data[0].z, [tc.linearscope, tc.grad_x_input])
+    assert (heat.data[0].zmin, heat.data[0].zmax) == (-4.0, 4.0)
+    assert heat.layout.title.text.startswith("'c': logit 2.50")
+    (bars,) = tc.figures(view="bars", prompt="a b a")
+    assert [t.type for t in bars.data] == ["bar", "bar"] and list(bars.data[1].y) == tc.grad_x_input
+    assert bars.layout.title.text.startswith("'a b a' → 'c'")
+    with pytest.raises(ValueError, match="view must be one of"):
+        tc.figures(view="lines")

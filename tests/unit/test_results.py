@@ -71,7 +71,7 @@ def test_linearscope_report_draws_the_shared_share_and_contribution_figures(resu
     payloads = {results.load(p)["kind"]: results.load(p) for p in results.find(result_files)}
     digits, lm = payloads["linearscope_digits"], payloads["linearscope_lm"]
     share = results.bias_share_figure(digits).to_json()
-    assert [f.to_json() for f in results.figures(digits)].count(share) == 1  # replaces the probe's plain bars
+    assert [f.to_json() for f in results.figures(digits)].count(share) == 1  # the probe's own bars, once
     assert [f.to_json() for f in results.figures(lm)] == [results.token_contributions_figure(lm).to_json()]
 
 
@@ -87,7 +87,8 @@ def test_layer_accuracy_figure_draws_the_scores_and_the_chosen_curves():
     p = demo_result()
     r = p["result"]
     fig = results.layer_accuracy_figure(p)
-    assert _names(fig) == ["test accuracy", "train accuracy", "random features", "majority class", "token identity"]
+    assert _names(fig) == ["test accuracy", "train accuracy", "random-feature control", "majority baseline",
+                           "token-identity control"]
     assert list(fig.data[0].x) == r["layers"] and list(fig.data[0].y) == r["test_score"]
     assert list(fig.data[1].y) == r["train_score"] and list(fig.data[2].y) == r["random_feature_control"]
     assert list(fig.data[3].y) == [0.13] * 7 and list(fig.data[4].y) == [0.55] * 7
@@ -175,7 +176,9 @@ def test_digit_rows_figure_draws_the_input_and_each_class_row():
 def test_bias_share_figure_marks_the_predicted_class():
     p = linearscope_digit()
     fig = results.bias_share_figure(p)
-    assert list(fig.data[0].y) == p["one"]["bias_share"] and list(fig.data[0].x) == [str(k) for k in range(10)]
+    one = p["one"]
+    share = np.asarray(one["bias"]) / np.asarray(one["logits"])  # drawn from the result's b and y, not a copy
+    assert np.allclose(list(fig.data[0].y), share) and list(fig.data[0].x) == [str(k) for k in range(10)]
     colors = list(fig.data[0].marker.color)
     assert colors[2] == "#d62728" and colors.count("#d62728") == 1
     assert "-0.020" in fig.layout.title.text  # the test-set mean at the predicted class
@@ -193,3 +196,57 @@ def test_token_contributions_figure_heatmap_or_bars():
     assert list(bars.data[0].y) == c["linearscope"] and list(bars.data[1].y) == c["grad_x_input"]
     with pytest.raises(ValueError, match="view must be one of"):
         results.token_contributions_figure(p, view="lines")
+
+
+# ------------------------------------------------------------------ one drawing: builders call the probe figures
+# Each builder must give exactly the figure the probe module draws for the same result, so a notebook's figure
+# and the report's or app's cannot drift apart.
+
+
+def test_layer_accuracy_builder_is_the_probe_figure():
+    from probekit.probes.linear import LayerProbeResult
+
+    p = demo_result()
+    res = LayerProbeResult(**p["result"])
+    for show in (("train", "controls"), [], ["controls"]):
+        (want,) = res.figures(show=show, model=p["model"])
+        assert results.layer_accuracy_figure(p, show=show).to_plotly_json() == want.to_plotly_json()
+
+
+def test_ast_builder_is_the_probe_figure():
+    from probekit.probes.ast_probe import ASTProbeResult
+
+    p = ast_result(snippets=False)
+    res = ASTProbeResult(**p["result"])
+    (want,) = res.figures(metric="f1", published=p["published"], best_layer="5")
+    assert results.ast_layer_figure(p, published=True).to_plotly_json() == want.to_plotly_json()
+    (want,) = res.figures(metric="recall", best_layer="5")
+    assert results.ast_layer_figure(p, metric="recall").to_plotly_json() == want.to_plotly_json()
+
+
+def test_dark_matter_builders_are_the_probe_figures():
+    from probekit.probes.dark_matter import FVUSplitAcrossWidths, error_norm_scatter
+
+    p = dark_matter_result()
+    split = FVUSplitAcrossWidths(**p["fvu_split"])
+    for mode in ("stacked", "total"):
+        (want,) = split.figures(mode=mode, hook=p["hook"])
+        assert results.fvu_split_figure(p, mode=mode).to_plotly_json() == want.to_plotly_json()
+    sc = p["scatter"]
+    want = error_norm_scatter(sc["actual"], sc["predicted"], hover_text=sc["hover"], diagonal=False,
+                              title="Per-token ‖e‖ predicted from x, SAE width 512 (held-out tokens)")
+    assert results.error_scatter_figure(p, diagonal=False).to_plotly_json() == want.to_plotly_json()
+
+
+def test_linearscope_builders_are_the_probe_figures():
+    from probekit.probes.linearscope_transformer import TokenContributions
+
+    lm = linearscope_lm()
+    tc = TokenContributions(**lm["contributions"])
+    for view in ("heatmap", "bars"):
+        (want,) = tc.figures(view=view, prompt=lm["prompt"])
+        assert results.token_contributions_figure(lm, view=view).to_plotly_json() == want.to_plotly_json()
+    digit = linearscope_digit()
+    one = results._scope_result(digit)
+    assert results.digit_rows_figure(digit, index=4).to_plotly_json() == one.digit_rows_figure(index=4).to_plotly_json()
+    assert results.bias_share_figure(digit).to_plotly_json() == one.bias_share_figure(test_mean=-0.02).to_plotly_json()
