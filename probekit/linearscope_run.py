@@ -107,8 +107,8 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
         written[i] = dict(kind="linearscope_digits", one=one.to_dict(), test_set=dataset.to_dict(),
                           test_accuracy=getattr(net, "test_accuracy", None))
         # one page per digit: they share one plotly.min.js instead of inlining 3.5 MB each
-        files += _write(root / "digits-cnn", f"digit-{i}", written[i], one.figures() + dataset.figures(),
-                        plotlyjs="directory")
+        figs = one.figures(test_mean_share=dataset.mean_share_predicted) + dataset.figures()  # as in the report
+        files += _write(root / "digits-cnn", f"digit-{i}", written[i], figs, plotlyjs="directory")
     digits = written[indices[0]] if cfg.digit_index is None else written[cfg.digit_index]
     print(f"[probekit linearscope] digit{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))}: mean bias "
           f"share over the test set {dataset.mean_share_predicted:+.3f} (at the predicted class)")
