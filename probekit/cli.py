@@ -141,7 +141,7 @@ def _cmd_dark_matter(args) -> int:
     run_dark_matter(DarkMatterRunConfig(
         model=args.model, layer=args.layer, expansions=tuple(int(x) for x in args.expansions.split(",")), k=args.k,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, n_code=args.n_code, n_text=args.n_text,
-        max_length=args.max_length, device=args.device, seed=args.seed, out=args.out,
+        max_length=args.max_length, ce_docs=args.ce_docs, device=args.device, seed=args.seed, out=args.out,
         progress=not args.no_progress))
     return 0
 
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-code", type=int, default=500, help="stdlib functions")
     r.add_argument("--n-text", type=int, default=300, help="pydoc prose chunks")
     r.add_argument("--max-length", type=int, default=256)
+    r.add_argument("--ce-docs", type=int, default=64, help="held-out documents for the CE splices")
     r.add_argument("--device", help="SAE training device (default: cuda when available, else cpu)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", help="output folder (default: <cache root>/results/dark-matter/<model>)")

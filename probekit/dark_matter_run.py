@@ -58,7 +58,7 @@ class DarkMatterRunConfig:
     n_text: int = 300
     max_length: int = 256
     test_fraction: float = 0.2
-    ce_docs: int = 16  # test documents for the CE splices (each variant costs full forwards)
+    ce_docs: int = 64  # test documents for the CE splices (each splice costs a full forward over them)
     pursuit_tokens: int = 6000
     pursuit_width_index: int = 0  # which width gets gradient pursuit and the earlier-layer regressions
     cache_dtype: str = "bfloat16"
@@ -146,6 +146,15 @@ def _scatter(res, hover: list[str], width: int, max_points: int = 3000) -> dict[
                 predicted=[round(float(res.error_norm_pred[i]), 4) for i in idx], hover=[hover[i] for i in idx])
 
 
+def _splices(w: int, sae, W: torch.Tensor, b: torch.Tensor, device) -> dict:
+    """The three CE splices of one width, keyed ``"<w>/sae"``, ``"<w>/linear"``, ``"<w>/nonlinear"``: x̂,
+    x̂ + linear error (x̂ + xW* + b) and x̂ + nonlinear error (x̂ + (e − xW* − b) = x − xW* − b). A function, so
+    each width's closures hold that width's SAE and W*."""
+    return {f"{w}/sae": _keep_first(sae, device),
+            f"{w}/linear": _keep_first(lambda a: sae(a) + a @ W + b, device),
+            f"{w}/nonlinear": _keep_first(lambda a: a - a @ W - b, device)}
+
+
 def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[str, Any]:
     """Train the SAEs and run every analysis; write ``dark_matter.json`` and ``dark_matter.html``."""
     from .cache import ActivationCache
@@ -189,7 +198,7 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     test_docs = [docs[i] for i in np.nonzero(is_test)[0][: cfg.ce_docs]]
     widths = [e * d_model for e in cfg.expansions]
-    saes, metrics, decomp, ce = {}, {}, {}, {}
+    saes, metrics, decomp, ce, splices = {}, {}, {}, {}, {}
     for w in widths:
         scfg = SAEConfig(d_in=d_model, d_sae=w, architecture="topk", k=cfg.k, lr=cfg.lr, batch_size=cfg.batch_size,
                          epochs=cfg.epochs, dead_steps=cfg.dead_steps, seed=cfg.seed, device=device,
@@ -205,18 +214,20 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
         decomp[w] = res
         W = torch.as_tensor(res.estimator.coef_, dtype=torch.float32, device=sae.W_dec.device)
         b = torch.as_tensor(res.estimator.intercept_, dtype=torch.float32, device=sae.W_dec.device)  # 0 unless fitted
-        # one clean and one zero-ablated forward per batch serve all three replacements
-        ces = ce_recovered_many(bridge, _token_batches(test_docs, pad_id), hook, {
-            "sae": _keep_first(sae, device),
-            "linear": _keep_first(lambda a: sae(a) + a @ W + b, device),
-            "nonlinear": _keep_first(lambda a: a - a @ W - b, device),  # x̂ + (e − xW* − b) = x − xW* − b
-        })
-        base, lin, nonlin = (ces[k].to_dict() for k in ("sae", "linear", "nonlinear"))
+        splices.update(_splices(w, sae, W, b, device))
+        say(f"[probekit dark-matter] width {w}: FVU {metrics[w]['fvu']:.3f}, L0 {metrics[w]['l0']:.1f}, "
+            f"dead {metrics[w]['dead_fraction']:.3f}; R²(e|x) {res.r2_error_vector:.3f}, "
+            f"R²(‖e‖²|x) {res.r2_error_norm_sq:.3f}")
+
+    # one clean and one zero-ablated forward per batch serve every width's three splices
+    ces = ce_recovered_many(bridge, _token_batches(test_docs, pad_id), hook, splices)
+    for w in widths:
+        base, lin, nonlin = (ces[f"{w}/{k}"].to_dict() for k in ("sae", "linear", "nonlinear"))
         ce[str(w)] = {**base, "ce_linear": lin["ce_sae"], "ce_nonlinear": nonlin["ce_sae"],
                       "kl_linear": lin["kl_sae"], "kl_nonlinear": nonlin["kl_sae"]}
-        say(f"[probekit dark-matter] width {w}: FVU {metrics[w]['fvu']:.3f}, L0 {metrics[w]['l0']:.1f}, "
-            f"dead {metrics[w]['dead_fraction']:.3f}, CE recovered {base['ce_recovered']:.3f}; "
-            f"R²(e|x) {res.r2_error_vector:.3f}, R²(‖e‖²|x) {res.r2_error_norm_sq:.3f}")
+        say(f"[probekit dark-matter] width {w}: CE recovered {base['ce_recovered']:.3f} on {base['n_tokens']} "
+            f"tokens; CE x̂ {base['ce_sae']:.3f}, + linear error {lin['ce_sae']:.3f}, "
+            f"+ nonlinear error {nonlin['ce_sae']:.3f} (clean {base['ce_clean']:.3f})")
 
     split = fvu_split_across_widths(decomp)
     scaling = per_token_scaling({w: decomp[w].error_norm for w in widths},

@@ -10,9 +10,21 @@ from probekit.cli import main
 
 
 def test_dark_matter_command_writes_every_analysis(tiny_dir, tmp_path, monkeypatch):
-    from probekit.probes.sae import load_sae
+    from probekit.dark_matter_run import _keep_first
+    from probekit.probes import sae as sae_mod
+    from probekit.probes.sae import ce_recovered, load_sae
 
     monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+    seen = {}
+    many = sae_mod.ce_recovered_many
+
+    def recording(model, token_batches, hook_name, replacements, **kw):  # keep what the run evaluated CE on
+        if len(replacements) == 1:  # the test's own ce_recovered below
+            return many(model, token_batches, hook_name, replacements, **kw)
+        seen.update(model=model, batches=list(token_batches), hook=hook_name, keys=sorted(replacements))
+        return many(model, seen["batches"], hook_name, replacements, **kw)
+
+    monkeypatch.setattr(sae_mod, "ce_recovered_many", recording)
     out = tmp_path / "dm"
     args = ["dark-matter", "run", "--model", str(tiny_dir["llama"]), "--layer", "2", "--expansions", "1,2,3",
             "--k", "4", "--epochs", "2", "--batch-size", "64", "--n-code", "14", "--n-text", "8",
@@ -31,6 +43,12 @@ def test_dark_matter_command_writes_every_analysis(tiny_dir, tmp_path, monkeypat
         assert {"ce_clean", "ce_sae", "ce_zero", "ce_linear", "ce_nonlinear"} <= set(ce)
         sae = load_sae(out / "saes" / f"blocks.2.hook_resid_post-{w}", expected_d_in=d)
         assert sae.cfg.d_sae == int(w)
+        # each width's CE is its own SAE's (one shared clean/zero pass must not mix the widths up)
+        alone = ce_recovered(seen["model"], seen["batches"], seen["hook"], _keep_first(sae.eval(), "cpu"))
+        assert ce["ce_sae"] == pytest.approx(alone.ce_sae, rel=1e-5)
+        assert ce["ce_clean"] == pytest.approx(alone.ce_clean, rel=1e-9)
+    assert seen["keys"] == sorted(f"{w}/{k}" for w in p["widths"] for k in ("sae", "linear", "nonlinear"))
+    assert len({p["ce"][str(w)]["ce_sae"] for w in p["widths"]}) == 3
     assert len(p["per_token_scaling"]["r2"]) == 3
     assert "x̂ (SAE output)" in p["earlier_layer"]["r2"]
     assert (out / "dark_matter.html").stat().st_size > 100_000
