@@ -74,13 +74,16 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
 
     @app.server.route("/files/results/<path:rel>")
     def _result_file(rel):
-        # the standalone result pages (JSON/HTML) written by the probes, and nothing else
+        # the standalone result pages (JSON/HTML) written by the probes, and the plotly.js bundle they link to
+        if data.is_plotly_bundle(rel, root):  # from the installed plotly, never a file of the cache
+            from plotly.offline import get_plotlyjs
+
+            return flask.Response(get_plotlyjs(), mimetype="text/javascript")
         try:
             path = data.result_file_path(rel, root)
         except (UnsafePathError, FileNotFoundError):
             flask.abort(404)
-        mimetype = {".html": "text/html", ".js": "text/javascript"}.get(path.suffix, "application/json")
-        return flask.send_file(path, mimetype=mimetype)
+        return flask.send_file(path, mimetype="text/html" if path.suffix == ".html" else "application/json")
 
     return app
 

@@ -227,33 +227,65 @@ def _inside(root: Path, p: Path) -> bool:
 
 
 PLOTLY_JS = "plotly.min.js"
+_RESULT_SUFFIXES = (".json", ".html")
+
+
+def _result_file(root: Path, base: Path, p: Path) -> Path | None:
+    """``p`` resolved, when it is a JSON/HTML file that resolves inside ``results/`` (``base``, resolved), with
+    the served suffix on the resolved file as well as on the name asked for (a link cannot lend a run's shard a
+    ``.json`` name); else None."""
+    try:
+        full = safe_path(root, str(p.relative_to(root)))
+    except (UnsafePathError, ValueError):
+        return None
+    if not full.is_relative_to(base) or p.suffix not in _RESULT_SUFFIXES or full.suffix not in _RESULT_SUFFIXES:
+        return None
+    return full if full.is_file() else None
 
 
 def result_files(root: Path | None = None) -> list[dict]:
-    """Every JSON/HTML file under ``results/`` (inside the root): ``{"kind", "id", "file", "rel", "bytes"}``."""
-    root = root or get_root()
+    """Every JSON/HTML file under ``results/`` (resolving inside it): ``{"kind", "id", "file", "rel", "bytes"}``."""
+    root = Path(root or get_root())
     base = safe_path(root, "results")
     if not base.is_dir():
         return []
     out = []
-    for p in sorted(base.rglob("*")):
-        if p.suffix not in (".json", ".html") or not p.is_file() or not _inside(root, p):
+    for p in sorted((root / "results").rglob("*")):
+        full = _result_file(root, base, p)
+        if full is None:
             continue
-        rel = p.relative_to(base)
+        rel = p.relative_to(root / "results")
         out.append(dict(kind=rel.parts[0], id="/".join(rel.parts[1:-1]), file=p.name, rel=str(rel),
-                        bytes=p.stat().st_size))
+                        bytes=full.stat().st_size))
     return out
 
 
 def result_file_path(rel: str, root: Path | None = None) -> Path:
-    """A served result file: only ``.json``/``.html`` under ``results/``, and the ``plotly.min.js`` that a
-    folder of pages shares (see ``write_figures_page(plotlyjs="directory")``); raises ``UnsafePathError``."""
-    if not isinstance(rel, str) or not (rel.endswith((".json", ".html")) or rel.split("/")[-1] == PLOTLY_JS):
+    """A served result file: a ``.json``/``.html`` file that resolves inside ``results/``; raises
+    ``UnsafePathError`` (anything else) or ``FileNotFoundError``. (The ``plotly.min.js`` that a folder of pages
+    shares is served from the installed plotly, never from disk: see :func:`is_plotly_bundle`.)"""
+    if not isinstance(rel, str) or not rel.endswith(_RESULT_SUFFIXES):
         raise UnsafePathError(f"not a result file: {str(rel)[:60]!r}")
-    p = safe_path(root or get_root(), "results", rel)
+    root = Path(root or get_root())
+    base = safe_path(root, "results")
+    p = safe_path(root, "results", rel)  # checks the parts; the resolved path is checked below
+    if not p.is_relative_to(base) or p.suffix not in _RESULT_SUFFIXES:
+        raise UnsafePathError(f"not a result file: {rel[:60]!r}")
     if not p.is_file():
         raise FileNotFoundError(rel)
     return p
+
+
+def is_plotly_bundle(rel: str, root: Path | None = None) -> bool:
+    """Whether ``rel`` asks for the plotly.js bundle beside a folder of result pages (``<folders>/plotly.min.js``,
+    written by ``write_figures_page(plotlyjs="directory")``); the app answers with the installed bundle."""
+    if not isinstance(rel, str) or rel.split("/")[-1] != PLOTLY_JS:
+        return False
+    try:
+        safe_path(root or get_root(), "results", rel)  # the same part checks as any path (no .., no absolute parts)
+    except UnsafePathError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- runs

@@ -77,5 +77,30 @@ def test_result_files_served_only_json_html_and_the_shared_plotly_bundle(tmp_pat
     assert page.status_code == 200 and b'src="plotly.min.js"' in page.data
     js = client.get("/files/results/linearscope/digits-cnn/plotly.min.js")  # what the page's relative src asks
     assert js.status_code == 200 and js.mimetype == "text/javascript" and b"plotly.js v" in js.data[:2000]
-    for bad in ["linearscope/digits-cnn/notes.js", "linearscope/digits-cnn/x.txt", "linearscope/plotly.min.js"]:
-        assert client.get(f"/files/results/{bad}").status_code == 404
+    for bad in ["linearscope/digits-cnn/notes.js", "linearscope/digits-cnn/x.txt", "../plotly.min.js"]:
+        assert client.get(f"/files/results/{bad}").status_code in (404, 308)
+
+
+def test_result_links_to_other_cache_files_are_refused(tmp_path):
+    """A link under results/ may not lend a .json/.html/plotly.min.js name to a shard or manifest elsewhere in the
+    cache root: the resolved file must lie in results/ and carry a served suffix itself."""
+    from app import create_app, data
+
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    secret = tmp_path / "runs" / "r1" / "shard-00000.bin"
+    secret.write_bytes(b"SECRET-ACTIVATIONS")
+    (tmp_path / "runs" / "r1" / "manifest.json").write_text('{"SECRET": 1}')
+    res = tmp_path / "results" / "x"
+    res.mkdir(parents=True)
+    (res / "ok.json").write_text('{"kind": "demo"}')
+    (res / "a.json").symlink_to(secret)
+    (res / "b.json").symlink_to(tmp_path / "runs" / "r1" / "manifest.json")
+    (res / "plotly.min.js").symlink_to(secret)
+    client = create_app(tmp_path).server.test_client()
+    assert client.get("/files/results/x/ok.json").status_code == 200
+    for name in ("a.json", "b.json"):
+        r = client.get(f"/files/results/x/{name}")
+        assert r.status_code == 404 and b"SECRET" not in r.data
+    js = client.get("/files/results/x/plotly.min.js")  # the installed bundle, never the linked file
+    assert js.status_code == 200 and b"SECRET" not in js.data and b"plotly.js v" in js.data[:2000]
+    assert [f["file"] for f in data.result_files(tmp_path)] == ["ok.json"]
