@@ -22,6 +22,19 @@ def error(message: str) -> html.Div:
     return html.Div(str(message), className="notice error", role="alert")
 
 
+def drawn(key: tuple, build, *, n: int = 1, what: str = "this result"):
+    """``(data.memo(key, build), None)``; when the payload lacks something a figure reads (an older or incomplete
+    result file), ``n`` empty figures and an error naming what failed instead of a failed callback."""
+    from . import data
+
+    try:
+        return data.memo(key, build), None
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        empty = EMPTY_FIGURE if n == 1 else (EMPTY_FIGURE,) * n
+        return empty, error(f"{what} cannot be drawn ({type(e).__name__}: {e}); it may come from an older or "
+                            "incomplete run: re-run the command that wrote it.")
+
+
 def info(message) -> html.Div:
     return html.Div(message, className="notice info")
 

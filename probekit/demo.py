@@ -108,8 +108,9 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     )
     json_path, html_path = out / "layer_probes.json", out / "layer_probes.html"
     json_path.write_text(json.dumps(payload, indent=2))
-    fig = result.figures()[0]
-    fig.update_layout(title=f"{cfg.model}: linear probe accuracy per layer — {result.task}")
+    from .results import figures
+
+    fig = figures(payload)[0]  # the report's and the app's figure of this payload
     fig.write_html(str(html_path), include_plotlyjs=True)  # inline plotly.js: the page works offline
 
     best = result.best_layer

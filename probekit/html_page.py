@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,9 +47,10 @@ def _write_plotlyjs(folder: Path) -> None:
     dest = folder / "plotly.min.js"
     if dest.is_file() and dest.stat().st_size == len(js) and dest.read_bytes() == js:
         return
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(js)
-    tmp.replace(dest)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plotly-", suffix=".tmp")  # unique: writers may race
+    with os.fdopen(fd, "wb") as f:
+        f.write(js)
+    os.replace(tmp, dest)
 
 
 def html_table(rows: Sequence[dict[str, Any]], *, caption: str | None = None, digits: int = 3) -> str:

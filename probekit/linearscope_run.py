@@ -21,6 +21,7 @@ import torch
 from .html_page import write_figures_page
 from .models import DEFAULT_MODEL
 from .paths import results_dir
+from .results import figures  # the pages show what the report and the app show for the same payload
 
 PER_CLASS = "per-class"
 
@@ -107,8 +108,7 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
         written[i] = dict(kind="linearscope_digits", one=one.to_dict(), test_set=dataset.to_dict(),
                           test_accuracy=getattr(net, "test_accuracy", None))
         # one page per digit: they share one plotly.min.js instead of inlining 3.5 MB each
-        figs = one.figures(test_mean_share=dataset.mean_share_predicted) + dataset.figures()  # as in the report
-        files += _write(root / "digits-cnn", f"digit-{i}", written[i], figs, plotlyjs="directory")
+        files += _write(root / "digits-cnn", f"digit-{i}", written[i], figures(written[i]), plotlyjs="directory")
     digits = written[indices[0]] if cfg.digit_index is None else written[cfg.digit_index]
     print(f"[probekit linearscope] digit{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))}: mean bias "
           f"share over the test set {dataset.mean_share_predicted:+.3f} (at the predicted class)")
@@ -127,10 +127,11 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
             target = int(s64.decisions(s64.embed(ids))["logits"][-1].argmax())
         tc = s64.token_contributions(ids, target, tokenizer=tok)
         lm = dict(kind="linearscope_lm", model=cfg.model, prompt=cfg.prompt, reconstruction=rec, contributions=tc.to_dict())
-        files += _write(root / cfg.model.replace("/", "--"), "token-contributions", lm, tc.figures())
+        files += _write(root / cfg.model.replace("/", "--"), "token-contributions", lm, figures(lm))
         print(f"[probekit linearscope] {cfg.model}: logits rebuilt with relative error "
               f"{rec['float32']['relative_error']:.1e} (fp32), {rec['float64']['relative_error']:.1e} (fp64); "
               f"next token {tc.target!r}: logit {tc.logit:.3f} = Σ token contributions + b ({tc.bias:.3f})")
+    files = list(dict.fromkeys(files))  # the digit pages share one plotly.min.js
     for f in files:
         print(f"[probekit linearscope] wrote {f}")
     return dict(files=files, digits=digits, digit_indices=indices, lm=lm, config=asdict(cfg))

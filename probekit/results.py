@@ -80,8 +80,9 @@ def build_result(cls, d: dict[str, Any], arrays: tuple[str, ...] = (), *, partia
     arrays : tuple of str
         Fields turned back into float arrays.
     partial : bool
-        Fields missing from ``d`` that have no default become None, for a figure that reads only some fields of
-        a hand-made or older payload.
+        Fields missing from ``d`` that have no default become None, so a figure that does not read them still
+        draws from a hand-made or older payload (one that does read a missing field fails; the app shows that
+        failure as a message).
     """
     names = {f.name for f in fields(cls)}
     kw = {k: v for k, v in d.items() if k in names}

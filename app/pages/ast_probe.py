@@ -3,13 +3,13 @@ recall per non-terminal at a chosen layer, and a snippet picker drawing gold vs 
 
 from __future__ import annotations
 
-from dash import Input, Output, State, dcc, html
+from dash import Input, Output, dcc, html
 
 from probekit import results as pr
 from probekit.probes.ast_figures import f1_vs_k_figure, per_label_recall_figure, tree_comparison_figure
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
 from ..security import UnsafePathError
 from ..urlstate import encode_query
 
@@ -60,7 +60,7 @@ def layer_view(model: str | None, metric: str | None, controls: list | None) -> 
     def build() -> dict:
         return pr.ast_layer_figure(p, metric=metric, controls=show, published=show).to_dict()
 
-    return data.memo(("ast-layer", stamp, metric, show), build), None
+    return drawn(("ast-layer", stamp, metric, show), build, what=f"ast_probe.json of {model}")
 
 
 def k_view(model: str | None, curves: str | None) -> tuple[dict, object]:
@@ -91,7 +91,7 @@ def k_view(model: str | None, curves: str | None) -> tuple[dict, object]:
             fig.data[0].name, fig.data[0].line.dash = "Matryoshka prefixes", "dash"
         return fig.to_dict()
 
-    return data.memo(("ast-k", stamp, curves), build), None
+    return drawn(("ast-k", stamp, curves), build, what=f"the k sweep of {model}")
 
 
 def recall_view(model: str | None, layer: str | None) -> tuple[dict, object, list, str | None]:
@@ -114,7 +114,8 @@ def recall_view(model: str | None, layer: str | None) -> tuple[dict, object, lis
             support = None
         return per_label_recall_figure(recalls[i], support, title=f"Recall per non-terminal, layer {layer}").to_dict()
 
-    return data.memo(("ast-recall", stamp, layer), build), None, options(layers), layer
+    fig, msg = drawn(("ast-recall", stamp, layer), build, what=f"recall per label at layer {layer}")
+    return fig, msg, options(layers), layer
 
 
 def snippet_options(model: str | None) -> list[dict]:
@@ -149,10 +150,7 @@ def tree_view(model: str | None, snippet: int | None) -> tuple[dict, object]:
         return tree_comparison_figure(s["leaves"], s["gold"], s["pred"],
                                       title=f"{s.get('doc_id', i)} — layer {p.get('best_layer_by_validation')}").to_dict()
 
-    try:
-        return data.memo(("ast-tree", stamp, i), build), None
-    except (KeyError, ValueError, TypeError) as e:
-        return EMPTY_FIGURE, error(f"snippet {i} cannot be drawn: {e}")
+    return drawn(("ast-tree", stamp, i), build, what=f"snippet {i}")
 
 
 # --------------------------------------------------------------------------------------------- layout

@@ -8,7 +8,7 @@ from dash import Input, Output, dcc, html
 from probekit import results as pr
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
 from ..security import UnsafePathError
 from ..urlstate import encode_query
 
@@ -43,8 +43,8 @@ def figures_view(model: str | None, fvu_mode: str | None) -> tuple[dict, dict, d
         return (pr.fvu_split_figure(p, mode=mode).to_dict(), pr.error_r2_figure(p).to_dict(),
                 pr.ce_figure(p).to_dict())
 
-    f1, f2, f3 = data.memo(("dm-figs", stamp, mode), build)
-    return f1, f2, f3, None
+    (f1, f2, f3), msg = drawn(("dm-figs", stamp, mode), build, n=3, what=f"dark_matter.json of {model}")
+    return f1, f2, f3, msg
 
 
 def scatter_view(model: str | None) -> tuple[dict, object]:
@@ -60,7 +60,7 @@ def scatter_view(model: str | None) -> tuple[dict, object]:
     def build():
         return pr.error_scatter_figure(p, diagonal=False).to_dict()
 
-    return data.memo(("dm-scatter", stamp), build), None
+    return drawn(("dm-scatter", stamp), build, what=f"the per-token scatter of {model}")
 
 
 def layout(params: dict) -> html.Div:

@@ -10,7 +10,7 @@ from dash import Input, Output, State, dcc, html
 from probekit import results as pr
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
 from ..security import UnsafePathError
 from ..urlstate import encode_query
 
@@ -38,8 +38,8 @@ def accuracy_view(model: str | None, show: list[str] | None) -> tuple[dict, obje
         return EMPTY_FIGURE, missing("layer-probe result for " + model, e.command)
     except (UnsafePathError, ValueError) as e:
         return EMPTY_FIGURE, error(str(e))
-    return data.memo(("demo-fig", stamp, tuple(show)),
-                     lambda: pr.layer_accuracy_figure(payload, show=show).to_dict()), None
+    return drawn(("demo-fig", stamp, tuple(show)), lambda: pr.layer_accuracy_figure(payload, show=show).to_dict(),
+                 what=f"layer_probes.json of {model}")
 
 
 def run_options() -> list[dict]:

@@ -8,7 +8,7 @@ from dash import Input, Output, dcc, html
 from probekit import results as pr
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, error, graph, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
 from ..security import UnsafePathError
 from ..urlstate import encode_query
 
@@ -32,8 +32,8 @@ def digit_view(digit: int | None) -> tuple[dict, dict, object]:
     def build():
         return pr.digit_rows_figure(p, index=i).to_dict(), pr.bias_share_figure(p).to_dict()
 
-    a, b = data.memo(("ls-digit", stamp), build)
-    return a, b, None
+    (a, b), msg = drawn(("ls-digit", stamp), build, n=2, what=f"digit-{i}.json")
+    return a, b, msg
 
 
 def prompt_view(model: str | None, view: str | None) -> tuple[dict, object]:
@@ -51,7 +51,7 @@ def prompt_view(model: str | None, view: str | None) -> tuple[dict, object]:
     def build():
         return pr.token_contributions_figure(p, view=view).to_dict()
 
-    return data.memo(("ls-prompt", stamp, view), build), None
+    return drawn(("ls-prompt", stamp, view), build, what=f"token-contributions.json of {model}")
 
 
 def digit_label(i: int) -> str:

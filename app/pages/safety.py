@@ -17,7 +17,7 @@ from dash import Input, Output, State, dcc, html, no_update
 from probekit import results as pr
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, error, graph, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
 from ..jobs import MAX_PROMPT_CHARS, build_safety_spec, run_safety_prompt_job
 from ..security import UnsafePathError
 from ..urlstate import encode_query
@@ -132,11 +132,9 @@ def activation_view(result_id: str | None, pair: str | None, heat: str | None, e
 
     if pair is None:
         return EMPTY_FIGURE, EMPTY_FIGURE, EMPTY_FIGURE, error("this activation result holds no overlap")
-    try:
-        a, b, c = data.memo(("safety-act", stamp, pair, heat, eta, refusal), build)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        return EMPTY_FIGURE, EMPTY_FIGURE, EMPTY_FIGURE, error(f"activation.json of {result_id} cannot be drawn: {e}")
-    return a, b, c, None
+    (a, b, c), msg = drawn(("safety-act", stamp, pair, heat, eta, refusal), build, n=3,
+                           what=f"activation.json of {result_id}")
+    return a, b, c, msg
 
 
 def eta_choices(result_id: str | None) -> tuple[list[dict], float | None]:
@@ -162,11 +160,8 @@ def weight_view(result_id: str | None, metric: str | None) -> tuple[dict, dict, 
         table.update_layout(height=110 + 30 * n_rows, margin={"t": 50, "b": 10, "l": 10, "r": 10})  # every row shows
         return curves.to_dict(), table.to_dict()
 
-    try:
-        a, b = data.memo(("safety-weight", stamp, metric), build)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        return EMPTY_FIGURE, EMPTY_FIGURE, error(f"weight.json of {result_id} cannot be drawn: {e}")
-    return a, b, None
+    (a, b), msg = drawn(("safety-weight", stamp, metric), build, n=2, what=f"weight.json of {result_id}")
+    return a, b, msg
 
 
 def layer_choices(result_id: str | None) -> tuple[list[dict], int | None]:

@@ -230,3 +230,36 @@ def test_linearscope_picker_lists_every_computed_digit(tmp_path):
     assert "label 3" in a["layout"]["title"]["text"] and "label 7" in b["layout"]["title"]["text"]
     _, _, msg = linearscope.digit_view(7)
     assert "probekit linearscope --digit-index 7" in dash_text(msg)
+
+
+def test_incomplete_result_files_give_an_error_not_a_failed_callback(root):
+    """A payload lacking a field a figure reads (an older or interrupted run) shows a message naming the file."""
+    from tests.browser.fixture_cache import _write, ast_result, dark_matter_result, demo_result, linearscope_digit
+
+    demo = demo_result()
+    del demo["result"]["train_score"]
+    _write(root, "demo/broken/layer_probes.json", demo)
+    dm = dark_matter_result()
+    del dm["fvu_split"]
+    _write(root, "dark-matter/broken/dark_matter.json", dm)
+    ast = ast_result()
+    del ast["result"]["recall"]
+    _write(root, "ast-probe/broken/ast_probe.json", ast)
+    digit = linearscope_digit()
+    del digit["one"]["matrix"]
+    _write(root, "linearscope/digits-cnn/digit-9.json", digit)
+    data.clear_caches()
+    try:
+        views = [layers.accuracy_view("broken", ["train"]), dark_matter.figures_view("broken", "stacked")[::3],
+                 ast_probe.layer_view("broken", "recall", []), linearscope.digit_view(9)[::2]]
+        for fig, msg in views:
+            assert fig["data"] == [] and "notice error" in dash_text(msg) and "cannot be drawn" in dash_text(msg)
+        assert "layer_probes.json of broken" in dash_text(views[0][1])
+        assert layers.accuracy_view("broken", [])[1] is None  # what the file does hold still draws
+    finally:  # the other tests of this module list the results
+        import shutil
+
+        for rel in ("demo/broken", "dark-matter/broken", "ast-probe/broken"):
+            shutil.rmtree(root / "results" / rel)
+        (root / "results" / "linearscope" / "digits-cnn" / "digit-9.json").unlink()
+        data.clear_caches()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from probekit.cli import main
 
@@ -21,7 +22,8 @@ def test_dark_matter_command_writes_every_analysis(tiny_dir, tmp_path, monkeypat
     def recording(model, token_batches, hook_name, replacements, **kw):  # keep what the run evaluated CE on
         if len(replacements) == 1:  # the test's own ce_recovered below
             return many(model, token_batches, hook_name, replacements, **kw)
-        seen.update(model=model, batches=list(token_batches), hook=hook_name, keys=sorted(replacements))
+        seen.update(model=model, batches=list(token_batches), hook=hook_name, keys=sorted(replacements),
+                    replacements=dict(replacements))
         return many(model, seen["batches"], hook_name, replacements, **kw)
 
     monkeypatch.setattr(sae_mod, "ce_recovered_many", recording)
@@ -47,6 +49,13 @@ def test_dark_matter_command_writes_every_analysis(tiny_dir, tmp_path, monkeypat
         alone = ce_recovered(seen["model"], seen["batches"], seen["hook"], _keep_first(sae.eval(), "cpu"))
         assert ce["ce_sae"] == pytest.approx(alone.ce_sae, rel=1e-5)
         assert ce["ce_clean"] == pytest.approx(alone.ce_clean, rel=1e-9)
+        # x̂ + linear error and x̂ + nonlinear error sum to x̂ + x after position 0: both splices hold this
+        # width's SAE and the same W*, b
+        x = torch.randn(2, 5, d)
+        both = seen["replacements"][f"{w}/linear"](x) + seen["replacements"][f"{w}/nonlinear"](x)
+        with torch.no_grad():
+            assert torch.allclose(both[:, 1:], sae(x[:, 1:]) + x[:, 1:], atol=1e-4)
+        assert torch.equal(both[:, 0], 2 * x[:, 0])
     assert seen["keys"] == sorted(f"{w}/{k}" for w in p["widths"] for k in ("sae", "linear", "nonlinear"))
     assert len({p["ce"][str(w)]["ce_sae"] for w in p["widths"]}) == 3
     assert len(p["per_token_scaling"]["r2"]) == 3
