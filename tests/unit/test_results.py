@@ -247,6 +247,12 @@ def test_linearscope_builders_are_the_probe_figures():
         (want,) = tc.figures(view=view, prompt=lm["prompt"])
         assert results.token_contributions_figure(lm, view=view).to_plotly_json() == want.to_plotly_json()
     digit = linearscope_digit()
-    one = results._scope_result(digit)
+    from probekit.probes.linearscope import LinearScopeResult
+
+    o = digit["one"]  # built by hand here, not through the adapter under test
+    one = LinearScopeResult(input=np.asarray(o["input"]), logits=np.asarray(o["logits"]), bias=np.asarray(o["bias"]),
+                            matrix=np.asarray(o["matrix"]), predicted=o["predicted"], target=o["target"],
+                            label=o["label"], singular_values=np.zeros(0), left_singular_vectors=np.zeros((10, 0)),
+                            right_singular_vectors=np.zeros((0, 64)), reconstruction_rel_error=0.0)
     assert results.digit_rows_figure(digit, index=4).to_plotly_json() == one.digit_rows_figure(index=4).to_plotly_json()
     assert results.bias_share_figure(digit).to_plotly_json() == one.bias_share_figure(test_mean=-0.02).to_plotly_json()
