@@ -230,17 +230,11 @@ PLOTLY_JS = "plotly.min.js"
 _RESULT_SUFFIXES = (".json", ".html")
 
 
-def _result_file(root: Path, base: Path, p: Path) -> Path | None:
-    """``p`` resolved, when it is a JSON/HTML file that resolves inside ``results/`` (``base``, resolved), with
-    the served suffix on the resolved file as well as on the name asked for (a link cannot lend a run's shard a
-    ``.json`` name); else None."""
-    try:
-        full = safe_path(root, str(p.relative_to(root)))
-    except (UnsafePathError, ValueError):
-        return None
-    if not full.is_relative_to(base) or p.suffix not in _RESULT_SUFFIXES or full.suffix not in _RESULT_SUFFIXES:
-        return None
-    return full if full.is_file() else None
+def _servable(full: Path, base: Path, asked: str) -> bool:
+    """The one rule for a result file: the name asked for and the resolved file ``full`` both end in .json/.html,
+    and ``full`` lies inside ``results/`` (``base``, resolved), so a link cannot lend a run's shard a result's
+    name."""
+    return asked.endswith(_RESULT_SUFFIXES) and full.suffix in _RESULT_SUFFIXES and full.is_relative_to(base)
 
 
 def result_files(root: Path | None = None) -> list[dict]:
@@ -251,10 +245,13 @@ def result_files(root: Path | None = None) -> list[dict]:
         return []
     out = []
     for p in sorted((root / "results").rglob("*")):
-        full = _result_file(root, base, p)
-        if full is None:
-            continue
         rel = p.relative_to(root / "results")
+        try:
+            full = safe_path(root, "results", str(rel))
+        except UnsafePathError:
+            continue
+        if not (_servable(full, base, p.name) and full.is_file()):
+            continue
         out.append(dict(kind=rel.parts[0], id="/".join(rel.parts[1:-1]), file=p.name, rel=str(rel),
                         bytes=full.stat().st_size))
     return out
@@ -264,12 +261,11 @@ def result_file_path(rel: str, root: Path | None = None) -> Path:
     """A served result file: a ``.json``/``.html`` file that resolves inside ``results/``; raises
     ``UnsafePathError`` (anything else) or ``FileNotFoundError``. (The ``plotly.min.js`` that a folder of pages
     shares is served from the installed plotly, never from disk: see :func:`is_plotly_bundle`.)"""
-    if not isinstance(rel, str) or not rel.endswith(_RESULT_SUFFIXES):
+    if not isinstance(rel, str) or not rel.endswith(_RESULT_SUFFIXES):  # before touching the file system
         raise UnsafePathError(f"not a result file: {str(rel)[:60]!r}")
     root = Path(root or get_root())
-    base = safe_path(root, "results")
-    p = safe_path(root, "results", rel)  # checks the parts; the resolved path is checked below
-    if not p.is_relative_to(base) or p.suffix not in _RESULT_SUFFIXES:
+    p = safe_path(root, "results", rel)
+    if not _servable(p, safe_path(root, "results"), rel):
         raise UnsafePathError(f"not a result file: {rel[:60]!r}")
     if not p.is_file():
         raise FileNotFoundError(rel)

@@ -22,7 +22,9 @@ def write_figures_page(path: str | Path, figures: Sequence[Any], *, title: str =
     ``plotlyjs="inline"`` embeds plotly.js (~3.5 MB) so the page stands alone; ``"directory"`` writes
     ``plotly.min.js`` once beside the page and links to it, for a folder of many pages (keep them together).
     """
-    if plotlyjs not in ("inline", "directory"):
+    # what the first figure embeds: the bundle itself, or a <script src="plotly.min.js">
+    first = {"inline": True, "directory": "directory"}.get(plotlyjs)
+    if first is None:
         raise ValueError(f"plotlyjs must be 'inline' or 'directory', got {plotlyjs!r}")
     path = Path(path)
     if plotlyjs == "directory":
@@ -32,8 +34,7 @@ def write_figures_page(path: str | Path, figures: Sequence[Any], *, title: str =
         if fig.layout.height is None:
             fig = type(fig)(fig)  # copy: leave the caller's figure as it was
             fig.update_layout(height=default_height)
-        include = (True if plotlyjs == "inline" else "directory") if i == 0 else False  # "directory": a <script src>
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=include))
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=first if i == 0 else False))
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

@@ -83,8 +83,7 @@ def _write(out: Path, name: str, payload: dict, figures: list, plotlyjs: str = "
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     html = out / f"{name}.html"
     write_figures_page(html, figures, title=f"probekit {name}", plotlyjs=plotlyjs)
-    files = [str(out / f"{name}.json"), str(html)]
-    return files + ([str(out / "plotly.min.js")] if plotlyjs == "directory" else [])
+    return [str(out / f"{name}.json"), str(html)]
 
 
 def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
@@ -109,6 +108,7 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
                           test_accuracy=getattr(net, "test_accuracy", None))
         # one page per digit: they share one plotly.min.js instead of inlining 3.5 MB each
         files += _write(root / "digits-cnn", f"digit-{i}", written[i], figures(written[i]), plotlyjs="directory")
+    files.append(str(root / "digits-cnn" / "plotly.min.js"))  # written beside the first page, shared by all
     digits = written[indices[0]] if cfg.digit_index is None else written[cfg.digit_index]
     print(f"[probekit linearscope] digit{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))}: mean bias "
           f"share over the test set {dataset.mean_share_predicted:+.3f} (at the predicted class)")
@@ -131,7 +131,6 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
         print(f"[probekit linearscope] {cfg.model}: logits rebuilt with relative error "
               f"{rec['float32']['relative_error']:.1e} (fp32), {rec['float64']['relative_error']:.1e} (fp64); "
               f"next token {tc.target!r}: logit {tc.logit:.3f} = Σ token contributions + b ({tc.bias:.3f})")
-    files = list(dict.fromkeys(files))  # the digit pages share one plotly.min.js
     for f in files:
         print(f"[probekit linearscope] wrote {f}")
     return dict(files=files, digits=digits, digit_indices=indices, lm=lm, config=asdict(cfg))

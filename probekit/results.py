@@ -107,7 +107,6 @@ def _check(name: str, value: str, allowed) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, not {value!r}")
 
 
-
 def layer_accuracy_figure(p: dict, *, show: tuple[str, ...] | list[str] = ("train", "controls")) -> Any:
     """Linear-probe test score per layer of a ``layer_probes`` payload (``LayerProbeResult.figures``).
 

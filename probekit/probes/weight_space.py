@@ -607,6 +607,9 @@ def weight_space_analysis(base: StateSource, aligned: StateSource, finetuned: St
     keys = matrix_keys(*stores, skip_embeddings=cfg.skip_embeddings, include=cfg.include, exclude=cfg.exclude)
     if not keys:
         raise ValueError("no 2-D weight matrix is shared by the three checkpoints (check the keys and shapes).")
+    missing = [b for b in cfg.bases if bases is not None and b not in bases]
+    if missing:
+        raise ValueError(f"bases has no {missing[0]!r} kind (has {list(bases)}).")
     mats, projs = [], []
     for k in tqdm(keys, desc="weight space", disable=not cfg.progress):
         dev = torch.device(cfg.device) if cfg.device else stores[1].get(k).device
@@ -616,8 +619,6 @@ def weight_space_analysis(base: StateSource, aligned: StateSource, finetuned: St
         for b in cfg.bases:
             if bases is None:
                 Ls = update_bases(V, cfg.fractions, b, seed=cfg.seed, key=k, method=cfg.method)
-            elif b not in bases:
-                raise ValueError(f"bases has no {b!r} kind (has {list(bases)}).")
             else:
                 Ls = _banked_bases(bases[b], k, V.shape, cfg.fractions, f"bases[{b!r}]")
             for f in cfg.fractions:
