@@ -19,8 +19,9 @@ site
     ``blocks.{l}.hook_resid_pre`` (input of block ``l``), ``hook_resid_mid`` (sequential blocks only),
     ``hook_resid_post`` (output of block ``l``), ``hook_attn_out`` and ``hook_mlp_out`` (the attention and MLP
     terms *added to the residual stream*: after the post-norm in Gemma 2/3 and OLMo 2, as TransformerLens places
-    them) for the families of :data:`HF_LAYOUTS`; the Llama-layout families also take the other names of
-    :mod:`probekit.hooks` (``attn.hook_z``, ``mlp.hook_post``, norms). Any other module: dotted module paths.
+    them; BERT/RoBERTa encoders: resid_pre/post and mlp_out only) for the families of :data:`HF_LAYOUTS`; the
+    Llama-layout families also take the other names of :mod:`probekit.hooks` (``attn.hook_z``, ``mlp.hook_post``,
+    norms). Any other module: dotted module paths.
 positions
     Absolute token columns of ``input_ids`` (0 = first column, padding included). During KV-cached decoding a
     forward over new tokens covers columns ``[past_length, past_length + n)``, so an intervention limited to
@@ -29,7 +30,8 @@ positions
 directional ablation
     ``x <- x - (x . r_hat) r_hat``, ``r_hat = r / ||r||`` (float64, applied in the activation's dtype), at
     ``hook_resid_pre``, ``hook_attn_out`` and ``hook_mlp_out`` of every block, every position (Arditi et al.
-    2024). Every block's output, a sum of ablated terms, is then orthogonal to ``r_hat`` too.
+    2024). In a pre-norm model every block's output, a sum of ablated terms, is then orthogonal to ``r_hat`` too
+    (not in a post-LN encoder, whose LayerNorm follows the sum; its next block's input is ablated again).
 activation addition
     ``x <- x + alpha r`` (``r`` not normalised) at ``blocks.{layer}.hook_resid_pre``, every position by default.
 activation patching
@@ -86,11 +88,12 @@ ABLATION_SITES: tuple[str, ...] = ("hook_resid_pre", "hook_attn_out", "hook_mlp_
 class _Layout:
     """Where the residual-stream sites of one HF family live (paths relative to a decoder layer)."""
 
-    layers: str  # the ModuleList of decoder layers
-    attn_out: str  # module whose output is the attention term added to the residual
+    layers: str  # the ModuleList of blocks
+    attn_out: str | None  # module whose output is the attention term added to the residual (None: no equivalent)
     mlp_out: str  # module whose output is the MLP term added to the residual
-    resid_mid: str | None  # module whose *input* is the residual between attention and MLP (None: parallel)
+    resid_mid: str | None  # module whose *input* is the residual between attention and MLP (None: no equivalent)
     llama_like: bool = False  # probekit.hooks.plain_sites' Llama patterns hold for the other names
+    parallel: bool = False  # attention and MLP read the same residual (no resid_mid exists)
 
 
 _LLAMA = _Layout("model.layers", "self_attn", "mlp", "post_attention_layernorm", llama_like=True)
@@ -100,7 +103,7 @@ _POST_NORM = _Layout("model.layers", "post_attention_layernorm", "post_feedforwa
 #: HF ``config.model_type`` → layout of its causal-LM class; checked against TransformerBridge in the tests.
 HF_LAYOUTS: dict[str, _Layout] = {
     "gpt2": _Layout("transformer.h", "attn", "mlp", "ln_2"),
-    "gptj": _Layout("transformer.h", "attn", "mlp", None),  # parallel attention + MLP
+    "gptj": _Layout("transformer.h", "attn", "mlp", None, parallel=True),
     "gpt_neox": _Layout("gpt_neox.layers", "attention", "mlp", "post_attention_layernorm"),
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -111,6 +114,10 @@ HF_LAYOUTS: dict[str, _Layout] = {
     "gemma2": _POST_NORM,
     "gemma3_text": _POST_NORM,
     "olmo2": _Layout("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "mlp"),
+    # post-LN encoders (masked-LM heads): TransformerBridge's hook_attn_out / hook_resid_mid there are LayerNorm
+    # outputs with no single module equivalent, so those two names run on the bridge's own hook points
+    "bert": _Layout("bert.encoder.layer", None, "output.dense", None),
+    "roberta": _Layout("roberta.encoder.layer", None, "output.dense", None),
 }
 
 _RESID_RE = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|hook_mlp_out)")
@@ -167,14 +174,17 @@ def _hf_site(model: torch.nn.Module, layout: _Layout, modules: Mapping[str, torc
     elif kind == "hook_resid_post":
         module, take = block, "output"
     elif kind == "hook_attn_out":
+        if layout.attn_out is None:
+            return None
         module, take = f"{block}.{layout.attn_out}", "output"
     elif kind == "hook_mlp_out":
         module, take = f"{block}.{layout.mlp_out}", "output"
     else:
-        parallel = layout.resid_mid is None or bool(getattr(model.config, "use_parallel_residual", False))
-        if parallel:
+        if layout.parallel or (layout.resid_mid and getattr(model.config, "use_parallel_residual", False)):
             raise HookNameError(f"{name!r}: {model.config.model_type} blocks add attention and MLP in parallel, "
                                 "so there is no residual stream between them; use hook_resid_pre or hook_resid_post.")
+        if layout.resid_mid is None:
+            return None
         module, take = f"{block}.{layout.resid_mid}", "input"
     if module not in modules:
         return None
@@ -239,7 +249,8 @@ def resolve_sites(model: torch.nn.Module, names: Sequence[str], *, prefer_plain:
             raise HookNameError(
                 f"hook name {unknown[0]!r} has no module equivalent on a plain {type(model).__name__} "
                 f"(model_type {fam!r}). Plain HF models take blocks.{{l}}.hook_resid_pre/mid/post, hook_attn_out "
-                f"and hook_mlp_out for model types {', '.join(sorted(HF_LAYOUTS))}, or dotted module paths; "
+                f"and hook_mlp_out for model types {', '.join(sorted(HF_LAYOUTS))} (encoders: resid_pre/post and "
+                "mlp_out), or dotted module paths; "
                 "for every other name load the model with probekit.models.load_model (a TransformerBridge).")
     hs = HookSet.for_module(model, names)
     return hs.sites, "plain", model

@@ -387,3 +387,92 @@ def test_load_model_bridge_runs_on_its_plain_twin(models, family, tmp_path):
             assert m is twin
             got = lm_logits(m, ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+ENCODERS = {
+    "bert": lambda: (T.BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4,
+                                  intermediate_size=2 * D), T.BertForMaskedLM),
+    "roberta": lambda: (T.RobertaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4,
+                                        intermediate_size=2 * D, pad_token_id=1), T.RobertaForMaskedLM),
+}
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_encoders_addition_and_patching_by_hand(family):
+    """Post-LN encoders: residual sites equal output_hidden_states; activation addition and per-column patching at
+    block 1's input equal editing block 0's final LayerNorm output by hand; patching all columns gives the clean
+    masked-LM logits; hook_attn_out has no plain equivalent and says where to go instead."""
+    cfg, cls = ENCODERS[family]()
+    torch.manual_seed(0)
+    hf = cls(cfg).eval()
+    hf.set_attn_implementation("eager")
+    out_ln = f"{family}.encoder.layer.0.output.LayerNorm"  # its output is block 1's residual input
+    clean, corrupt = _ids(0), _ids(0).clone()
+    corrupt[:, 3] = (corrupt[:, 3] + 7) % V
+    with torch.no_grad():
+        o = hf(input_ids=clean, output_hidden_states=True)
+        clean_logits, hs = o.logits, o.hidden_states
+        o = hf(input_ids=corrupt, output_hidden_states=True)
+        corrupt_logits, hs_c = o.logits, o.hidden_states
+    names = [f"blocks.{l}.hook_resid_{k}" for l in range(L) for k in ("pre", "post")]
+    _, acts = record_activations(hf, names, clean)
+    for l in range(L):
+        torch.testing.assert_close(acts[f"blocks.{l}.hook_resid_pre"], hs[l])
+        torch.testing.assert_close(acts[f"blocks.{l}.hook_resid_post"], hs[l + 1])
+
+    r, alpha = _direction(), 2.0
+    hand = copy.deepcopy(hf)
+
+    def add(x):
+        x = x.clone()
+        x[:, [2, 5]] += alpha * r
+        return x
+
+    _wrap(hand, out_ln, add)
+    with torch.no_grad():
+        want = hand(input_ids=clean).logits
+        with activation_addition(hf, r, 1, alpha, positions=[2, 5]) as m:
+            got = lm_logits(m, clean)
+    assert (want - clean_logits).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    res = activation_patching(hf, clean, corrupt, names, positions="all", return_logits=True,
+                              metric=lambda z: logit_difference(z, 4, 6).mean())
+    for i in range(len(names)):
+        torch.testing.assert_close(res.logits[i, 0], clean_logits, rtol=1e-5, atol=1e-6)
+    sweep = activation_patching(hf, clean, corrupt, ["blocks.1.hook_resid_pre"], positions=[3, 4], return_logits=True)
+    for j, c in enumerate([3, 4]):
+        hand = copy.deepcopy(hf)
+        delta = hs[1][:, c] - hs_c[1][:, c]
+
+        def fix(x, c=c, delta=delta):
+            x = x.clone()
+            x[:, c] += delta
+            return x
+
+        _wrap(hand, out_ln, fix)
+        with torch.no_grad():
+            torch.testing.assert_close(sweep.logits[0, j], hand(input_ids=corrupt).logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(sweep.logits[0, 1], corrupt_logits)  # bidirectional: column 4 saw column 3
+    with pytest.raises(HookNameError, match="encoders: resid_pre/post and mlp_out"):
+        with splice(hf, "blocks.0.hook_attn_out", lambda a: a):
+            pass
+
+
+def test_bert_bridge_sites_follow_the_bridge(tiny_bert):
+    """On a BERT bridge from load_model, residual names with a module equivalent run on the plain twin and the
+    others on the bridge's hook points; either way the activation is the bridge's run_with_cache value."""
+    from probekit.models import plain_model
+
+    bridge, _ = tiny_bert
+    ids = _ids(P=6) % 200 + 3
+    _, cache = bridge.run_with_cache(ids)
+    names = [n for n in cache.keys()
+             if re.fullmatch(r"blocks\.\d+\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)", n)]
+    assert any("attn_out" in n for n in names)
+    for n in names:
+        _, mech, run = resolve_sites(bridge, [n])
+        on_twin = n.endswith(("resid_pre", "resid_post", "mlp_out"))
+        assert (mech, run is plain_model(bridge)) == (("plain", True) if on_twin else ("bridge", False)), n
+        _, acts = record_activations(bridge, [n], ids)
+        torch.testing.assert_close(acts[n], cache[n], rtol=1e-5, atol=1e-5, msg=n)
