@@ -679,6 +679,18 @@ class PatchingResult:
         d = self.clean_metric - self.corrupted_metric
         return (self.metric - self.corrupted_metric) / d if d != 0 else np.full_like(self.metric, np.nan)
 
+    def __repr__(self) -> str:
+        return (f"PatchingResult({len(self.sites)} sites x {len(self.positions)} positions, "
+                f"clean_metric={self.clean_metric:.4g}, corrupted_metric={self.corrupted_metric:.4g})")
+
+    def _repr_html_(self) -> str:
+        from .html_page import html_table
+
+        cols = ["all" if p is None else str(p) for p in self.positions]
+        rows = [{"site": s, **{c: float(v) for c, v in zip(cols, self.metric[i])}} for i, s in enumerate(self.sites)]
+        return html_table(rows, caption=f"metric per site and position (clean {self.clean_metric:.4g}, "
+                                        f"corrupted {self.corrupted_metric:.4g})")
+
     def to_dict(self) -> dict[str, Any]:
         return {"sites": list(self.sites), "positions": list(self.positions), "metric": self.metric.tolist(),
                 "clean_metric": self.clean_metric, "corrupted_metric": self.corrupted_metric}

@@ -637,8 +637,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     """Batched greedy generation with left padding and a progress bar.
 
     Prompts are chat-formatted (see :func:`encode_prompts`), grouped by length, left-padded and decoded with
-    :func:`probekit.interventions.greedy_decode`; the answers come back in prompt order. Call it with the module an intervention
-    yields (or the bridge: its plain twin carries the same hooks).
+    :func:`probekit.interventions.greedy_decode`; the answers come back in prompt order. Call it with the module
+    an intervention yields (or the bridge: its plain twin carries the same hooks).
 
     Parameters
     ----------
@@ -805,9 +805,9 @@ def select_layer(model, tokenizer, directions: Mapping[int, torch.Tensor], harmf
     """Pick the refusal-direction layer on validation prompts.
 
     For each candidate layer ``l`` (keys of ``directions`` below ``max_layer_frac`` of the depth): ablate
-    ``r_l`` at every block (:func:`probekit.interventions.directional_ablation`) and measure the mean refusal score of the harmful and
-    harmless validation prompts and the harmless KL to the clean next-token distribution; optionally add ``r_l``
-    at ``l`` to harmless prompts. Choose the eligible layer with the lowest ablated harmful score.
+    ``r_l`` at every block (:func:`probekit.interventions.directional_ablation`) and measure the mean refusal
+    score of the harmful and harmless validation prompts and the harmless KL to the clean next-token
+    distribution; optionally add ``r_l`` at ``l`` to harmless prompts. Choose the eligible layer with the lowest ablated harmful score.
 
     Parameters
     ----------

@@ -352,6 +352,9 @@ def test_patching_result_figure_and_dict(models):
                               metric=lambda z: logit_difference(z, 4, 6).mean(), positions=[0, 6])
     d = res.to_dict()
     assert d["positions"] == [0, 6] and np.asarray(d["metric"]).shape == (2, 2)
+    assert "2 sites x 2 positions" in repr(res)
+    html = res._repr_html_()
+    assert "blocks.1.hook_resid_pre" in html and f"{res.metric[1, 1]:.3g}" in html
     fig = res.figures()[0]
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text and fig.data[0].colorbar.title.text
 
