@@ -807,7 +807,8 @@ def select_layer(model, tokenizer, directions: Mapping[int, torch.Tensor], harmf
     For each candidate layer ``l`` (keys of ``directions`` below ``max_layer_frac`` of the depth): ablate
     ``r_l`` at every block (:func:`probekit.interventions.directional_ablation`) and measure the mean refusal
     score of the harmful and harmless validation prompts and the harmless KL to the clean next-token
-    distribution; optionally add ``r_l`` at ``l`` to harmless prompts. Choose the eligible layer with the lowest ablated harmful score.
+    distribution; optionally add ``r_l`` at ``l`` to harmless prompts. Choose the eligible layer with the lowest
+    ablated harmful score.
 
     Parameters
     ----------
