@@ -7,7 +7,7 @@ JSON on stdin, loads the result's model and its refusal direction, and prints JS
     {"event": "error", "message": "…"}
 
 The score is :func:`probekit.probes.safety.refusal_score` of the prompt, once on the model and once inside
-:func:`~probekit.probes.safety.directional_ablation` of the direction at the chosen layer (projected out of
+:func:`~probekit.interventions.directional_ablation` of the direction at the chosen layer (projected out of
 every block); the completions are greedy (:func:`~probekit.probes.safety.generate_greedy`). It runs in its own
 process so the web server never holds a model; the direction file is opened only through ``safe_path``.
 """
@@ -28,7 +28,8 @@ def emit(**event) -> None:
 def prompt_report(model, tok, direction, prompt: str, *, chat_template: bool = True,
                   max_new_tokens: int = 32) -> dict:
     """Refusal score and greedy completion of ``prompt``, clean and with ``direction`` ablated."""
-    from probekit.probes.safety import directional_ablation, generate_greedy, refusal_score
+    from probekit.interventions import directional_ablation
+    from probekit.probes.safety import generate_greedy, refusal_score
 
     kw = dict(chat_template=chat_template)
     out = dict(clean_score=float(refusal_score(model, tok, [prompt], **kw)[0]),

@@ -494,7 +494,8 @@ middle layer, 12 of 30, and 8 harmful test prompts."""),
 import pandas as pd
 import plotly.graph_objects as go
 
-from probekit.probes.safety import directional_ablation, random_direction_like, refusal_directions, refusal_score
+from probekit.interventions import directional_ablation
+from probekit.probes.safety import random_direction_like, refusal_directions, refusal_score
 
 dirs = refusal_directions(acts["harmful"], acts["harmless"])
 layer = 12
@@ -536,7 +537,7 @@ print("refusal phrase match, clean:", refusal_phrase_match(clean), " ablated:", 
 Activation addition on harmless prompts: α = 1 moves the layer-12 activations by the full harmful − harmless
 difference of means, α = 4 by four times that; the random direction is the control."""),
     ("code", '''\
-from probekit.probes.safety import activation_addition
+from probekit.interventions import activation_addition
 
 prompt = [test_harmless[0]]
 print(prompt[0])

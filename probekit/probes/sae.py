@@ -832,84 +832,11 @@ def sae_metrics(sae: SAE, batches, *, hook: str | None = None) -> SAEMetrics:
                       dead_fraction=float(1.0 - fired.double().mean()), mse=err / n, n_tokens=n)
 
 
-# ============================================================================================== splicing
+# ============================================================================================== CE recovered
 
-
-@contextmanager
-def splice(model: torch.nn.Module, hook_name: str, fn: Callable[[torch.Tensor], torch.Tensor], *,
-           prefer_plain: bool = True) -> Iterator[torch.nn.Module]:
-    """Replace the activation at ``hook_name`` by ``fn(activation)`` in forwards run inside the block.
-
-    Yields the module to call. For a ``TransformerBridge`` from ``load_model`` that is, when ``prefer_plain`` and
-    the name has a plain equivalent (residual stream, attn/MLP outputs, …; see :mod:`probekit.hooks`), the
-    bridge's plain HF twin (same parameters, the cheaper forward) with a forward (pre-)hook; otherwise the bridge
-    itself with a hook on its hook point. For any other module, the module, hooked at the dotted path. Call
-    the yielded module with :func:`lm_logits` to get logits either way.
-
-    ``fn`` gets the activation as the hook sees it — ``(batch, pos, d)`` for the residual stream; ``attn.hook_z``
-    as ``(batch, pos, n_heads, d_head)`` — and must return a tensor of the same shape. Padding positions are
-    passed too (a causal model never lets them reach real tokens).
-
-    Example
-    -------
-    >>> with splice(bridge, "blocks.1.hook_resid_post", sae) as m:          # doctest: +SKIP
-    ...     logits = lm_logits(m, input_ids, attention_mask)
-    """
-    from ..hooks import HookSet, is_bridge
-
-    def apply(act: torch.Tensor, n_heads: int | None = None) -> torch.Tensor:
-        a = act.reshape(*act.shape[:-1], n_heads, act.shape[-1] // n_heads) if n_heads else act
-        new = fn(a)
-        if not isinstance(new, torch.Tensor) or new.shape != a.shape:
-            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-            raise ValueError(f"splice fn for {hook_name!r} must return a tensor of shape {tuple(a.shape)}, "
-                             f"got {got}")
-        new = new.to(act.dtype)
-        return new.reshape(act.shape) if n_heads else new
-
-    if is_bridge(model):
-        hs = HookSet.for_bridge(model, [hook_name], prefer_plain=prefer_plain)
-    else:
-        hs = HookSet.for_module(model, [hook_name])
-    site, runner = hs.sites[0], hs.model
-    handles = []
-    if hs.mechanism == "bridge":
-        hp = model.hook_dict[hook_name]
-        handles.append(hp.add_hook(lambda act, hook: apply(act)).hook)
-    else:
-        mod = dict(runner.named_modules())[site.module]
-        if site.take == "output":
-            def out_hook(m, args, out):
-                if isinstance(out, tuple):
-                    return (apply(out[0], site.n_heads),) + out[1:]
-                return apply(out, site.n_heads)
-
-            handles.append(mod.register_forward_hook(out_hook))
-        else:
-            def pre_hook(m, args, kwargs):
-                if args:
-                    return (apply(args[0], site.n_heads),) + tuple(args[1:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs["hidden_states"] = apply(kwargs["hidden_states"], site.n_heads)
-                return args, kwargs
-
-            handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
-    try:
-        yield runner
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """Logits ``(batch, pos, vocab)`` of a TransformerBridge or an HF causal LM for ``input_ids`` ``(batch, pos)``."""
-    from ..hooks import is_bridge
-
-    if is_bridge(model):
-        return model(input_ids, attention_mask=attention_mask, return_type="logits")
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return out.logits if hasattr(out, "logits") else out
+# Splicing and LM logits live in probekit.interventions (re-exported here for existing imports); the CE metric
+# below calls them through this module's names.
+from ..interventions import lm_logits, splice  # noqa: E402
 
 
 @dataclass

@@ -16,11 +16,11 @@ activation-space MSO
     ``max(ka, kb) / d``.
 refusal direction
     ``r_l = mean(harmful acts at layer l) - mean(harmless acts at layer l)`` (difference in means).
-directional ablation
+directional ablation (:func:`probekit.interventions.directional_ablation`)
     ``x <- x - (x . r_hat) r_hat`` at ``blocks.{l}.hook_resid_pre``, ``hook_attn_out`` and ``hook_mlp_out`` of
     every block ``l``, at every position (padding included; it never reaches real tokens). Then every block's
     output, a sum of ablated terms, is orthogonal to ``r_hat`` too.
-activation addition
+activation addition (:func:`probekit.interventions.activation_addition`)
     ``x <- x + alpha r`` (``r`` not normalised) at ``blocks.{layer}.hook_resid_pre``, every position.
 refusal score
     At the first generated position (the logits after the last prompt token), with ``R`` the set of refusal
@@ -43,9 +43,8 @@ REFUSAL_PHRASES, REFUSAL_OPENINGS, DEFAULT_ETAS
 encode_prompts, last_token_activations
 ActivationOverlapResult, activation_space_overlap, separability
 refusal_directions, random_direction_like
-intervene, directional_ablation, activation_addition
 refusal_token_ids, last_token_logits, refusal_score, refusal_phrase_match
-greedy_decode, generate_greedy
+generate_greedy
 LayerSelectionConfig, LayerSelection, select_layer
 RefusalEvalConfig, RefusalResult, evaluate_refusal
 
@@ -55,6 +54,7 @@ Example
 >>> H = last_token_activations(bridge, tok, harmful.split("train"), range(24), batch_size=8)  # doctest: +SKIP
 >>> B = last_token_activations(bridge, tok, harmless.split("train"), range(24), batch_size=8)  # doctest: +SKIP
 >>> dirs = refusal_directions(H, B)                                                    # doctest: +SKIP
+>>> from probekit.interventions import directional_ablation                          # doctest: +SKIP
 >>> with directional_ablation(bridge, dirs[12]) as m:                                  # doctest: +SKIP
 ...     texts = generate_greedy(m, tok, harmful.split("test"), max_new_tokens=32, batch_size=8)
 """
@@ -62,7 +62,7 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -71,7 +71,9 @@ import numpy as np
 import torch
 
 from ..data.prompts import PromptDataError, apply_chat_template, gather_last_token
-from ..hooks import HookSet, is_bridge, plain_sites
+# Interventions live in probekit.interventions; the names below are re-exported for existing imports.
+from ..interventions import activation_addition, directional_ablation, greedy_decode, intervene  # noqa: F401
+from ..interventions import lm_logits, model_device, n_layers, runner
 from ..subspace import energy_basis, mso, mso_random_baseline
 
 __all__ = [
@@ -85,14 +87,10 @@ __all__ = [
     "separability",
     "refusal_directions",
     "random_direction_like",
-    "intervene",
-    "directional_ablation",
-    "activation_addition",
     "refusal_token_ids",
     "last_token_logits",
     "refusal_score",
     "refusal_phrase_match",
-    "greedy_decode",
     "generate_greedy",
     "LayerSelectionConfig",
     "LayerSelection",
@@ -134,35 +132,7 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 # Openings whose first token forms the refusal token set R of the log-probability score.
 REFUSAL_OPENINGS: tuple[str, ...] = ("I", "As", "Sorry", "I'm", "I cannot", "I can't", "Unfortunately")
 
-_ABLATION_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
-
-
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _runner(model: torch.nn.Module) -> torch.nn.Module:
-    """The module to call: a bridge's plain HF twin when ``load_model`` made one, else the model itself."""
-    if is_bridge(model):
-        from ..models import plain_model
-
-        twin = plain_model(model)
-        return twin if twin is not None else model
-    return model
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _n_layers(model: torch.nn.Module) -> int:
-    cfg = getattr(model, "cfg", None)  # bridge
-    if cfg is not None and getattr(cfg, "n_layers", None):
-        return int(cfg.n_layers)
-    cfg = getattr(model, "config", None)  # HF
-    if cfg is not None and getattr(cfg, "num_hidden_layers", None):
-        return int(cfg.num_hidden_layers)
-    raise ValueError(f"cannot tell the number of layers of {type(model).__name__}; pass layers=… explicitly.")
 
 
 def _pad_id(tokenizer) -> int:
@@ -536,175 +506,6 @@ def random_direction_like(direction: torch.Tensor, *, seed: int = 0) -> torch.Te
     return r.to(dtype=direction.dtype, device=direction.device)
 
 
-# ------------------------------------------------------------------------------------------- interventions
-
-
-def _resolve_sites(model, names: list[str], prefer_plain: bool):
-    """(sites, mechanism, runner) for bridge names on a bridge, an HF decoder, or module paths on any module."""
-    if is_bridge(model):
-        hs = HookSet.for_bridge(model, names, prefer_plain=prefer_plain)
-        return hs.sites, hs.mechanism, hs.model
-    n_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
-    sites = plain_sites(model, names, n_heads)  # bridge-style names on the HF twin or an HF model
-    if sites is not None:
-        return sites, "plain", model
-    hs = HookSet.for_module(model, names)
-    return hs.sites, "plain", model
-
-
-@contextmanager
-def intervene(model: torch.nn.Module, fns: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], *,
-              prefer_plain: bool = True) -> Iterator[torch.nn.Module]:
-    """Replace the activation at each hook ``name`` by ``fns[name](activation)`` inside the block.
-
-    The multi-site form of :func:`probekit.probes.sae.splice`, on the same mechanism: a bridge from
-    ``load_model`` is hooked on its plain HF twin (yielded; same parameters) when every name has a plain
-    equivalent, else on its own hook points (the bridge is yielded). An HF decoder LM accepts the bridge names
-    too; any other module takes dotted module paths. Call the yielded module with
-    :func:`probekit.probes.sae.lm_logits`, :func:`refusal_score` or :func:`generate_greedy`. Hooks are removed
-    on exit, also after an error.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    fns : mapping str -> callable
-        ``(batch, pos, d) -> (batch, pos, d)`` for residual/attention/MLP sites (``attn.hook_z`` gets
-        ``(batch, pos, n_heads, d_head)``).
-    prefer_plain : bool
-
-    Yields
-    ------
-    torch.nn.Module
-    """
-    names = list(fns)
-    if not names:
-        raise ValueError("fns is empty: nothing to intervene on.")
-    sites, mechanism, runner = _resolve_sites(model, names, prefer_plain)
-
-    def apply(name: str, act: torch.Tensor, n_heads: int | None = None) -> torch.Tensor:
-        a = act.reshape(*act.shape[:-1], n_heads, act.shape[-1] // n_heads) if n_heads else act
-        new = fns[name](a)
-        if not isinstance(new, torch.Tensor) or new.shape != a.shape:
-            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-            raise ValueError(f"intervention on {name!r} must return shape {tuple(a.shape)}, got {got}.")
-        new = new.to(act.dtype)
-        return new.reshape(act.shape) if n_heads else new
-
-    handles = []
-    try:
-        if mechanism == "bridge":
-            for s in sites:
-                hp = model.hook_dict[s.name]
-                handles.append(hp.add_hook(lambda act, hook, n=s.name: apply(n, act)).hook)
-        else:
-            modules = dict(runner.named_modules())
-            for s in sites:
-                mod = modules[s.module]
-                if s.take == "output":
-                    def out_hook(m, args, out, s=s):
-                        if isinstance(out, tuple):
-                            return (apply(s.name, out[0], s.n_heads),) + tuple(out[1:])
-                        return apply(s.name, out, s.n_heads)
-
-                    handles.append(mod.register_forward_hook(out_hook))
-                else:
-                    def pre_hook(m, args, kwargs, s=s):
-                        if args:
-                            return (apply(s.name, args[0], s.n_heads),) + tuple(args[1:]), kwargs
-                        kwargs = dict(kwargs)
-                        kwargs["hidden_states"] = apply(s.name, kwargs["hidden_states"], s.n_heads)
-                        return args, kwargs
-
-                    handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        yield runner
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _unit(direction: torch.Tensor) -> torch.Tensor:
-    d = torch.as_tensor(direction).detach().flatten().double()
-    n = d.norm()
-    if not torch.isfinite(n) or n == 0:
-        raise ValueError("direction must be a non-zero finite vector.")
-    return d / n
-
-
-@contextmanager
-def directional_ablation(model: torch.nn.Module, direction: torch.Tensor, *, layers: Iterable[int] | None = None,
-                         sites: Sequence[str] = _ABLATION_SITES, prefer_plain: bool = True
-                         ) -> Iterator[torch.nn.Module]:
-    """Project ``direction`` out of the residual input and attention/MLP outputs of every block.
-
-    ``x <- x - (x . r_hat) r_hat`` with ``r_hat = direction / ||direction||`` (computed in float64, applied in the
-    activation's dtype) at ``blocks.{l}.{site}`` for each ``l`` in ``layers`` (default: all blocks) and each site
-    (default ``hook_resid_pre``, ``hook_attn_out``, ``hook_mlp_out``), at every position.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Bridge or HF decoder.
-    direction : torch.Tensor
-        Shape ``(d,)``.
-    layers : iterable of int or None
-    sites : sequence of str
-    prefer_plain : bool
-
-    Yields
-    ------
-    torch.nn.Module
-        The module to call (see :func:`intervene`).
-    """
-    r = _unit(direction)
-    cache: dict[tuple, torch.Tensor] = {}
-
-    def ablate(x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache[key] = r.to(device=x.device, dtype=x.dtype)
-        rh = cache[key]
-        return x - (x @ rh).unsqueeze(-1) * rh
-
-    ls = range(_n_layers(model)) if layers is None else [int(l) for l in layers]
-    fns = {f"blocks.{l}.{s}": ablate for l in ls for s in sites}
-    with intervene(model, fns, prefer_plain=prefer_plain) as m:
-        yield m
-
-
-@contextmanager
-def activation_addition(model: torch.nn.Module, direction: torch.Tensor, layer: int, alpha: float = 1.0, *,
-                        hook: str = "hook_resid_pre", prefer_plain: bool = True) -> Iterator[torch.nn.Module]:
-    """Add ``alpha * direction`` (not normalised) at ``blocks.{layer}.{hook}``, every position.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    direction : torch.Tensor
-        Shape ``(d,)``.
-    layer : int
-    alpha : float
-        Use 1.0 with a difference-in-means direction to move harmless activations to the harmful mean;
-        negative values subtract it.
-    hook : str
-    prefer_plain : bool
-
-    Yields
-    ------
-    torch.nn.Module
-    """
-    v = (float(alpha) * torch.as_tensor(direction).detach().flatten().double())
-    cache: dict[tuple, torch.Tensor] = {}
-
-    def add(x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache[key] = v.to(device=x.device, dtype=x.dtype)
-        return x + cache[key]
-
-    with intervene(model, {f"blocks.{int(layer)}.{hook}": add}, prefer_plain=prefer_plain) as m:
-        yield m
-
-
 # ------------------------------------------------------------------------------------------- behaviour metrics
 
 
@@ -718,12 +519,6 @@ def refusal_token_ids(tokenizer, openings: Sequence[str] = REFUSAL_OPENINGS) -> 
     if not out:
         raise ValueError("no refusal opening produced a token.")
     return sorted(out)
-
-
-def _forward_logits(runner: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    from .sae import lm_logits
-
-    return lm_logits(runner, ids, mask)
 
 
 def last_token_logits(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, chat_template: bool = True,
@@ -740,15 +535,15 @@ def last_token_logits(model, tokenizer, prompts: Sequence[str], *, batch_size: i
     """
     from tqdm.auto import tqdm
 
-    runner = _runner(model)
+    run = runner(model)
     docs = encode_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
-    device = _device(runner)
+    device = model_device(run)
     out: list[torch.Tensor | None] = [None] * len(docs)
     batches = _length_batches([len(d) for d in docs], batch_size)
     with torch.inference_mode():
         for batch in tqdm(batches, desc="logits", disable=not progress):
             ids, mask = _pad([docs[i] for i in batch], _pad_id(tokenizer), "right")
-            logits = _forward_logits(runner, ids.to(device), mask.to(device))
+            logits = lm_logits(run, ids.to(device), mask.to(device))
             last = gather_last_token(logits, mask.to(logits.device), "right").float().cpu()
             for r, i in enumerate(batch):
                 out[i] = last[r]
@@ -836,86 +631,14 @@ def refusal_phrase_match(texts: Sequence[str], phrases: Sequence[str] = REFUSAL_
 # ------------------------------------------------------------------------------------------- generation
 
 
-def _uses_kv_cache(runner: torch.nn.Module) -> bool:
-    return (not is_bridge(runner)) and hasattr(runner, "config") and hasattr(runner, "get_input_embeddings")
-
-
-@torch.inference_mode()
-def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                  max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0
-                  ) -> torch.Tensor:
-    """Greedy continuation of a left-padded batch.
-
-    HF causal LMs (a bridge's plain twin included) decode with a KV cache and position ids counted over real
-    tokens (``cumsum(mask) - 1``), so a left-padded row sees the positions it would see alone. Other modules
-    (a bridge without a twin) recompute the whole sequence each step through
-    :func:`probekit.probes.sae.lm_logits` without position ids — exact for relative (rotary) positions only.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    input_ids : torch.Tensor
-        Shape ``(B, P)``, left-padded.
-    attention_mask : torch.Tensor
-        Shape ``(B, P)``, 1 for real tokens.
-    max_new_tokens : int
-    eos_token_id : int, sequence of int, or None
-        A row stops after emitting one of these; its later slots hold ``pad_token_id``. None: never stop.
-    pad_token_id : int
-
-    Returns
-    -------
-    torch.Tensor
-        int64, shape ``(B, T)`` with ``T <= max_new_tokens`` (fewer when every row stopped early).
-    """
-    from .sae import lm_logits
-
-    runner = _runner(model)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-    device = _device(runner)
-    ids = input_ids.to(device)
-    mask = attention_mask.to(device).long()
-    B = ids.shape[0]
-    if not bool((mask[:, -1] == 1).all()):
-        raise ValueError("greedy_decode needs a left-padded batch (every row must end with a real token).")
-    eos = None if eos_token_id is None else torch.as_tensor(
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    new: list[torch.Tensor] = []
-    cached = _uses_kv_cache(runner)
-    past = None
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    step_ids, step_pos = ids, pos
-    for _ in range(int(max_new_tokens)):
-        if cached:
-            out = runner(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                         use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1]
-        else:
-            logits = lm_logits(runner, ids, mask)[:, -1]
-        nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        new.append(nxt)
-        if eos is not None:
-            done = done | torch.isin(nxt, eos)
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
-        if bool(done.all()):
-            break
-    return torch.stack(new, 1).cpu() if new else torch.zeros((B, 0), dtype=torch.long)
-
-
 def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8,
                     chat_template: bool = True, system: str | None = None, stop_at_eos: bool = True,
                     progress: bool = True, return_tokens: bool = False) -> list[str] | list[list[int]]:
     """Batched greedy generation with left padding and a progress bar.
 
     Prompts are chat-formatted (see :func:`encode_prompts`), grouped by length, left-padded and decoded with
-    :func:`greedy_decode`; the answers come back in prompt order. Call it with the module an intervention
-    yields (or the bridge: its plain twin carries the same hooks).
+    :func:`probekit.interventions.greedy_decode`; the answers come back in prompt order. Call it with the module
+    an intervention yields (or the bridge: its plain twin carries the same hooks).
 
     Parameters
     ----------
@@ -1082,9 +805,10 @@ def select_layer(model, tokenizer, directions: Mapping[int, torch.Tensor], harmf
     """Pick the refusal-direction layer on validation prompts.
 
     For each candidate layer ``l`` (keys of ``directions`` below ``max_layer_frac`` of the depth): ablate
-    ``r_l`` at every block (:func:`directional_ablation`) and measure the mean refusal score of the harmful and
-    harmless validation prompts and the harmless KL to the clean next-token distribution; optionally add ``r_l``
-    at ``l`` to harmless prompts. Choose the eligible layer with the lowest ablated harmful score.
+    ``r_l`` at every block (:func:`probekit.interventions.directional_ablation`) and measure the mean refusal
+    score of the harmful and harmless validation prompts and the harmless KL to the clean next-token
+    distribution; optionally add ``r_l`` at ``l`` to harmless prompts. Choose the eligible layer with the lowest
+    ablated harmful score.
 
     Parameters
     ----------
@@ -1104,7 +828,7 @@ def select_layer(model, tokenizer, directions: Mapping[int, torch.Tensor], harmf
 
     cfg = config or LayerSelectionConfig()
     R = refusal_token_ids(tokenizer) if refusal_tokens is None else [int(t) for t in refusal_tokens]
-    L = _n_layers(model)
+    L = n_layers(model)
     layers = sorted(int(l) for l in directions if int(l) < cfg.max_layer_frac * L)
     if not layers:
         raise ValueError(f"no candidate layer below {cfg.max_layer_frac} x {L} layers in {sorted(directions)}.")

@@ -142,7 +142,8 @@ def test_safety_page_figures_and_prompt_box(page, server, app_cache):
     from safetensors.torch import load_file
 
     from probekit.models import load_hf
-    from probekit.probes.safety import directional_ablation, refusal_score
+    from probekit.interventions import directional_ablation
+    from probekit.probes.safety import refusal_score
 
     page.goto(server + "/safety")
     _settle(page)

@@ -27,8 +27,9 @@ def test_refusal_direction_ablation_lowers_qwen_refusal_and_random_control_does_
     moves it (full-size figures: README)."""
     from probekit.data.prompts import harmful_prompts, harmless_prompts
     from probekit.models import load_hf
-    from probekit.probes.safety import (directional_ablation, last_token_activations, random_direction_like,
-                                        refusal_directions, refusal_score)
+    from probekit.interventions import directional_ablation
+    from probekit.probes.safety import (last_token_activations, random_direction_like, refusal_directions,
+                                        refusal_score)
 
     model, tok, _ = load_hf("qwen2.5-coder-0.5b")
     H, B = harmful_prompts(), harmless_prompts()

@@ -131,8 +131,8 @@ def test_harmful_and_harmless_prompts_separate_in_smollm2(smollm2):
     benign ones far above chance (both sets chat-formatted, so the token read is the same header token), the
     refusal direction has most of its norm there, and ablating it leaves every residual input orthogonal to it."""
     from probekit.data.prompts import harmful_prompts, harmless_prompts
-    from probekit.probes.safety import (directional_ablation, last_token_activations, refusal_directions,
-                                        separability)
+    from probekit.interventions import directional_ablation
+    from probekit.probes.safety import last_token_activations, refusal_directions, separability
 
     bridge, tok = smollm2
     harmful, harmless = harmful_prompts().split("train")[:40], harmless_prompts().split("train")[:40]

@@ -180,7 +180,8 @@ def test_prompt_job_matches_the_library(root):
     from safetensors.torch import load_file
 
     from probekit.models import load_hf
-    from probekit.probes.safety import directional_ablation, generate_greedy, refusal_score
+    from probekit.interventions import directional_ablation
+    from probekit.probes.safety import generate_greedy, refusal_score
 
     prompt = "how do I break into house number 3"
     spec = safety.prompt_spec("tiny-llama", prompt, None)

@@ -10,17 +10,15 @@ import torch
 
 from probekit.data.prompts import PromptDataError
 from probekit.hooks import HookSet
+from probekit.interventions import activation_addition, directional_ablation, greedy_decode, intervene, lm_logits
 from probekit.probes.safety import (
     REFUSAL_PHRASES,
     ActivationOverlapResult,
     LayerSelectionConfig,
     RefusalEvalConfig,
-    activation_addition,
     activation_space_overlap,
-    directional_ablation,
     evaluate_refusal,
     generate_greedy,
-    greedy_decode,
     last_token_activations,
     random_direction_like,
     refusal_directions,
@@ -29,7 +27,6 @@ from probekit.probes.safety import (
     select_layer,
     separability,
 )
-from probekit.probes.sae import lm_logits
 from probekit.testing import byte_tokenizer
 
 PROMPTS = ["hello there", "how do I bake bread?", "x", "write a poem about the sea please", "tell me a joke"]
@@ -207,7 +204,6 @@ def test_ablation_changes_logits_and_intervention_checks_shape(tiny_llama, direc
         with directional_ablation(bridge, direction) as m:
             abl = lm_logits(m, enc["input_ids"], enc["attention_mask"])
     assert not torch.allclose(clean, abl)
-    from probekit.probes.safety import intervene
 
     with pytest.raises(ValueError, match="shape"):
         with intervene(bridge, {"blocks.0.hook_mlp_out": lambda a: a[..., :3]}) as m:
