@@ -1,10 +1,18 @@
-"""safe_path and id checks: '..', absolute paths and symlinks out of the root are refused."""
+"""The app's gates: safe_path and id checks ('..', absolute paths and symlinks out of the root are refused), the
+Host/Origin check of every request and the security headers, and hostile callback values (the app's bad-input
+catalogue, BAD_INPUTS) answered with a message instead of a 500, leaving the cache as it was."""
 
 from __future__ import annotations
 
 import pytest
 
 from app.security import UnsafePathError, check_hook, check_name, check_run_id, safe_path
+from tests.browser.dash_payloads import callback_key, job_bodies, tree
+from tests.browser.dash_payloads import payload as _payload
+
+
+def payload(app, key, values=None, changed=None) -> dict:
+    return _payload(app.callback_map, key, values, changed)
 
 
 def test_inside_paths_resolve(tmp_path):
@@ -139,42 +147,6 @@ def client(dash_app, cache):
     return dash_app.server.test_client()
 
 
-def tree(root) -> dict:
-    """Every path under ``root`` with its size and mtime: what 'nothing changed in the cache' compares."""
-    from pathlib import Path
-
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        if p.name == "server.log":
-            continue
-        st = p.lstat()
-        out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns) if p.is_file() else None
-    return out
-
-
-def callback_key(app, fragment: str) -> str:
-    """The one callback-map key holding ``fragment`` (``"home-status.children"``)."""
-    keys = [k for k in app.callback_map if fragment in k]
-    assert len(keys) == 1, (fragment, keys)
-    return keys[0]
-
-
-def payload(app, key: str, values: dict | None = None, changed: str | None = None) -> dict:
-    """The body the Dash renderer posts for callback ``key``; ``values`` maps ``"id.prop"`` to a value."""
-    cb, values = app.callback_map[key], values or {}
-
-    def slot(d):
-        pid = f"{d['id']}.{d['property']}"
-        return {"id": d["id"], "property": d["property"], "value": values.get(pid)}
-
-    outs = key[2:-2].split("...") if key.startswith("..") else [key]
-    outputs = [{"id": o.rsplit(".", 1)[0], "property": o.rsplit(".", 1)[1].split("@")[0]} for o in outs]
-    inputs = [slot(d) for d in cb["inputs"]]
-    return {"output": key, "outputs": outputs if key.startswith("..") else outputs[0], "inputs": inputs,
-            "state": [slot(d) for d in cb["state"]],
-            "changedPropIds": [changed or f"{cb['inputs'][0]['id']}.{cb['inputs'][0]['property']}"]}
-
-
 def post(client, body: dict, **headers):
     import json
 
@@ -183,22 +155,7 @@ def post(client, body: dict, **headers):
 
 
 def delete_body(app, run_id: str) -> dict:
-    return payload(app, callback_key(app, "home-status.children"),
-                   {"home-confirm.submit_n_clicks": 1, "home-pending.data": run_id})
-
-
-def capture_body(app) -> dict:
-    return payload(app, callback_key(app, "capture-result.children..."),
-                   {"capture-start.n_clicks": 1, "capture-model.value": "models/tiny-llama",
-                    "capture-dataset.value": "texts", "capture-texts.value": "def f(x):\n    return x",
-                    "capture-hooks.value": "blocks.0.hook_resid_post", "capture-positions.value": "all",
-                    "capture-dtype.value": "float32", "capture-maxlen.value": 64})
-
-
-def safety_body(app) -> dict:
-    return payload(app, callback_key(app, "safety-prompt-result.children"),
-                   {"safety-run.n_clicks": 1, "safety-model.value": "tiny-llama", "safety-prompt.value": "hi",
-                    "safety-layer.value": 0})
+    return job_bodies(app.callback_map, run_id)["delete"]
 
 
 FOREIGN = [  # (headers, what the refusal names)
@@ -215,8 +172,7 @@ FOREIGN = [  # (headers, what the refusal names)
 @pytest.mark.parametrize("headers,named", FOREIGN)
 @pytest.mark.parametrize("job", ["delete", "capture", "safety"])
 def test_cross_origin_state_changes_are_refused(dash_app, client, cache, job, headers, named):
-    body = {"delete": lambda: delete_body(dash_app, cache["run_id"]), "capture": lambda: capture_body(dash_app),
-            "safety": lambda: safety_body(dash_app)}[job]()
+    body = job_bodies(dash_app.callback_map, cache["run_id"])[job]
     before = tree(cache["root"])
     r = post(client, body, **headers)
     assert r.status_code == 403, r.data[:300]
@@ -343,7 +299,7 @@ BAD_INPUTS = [
 def test_bad_callback_values_get_a_clean_message(dash_app, client, cache, fragment, values, expected):
     values = {k: cache["run_id"] if v == "RUN" else v for k, v in values.items()}
     before = tree(cache["root"])
-    r = post(client, payload(dash_app, callback_key(dash_app, fragment), values))
+    r = post(client, payload(dash_app, callback_key(dash_app.callback_map, fragment), values))
     assert r.status_code == 200, r.data[-500:]
     assert expected in r.data.decode(), r.data[:1500]
     assert tree(cache["root"]) == before
@@ -371,12 +327,12 @@ def test_pattern_callbacks_refuse_hostile_ids(dash_app, client, cache, bad):
     import json
 
     before = tree(cache["root"])
-    ask = payload(dash_app, callback_key(dash_app, "home-confirm.displayed"))
+    ask = payload(dash_app, callback_key(dash_app.callback_map, "home-confirm.displayed"))
     ask["inputs"] = [[{"id": {"type": "delete-run", "run": bad}, "property": "n_clicks", "value": 1}]]
     ask["changedPropIds"] = [json.dumps({"run": bad, "type": "delete-run"}, sort_keys=True) + ".n_clicks"]
     r = post(client, ask)
     assert r.status_code in (200, 204) and b"Delete run" not in r.data
-    verify_key = callback_key(dash_app, "verify-result")
+    verify_key = callback_key(dash_app.callback_map, "verify-result")
     body = {"output": verify_key, "outputs": {"id": {"type": "verify-result", "run": bad}, "property": "children"},
             "inputs": [{"id": {"type": "verify-run", "run": bad}, "property": "n_clicks", "value": 1}], "state": [],
             "changedPropIds": [json.dumps({"run": bad, "type": "verify-run"}, sort_keys=True) + ".n_clicks"]}
