@@ -19,8 +19,9 @@ Rules for requests (a web page in the user's browser must not drive the app; see
   OPTIONS; Dash runs every callback, deletes and jobs included, as a POST) must be the app's own scheme, host
   and port. A request with neither header is not from a web page (browsers send Origin on every cross-origin
   POST) and passes.
-* Every response carries ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff`` and a
-  Content-Security-Policy (:func:`app_csp`); standalone result pages get a sandboxing one (:data:`RESULT_PAGE_CSP`).
+* Every response carries ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff``,
+  ``Referrer-Policy: same-origin`` and a Content-Security-Policy (:func:`app_csp`); standalone result pages get
+  a sandboxing one (:data:`RESULT_PAGE_CSP`).
 
 Example
 -------
@@ -112,6 +113,10 @@ def check_hook(hook: object) -> str:
     return hook
 
 
+#: Digits of the largest index :func:`check_index` accepts: file names built from it stay short.
+MAX_INDEX_DIGITS = 9
+
+
 def check_index(value: object, what: str, *, upper: int | None = None) -> int:
     """Return ``value`` as an index in ``[0, upper)`` (no bound when ``upper`` is None), else raise ``ValueError``.
 
@@ -131,10 +136,6 @@ def check_index(value: object, what: str, *, upper: int | None = None) -> int:
         bound = f"0 … {limit - 1}" if upper is not None else "a whole number ≥ 0"
         raise ValueError(f"not a {what} index: {str(value)[:40]!r} (expected {bound})")
     return i
-
-
-#: Digits of the largest index :func:`check_index` accepts: file names built from it stay short.
-MAX_INDEX_DIGITS = 9
 
 
 def choice_or(value: object, choices, default):
@@ -165,8 +166,8 @@ _APP_CSP = ("default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'u
             "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; object-src 'none'; "
             "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 #: A standalone result page (``/files/results/….html``) runs its own inline plotly scripts, so it is sandboxed
-#: instead: an opaque origin, whose requests to the app carry ``Origin: null`` (refused) and whose reads of the
-#: app's answers CORS forbids.
+#: instead: an opaque origin that may load plotly.min.js but connect nowhere (``default-src 'none'``); a request
+#: it could still make (a form post) carries ``Origin: null`` and is refused.
 RESULT_PAGE_CSP = ("sandbox allow-scripts allow-downloads; default-src 'none'; script-src 'self' 'unsafe-inline'; "
                    "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
                    "frame-ancestors 'none'")
