@@ -180,7 +180,8 @@ def app_csp(inline_hashes: Iterable[str]) -> str:
 
 
 def _host_port(netloc: str | None, default_port: int) -> tuple[str, int] | None:
-    """``"LocalHost:8050"`` → ``("localhost", 8050)``, ``"[::1]"`` → ``("::1", default_port)``; None if malformed."""
+    """``"LocalHost:8050"`` → ``("localhost", 8050)``, ``"[::1]"`` → ``("::1", default_port)``; None when
+    malformed (user info, a path, spaces, a bad port)."""
     if not netloc or not _HOST_RE.match(netloc):
         return None
     try:

@@ -29,7 +29,8 @@ def payload(callbacks, key: str, values: dict | None = None, changed: str | None
             for o in (key[2:-2].split("...") if multi else [key])]
     first = cb["inputs"][0]
     return {"output": key, "outputs": outs if multi else outs[0], "inputs": [slot(d) for d in cb["inputs"]],
-            "state": [slot(d) for d in cb["state"]], "changedPropIds": [changed or f"{first['id']}.{first['property']}"]}
+            "state": [slot(d) for d in cb["state"]],
+            "changedPropIds": [changed or f"{first['id']}.{first['property']}"]}
 
 
 def job_bodies(callbacks, run_id: str) -> dict[str, dict]:
