@@ -52,7 +52,7 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
     app = dash.Dash(__name__, title="probekit", suppress_callback_exceptions=True,
                     background_callback_manager=manager, assets_folder=str(Path(__file__).parent / "assets"),
                     meta_tags=[{"name": "viewport", "content": "width=device-width, initial-scale=1"}])
-    install_guards(app.server, inline_hashes=app.csp_hashes, extra_hosts=extra_hosts)
+    install_guards(app.server, inline_hashes=app.csp_hashes, extra_hosts=extra_hosts, callbacks=app.callback_map)
     routes = {p.PATH: p for p in PAGES}
     app.layout = html.Div(className="shell", children=[
         dcc.Location(id="url", refresh=False),

@@ -246,12 +246,48 @@ def request_refusal(*, method: str, host: str | None, origin: str | None, refere
     return None
 
 
+def _is_slot(x: object) -> bool:
+    return isinstance(x, dict) and "id" in x and isinstance(x.get("property"), str)
+
+
+def callback_body_problem(body: object, callbacks: dict) -> str | None:
+    """What makes ``body`` not a request the Dash renderer sends to ``/_dash-update-component``, or None.
+
+    Checked: a JSON object naming a registered callback (``output``), whose ``inputs`` and ``state`` are lists
+    as long as the callback's, each item an ``{"id", "property", "value"}`` slot or (a pattern ``ALL`` input) a
+    list of them, and ``changedPropIds`` a list of strings. The values themselves are each callback's business.
+    ``callbacks`` is ``dash.Dash.callback_map``.
+    """
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    output = body.get("output")
+    if not isinstance(output, str) or output not in callbacks:
+        return f"no callback for output {str(output)[:80]!r}"
+    cb = callbacks[output]
+    for part in ("inputs", "state"):
+        items = body.get(part, [])
+        if not isinstance(items, list) or len(items) != len(cb.get(part, [])):
+            return f"{part} must be a list of {len(cb.get(part, []))} item(s)"
+        if not all(_is_slot(x) or (isinstance(x, list) and all(map(_is_slot, x))) for x in items):
+            return f"every item of {part} must be an object with an id and a property"
+    changed = body.get("changedPropIds", [])
+    if not isinstance(changed, list) or not all(isinstance(c, str) for c in changed):
+        return "changedPropIds must be a list of strings"
+    outputs = body.get("outputs")
+    if outputs is not None and not (_is_slot(outputs) or (isinstance(outputs, list) and all(
+            _is_slot(o) or (isinstance(o, list) and all(map(_is_slot, o))) for o in outputs))):
+        return "outputs must be an {id, property} object or a list of them"
+    return None
+
+
 def install_guards(server, *, inline_hashes: Callable[[], Iterable[str]] = tuple,
-                   extra_hosts: Iterable[str] = ()) -> None:
+                   extra_hosts: Iterable[str] = (), callbacks: dict | None = None) -> None:
     """Check Host/Origin on every request of the Flask ``server`` and add the security headers to every response.
 
     ``inline_hashes`` returns the CSP hashes of the page's inline scripts (``dash.Dash.csp_hashes``); it is
-    called once, at the first response, when every callback is registered.
+    called once, at the first response, when every callback is registered. With ``callbacks``
+    (``dash.Dash.callback_map``), a callback request of the wrong shape gets a 400 naming the problem
+    (:func:`callback_body_problem`) instead of failing inside Dash.
 
     The served address is the one the server socket is bound to (``SERVER_NAME``/``SERVER_PORT`` as Werkzeug's
     server fills them in, which ``probekit app`` runs); behind another WSGI server that fills them from the
@@ -274,6 +310,10 @@ def install_guards(server, *, inline_hashes: Callable[[], Iterable[str]] = tuple
                               bind_host=str(req.environ.get("SERVER_NAME", "")), port=port, extra_hosts=extra)
         if why is not None:
             return flask.Response(why + "\n", status=403, mimetype="text/plain")
+        if callbacks is not None and req.method == "POST" and req.path.endswith("/_dash-update-component"):
+            problem = callback_body_problem(req.get_json(silent=True), callbacks)
+            if problem is not None:
+                return flask.Response(f"bad callback request: {problem}\n", status=400, mimetype="text/plain")
         return None
 
     @server.after_request

@@ -376,3 +376,24 @@ def test_over_long_result_names_are_refused_cleanly(client, cache, rel):
     r = client.get(f"/files/results/{rel}")
     assert r.status_code in (404, 400) and b"Traceback" not in r.data
     assert tree(cache["root"]) == before
+
+
+@pytest.mark.parametrize("body,named", [
+    ({"output": "nope"}, "no callback"), ([], "JSON object"), ("x", "JSON object"), ({"output": ["a"]}, "no callback"),
+    ({"output": "page.children", "inputs": 5}, "inputs"), ({"output": "page.children"}, "inputs"),
+    ({"output": "page.children", "inputs": [{"id": "url"}], "state": [{"id": "url", "property": "search"}]},
+     "inputs"),
+    ({"output": "page.children", "inputs": [{"id": "url", "property": "pathname"}], "state": [5]}, "state"),
+    ({"output": "page.children", "inputs": [{"id": "url", "property": "pathname"}],
+      "state": [{"id": "url", "property": "search"}], "changedPropIds": [{"a": 1}]}, "changedPropIds"),
+    ({"output": "page.children", "outputs": 5, "inputs": [{"id": "url", "property": "pathname"}],
+      "state": [{"id": "url", "property": "search"}]}, "outputs"),
+])
+def test_malformed_callback_requests_get_a_400(client, cache, body, named):
+    """A body the renderer never sends is refused before Dash reads it (Dash itself fails on it with a 500)."""
+    import json
+
+    before = tree(cache["root"])
+    r = client.post("/_dash-update-component", data=json.dumps(body), content_type="application/json")
+    assert r.status_code == 400 and named in r.data.decode()
+    assert tree(cache["root"]) == before
