@@ -18,7 +18,8 @@ from . import data
 __all__ = ["create_app"]
 
 
-def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | None = None):
+def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | None = None,
+               extra_hosts: tuple[str, ...] = ()):
     """Build the Dash app serving ``cache_root`` (default ``$PROBEKIT_CACHE`` or ``./cache``).
 
     Parameters
@@ -27,6 +28,9 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
         The cache root to browse; every file the app opens lies inside it.
     jobs_dir : str or Path, optional
         Folder of the background-job store (diskcache); a fresh temporary folder by default.
+    extra_hosts : tuple of str, optional
+        Host names besides 127.0.0.1, localhost, [::1] and the bound address under which the app is opened
+        (``myhost.lan`` when served on a LAN); any other Host header is refused (:mod:`app.security`).
 
     Returns
     -------
@@ -38,7 +42,7 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
     from dash import Input, Output, State, dcc, html
 
     from .pages import PAGES
-    from .security import UnsafePathError
+    from .security import RESULT_PAGE_CSP, UnsafePathError, install_guards
     from .urlstate import parse_query
 
     _warm_imports()
@@ -48,6 +52,7 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
     app = dash.Dash(__name__, title="probekit", suppress_callback_exceptions=True,
                     background_callback_manager=manager, assets_folder=str(Path(__file__).parent / "assets"),
                     meta_tags=[{"name": "viewport", "content": "width=device-width, initial-scale=1"}])
+    install_guards(app.server, inline_hashes=app.csp_hashes, extra_hosts=extra_hosts, callbacks=app.callback_map)
     routes = {p.PATH: p for p in PAGES}
     app.layout = html.Div(className="shell", children=[
         dcc.Location(id="url", refresh=False),
@@ -60,7 +65,7 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
 
     @app.callback(Output("page", "children"), Input("url", "pathname"), State("url", "search"))
     def _route(pathname, search):
-        page = routes.get(pathname or "/")
+        page = routes.get(pathname or "/") if isinstance(pathname, (str, type(None))) else None
         if page is None:
             return html.Div([html.H2("Not found"), html.P(f"No page {pathname!r}."), dcc.Link("Home", href="/")])
         try:
@@ -81,9 +86,12 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
             return flask.Response(get_plotlyjs(), mimetype="text/javascript")
         try:
             path = data.result_file_path(rel, root)
-        except (UnsafePathError, FileNotFoundError):
+        except (UnsafePathError, OSError):  # OSError: a name too long for the file system, like a missing file
             flask.abort(404)
-        return flask.send_file(path, mimetype="text/html" if path.suffix == ".html" else "application/json")
+        resp = flask.send_file(path, mimetype="text/html" if path.suffix == ".html" else "application/json")
+        if path.suffix == ".html":  # its inline plotly scripts run in a sandbox, not as the app's origin
+            resp.headers["Content-Security-Policy"] = RESULT_PAGE_CSP
+        return resp
 
     return app
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .security import UnsafePathError, check_hook, check_name, safe_path
+from .security import UnsafePathError, check_hook, check_index, check_name, safe_path, text_or_none
 
 MAX_FUNCTIONS = 2000
 MAX_TEXTS = 500
@@ -75,8 +75,9 @@ def build_spec(root: Path, *, model: str | None, hooks: str | None, dataset: str
     """Validate the capture form; raise ``ValueError`` with a message for the page on any bad field."""
     from probekit.models import COMPLETE_MARKER, REGISTRY
 
-    if not model:
+    if not model or not isinstance(model, str):
         raise ValueError("Choose a model.")
+    hooks, texts = text_or_none(hooks, "The hook names"), text_or_none(texts, "The pasted documents")
     if model in REGISTRY:
         if REGISTRY[model].kind == "cnn":
             raise ValueError(f"{model} is an image model; the capture page captures text models.")
@@ -106,18 +107,12 @@ def build_spec(root: Path, *, model: str | None, hooks: str | None, dataset: str
         raise ValueError("positions must be 'all' or 'last'.")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError("dtype must be float32, bfloat16 or float16.")
-    max_length = int(max_length or 256)
-    if not 8 <= max_length <= 4096:
-        raise ValueError("max length must lie in [8, 4096].")
-    batch_size = int(batch_size or 8)
-    if not 1 <= batch_size <= 256:
-        raise ValueError("batch size must lie in [1, 256].")
+    max_length = _whole(max_length, 256, 8, 4096, "max length")
+    batch_size = _whole(batch_size, 8, 1, 256, "batch size")
     spec = CaptureSpec(model=model, model_path=model_path, hooks=hook_list, positions=positions, dtype=dtype,
                        max_length=max_length, batch_size=batch_size)
     if dataset == "stdlib":
-        n = int(n_functions or 0)
-        if not 1 <= n <= MAX_FUNCTIONS:
-            raise ValueError(f"number of functions must lie in [1, {MAX_FUNCTIONS}].")
+        n = _whole(n_functions, 0, 1, MAX_FUNCTIONS, "number of functions")
         spec.dataset, spec.n_functions = "stdlib", n
     elif dataset == "texts":
         docs = split_texts(texts)
@@ -129,6 +124,17 @@ def build_spec(root: Path, *, model: str | None, hooks: str | None, dataset: str
     else:
         raise ValueError("Choose a dataset: stdlib functions or pasted texts.")
     return spec
+
+
+def _whole(value: object, default: int, lo: int, hi: int, what: str) -> int:
+    """``value`` (``default`` when empty) as a whole number in ``[lo, hi]``, else ``ValueError`` for the page."""
+    try:
+        v = check_index(default if value is None or value == "" else value, what)
+    except ValueError:
+        v = None
+    if v is None or not lo <= v <= hi:
+        raise ValueError(f"{what} must be a whole number in [{lo}, {hi}].")
+    return v
 
 
 def parse_event(line: str) -> dict | None:
@@ -278,7 +284,7 @@ def build_safety_spec(root: Path, *, result_id: str | None, payload: dict | None
     from .data import result_set_parts, safety_directions_path
 
     root = Path(root).resolve()
-    if not result_id:
+    if not result_id or not isinstance(result_id, str):
         raise ValueError("Choose a safety result folder.")
     try:
         result_set_parts(result_id)
@@ -287,15 +293,17 @@ def build_safety_spec(root: Path, *, result_id: str | None, payload: dict | None
     if not isinstance(payload, dict) or payload.get("kind") != "safety_activation":
         raise ValueError(f"{result_id} has no activation.json (the refusal direction comes from "
                          "`probekit safety run --part activation`).")
-    prompt = (prompt or "").strip()
+    prompt = (text_or_none(prompt, "The prompt") or "").strip()
     if not prompt:
         raise ValueError("Type a prompt first.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"The prompt is too long: at most {MAX_PROMPT_CHARS:,} characters.")
     n_layers = len(payload.get("direction_norms") or []) or int(payload.get("n_layers") or 0)
-    try:
-        layer = int(payload["layer"] if layer is None or layer == "" else layer)
-    except (KeyError, TypeError, ValueError):
+    if layer is None or layer == "":
+        layer = payload.get("layer")
+    try:  # an int (a negative one is named as outside below); digits; nothing else
+        layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else check_index(layer, "layer")
+    except ValueError:
         raise ValueError(f"not a layer: {str(layer)[:20]!r}") from None
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the {n_layers} layers of this result.")

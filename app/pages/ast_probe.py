@@ -10,7 +10,7 @@ from probekit.probes.ast_figures import f1_vs_k_figure, per_label_recall_figure,
 
 from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
-from ..security import UnsafePathError
+from ..security import UnsafePathError, check_index, choice_or
 from ..urlstate import encode_query
 
 PATH = "/ast-probe"
@@ -54,7 +54,7 @@ def layer_view(model: str | None, metric: str | None, controls: list | None) -> 
     p, stamp, msg = _load(model)
     if p is None:
         return EMPTY_FIGURE, msg
-    metric = metric if metric in METRICS else "f1"
+    metric = choice_or(metric, METRICS, "f1")
     show = bool(controls)
 
     def build() -> dict:
@@ -72,7 +72,7 @@ def k_view(model: str | None, curves: str | None) -> tuple[dict, object]:
     if not sweep:
         return EMPTY_FIGURE, missing("k sweep in this result", rerun_command(p, model or data.DEFAULT_MODEL),
                                      "The run skips the sweep only with --k-sweep none.")
-    curves = curves if curves in CURVES else "both"
+    curves = choice_or(curves, CURVES, "both")
 
     def build() -> dict:
         ks = sweep["ks"]
@@ -139,9 +139,9 @@ def tree_view(model: str | None, snippet: int | None) -> tuple[dict, object]:
                 "the field test_snippets = [{doc_id, leaves, f1, gold: [d, c, u], pred: [d, c, u]}] at the best layer.")
         return EMPTY_FIGURE, missing("per-snippet trees in this result", rerun_command(p, model or data.DEFAULT_MODEL), note)
     try:
-        i = int(snippet) if snippet is not None else 0
-    except (TypeError, ValueError):
-        i = 0
+        i = check_index(0 if snippet is None else snippet, "snippet")
+    except ValueError as e:
+        return EMPTY_FIGURE, error(str(e))
     if not 0 <= i < len(snippets):
         return EMPTY_FIGURE, error(f"snippet {i} is outside the {len(snippets)} test snippets")
 

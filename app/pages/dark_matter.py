@@ -9,7 +9,7 @@ from probekit import results as pr
 
 from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
-from ..security import UnsafePathError
+from ..security import UnsafePathError, choice_or
 from ..urlstate import encode_query
 
 PATH = "/dark-matter"
@@ -37,7 +37,7 @@ def figures_view(model: str | None, fvu_mode: str | None) -> tuple[dict, dict, d
     p, stamp, msg = _load(model)
     if p is None:
         return EMPTY_FIGURE, EMPTY_FIGURE, EMPTY_FIGURE, msg
-    mode = fvu_mode if fvu_mode in FVU_MODES else "stacked"
+    mode = choice_or(fvu_mode, FVU_MODES, "stacked")
 
     def build():
         return (pr.fvu_split_figure(p, mode=mode).to_dict(), pr.error_r2_figure(p).to_dict(),

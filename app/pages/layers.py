@@ -11,7 +11,7 @@ from probekit import results as pr
 
 from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
-from ..security import UnsafePathError
+from ..security import UnsafePathError, check_index, choice_or
 from ..urlstate import encode_query
 
 PATH = "/layers"
@@ -30,7 +30,7 @@ def accuracy_view(model: str | None, show: list[str] | None) -> tuple[dict, obje
     Returns ``(figure dict, None)`` or ``(empty figure, message component)`` when the result is missing.
     """
     model = model or data.DEFAULT_MODEL
-    show = sorted(set(show or []) & set(SHOW))
+    show = sorted({s for s in show if isinstance(s, str)} & set(SHOW)) if isinstance(show, list) else []
     try:
         stamp = data.result_stamp("demo", model)
         payload = data.load_result("demo", model)
@@ -56,7 +56,7 @@ def stats_view(run_id: str | None, stat: str | None) -> tuple[dict, object]:
                 "probekit capture --model smollm2-135m --stdlib-functions 20 --hooks "
                 "blocks.0.hook_resid_post blocks.5.hook_resid_post"), "or use the Capture page.")
         return EMPTY_FIGURE, info("Choose a run.")
-    stat = stat if stat in STATS else "mean_norm"
+    stat = choice_or(stat, STATS, "mean_norm")
     try:
         s = data.run_hook_stats(run_id)
     except Exception as e:  # invalid id, corrupt run: shown in the page
@@ -84,7 +84,7 @@ def token_view(run_id: str | None, hook: str | None, doc: int | None) -> list:
     if not run_id or not hook or doc is None:
         return [info("Choose a run, a hook and a document.")]
     try:
-        tv = data.token_values(run_id, hook, int(doc))
+        tv = data.token_values(run_id, hook, check_index(doc, "document"))
     except Exception as e:
         return [error(str(e))]
     vals = [v for v in tv["values"] if math.isfinite(v)]

@@ -9,7 +9,7 @@ from probekit import results as pr
 
 from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
-from ..security import UnsafePathError
+from ..security import UnsafePathError, check_index, choice_or
 from ..urlstate import encode_query
 
 PATH = "/linearscope"
@@ -20,8 +20,8 @@ VIEWS = {"bars": "bars", "heatmap": "heatmap"}
 
 def digit_view(digit: int | None) -> tuple[dict, dict, object]:
     """Input + class-row images of A, and the bias share per class, for ``digits-cnn/digit-<i>.json``."""
-    i = int(digit) if digit is not None else 0
     try:
+        i = check_index(0 if digit is None else digit, "digit")
         p = data.load_result("linearscope-digits", "digits-cnn", index=i)
         stamp = data.result_stamp("linearscope-digits", "digits-cnn", index=i)
     except data.ResultMissing as e:
@@ -39,7 +39,7 @@ def digit_view(digit: int | None) -> tuple[dict, dict, object]:
 def prompt_view(model: str | None, view: str | None) -> tuple[dict, object]:
     """Per-token contributions to the predicted next-token logit (LinearScope vs gradient × input)."""
     model = model or data.DEFAULT_MODEL
-    view = view if view in VIEWS else "bars"
+    view = choice_or(view, VIEWS, "bars")
     try:
         p = data.load_result("linearscope-lm", model)
         stamp = data.result_stamp("linearscope-lm", model)

@@ -19,7 +19,7 @@ from probekit import results as pr
 from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
 from ..jobs import MAX_PROMPT_CHARS, build_safety_spec, run_safety_prompt_job
-from ..security import UnsafePathError
+from ..security import UnsafePathError, choice_or
 from ..urlstate import encode_query
 
 PATH = "/safety"
@@ -106,10 +106,9 @@ def activation_view(result_id: str | None, pair: str | None, heat: str | None, e
     if p is None:
         return EMPTY_FIGURE, EMPTY_FIGURE, EMPTY_FIGURE, msg
     overlap = p.get("overlap") or {}
-    if pair not in overlap:
+    if not isinstance(pair, str) or pair not in overlap:
         pair = "harmful_vs_useful" if "harmful_vs_useful" in overlap else next(iter(overlap), None)
-    heat = heat if heat in HEAT else "excess"
-    refusal = refusal if refusal in REFUSAL else "rate"
+    heat, refusal = choice_or(heat, HEAT, "excess"), choice_or(refusal, REFUSAL, "rate")
     if refusal == "actadd" and not p.get("induce"):
         refusal = "rate"
     try:
@@ -151,7 +150,7 @@ def weight_view(result_id: str | None, metric: str | None) -> tuple[dict, dict, 
     p, stamp, msg = _load("safety-weight", result_id)
     if p is None:
         return EMPTY_FIGURE, EMPTY_FIGURE, msg
-    metric = metric if metric in METRICS else "refusal_rate"
+    metric = choice_or(metric, METRICS, "refusal_rate")
 
     def build():
         curves = pr.projection_curves(p)[list(METRICS).index(metric)]

@@ -18,7 +18,9 @@ INSTALL_HINT = ("Chromium is needed for the browser tests: `apt-get install -y c
                 "`pip install playwright`, or set PROBEKIT_CHROMIUM to a Chromium binary. "
                 "(`playwright install` is not needed.)")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
+               "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+               # a DNS-rebinding page: attacker.example resolves to the loopback address (test_app_security_browser)
+               "--host-resolver-rules=MAP attacker.example 127.0.0.1"]
 
 
 def chromium_path() -> str:

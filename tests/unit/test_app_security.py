@@ -1,10 +1,18 @@
-"""safe_path and id checks: '..', absolute paths and symlinks out of the root are refused."""
+"""The app's gates: safe_path and id checks ('..', absolute paths and symlinks out of the root are refused), the
+Host/Origin check of every request and the security headers, and hostile callback values (the app's bad-input
+catalogue, BAD_INPUTS) answered with a message instead of a 500, leaving the cache as it was."""
 
 from __future__ import annotations
 
 import pytest
 
 from app.security import UnsafePathError, check_hook, check_name, check_run_id, safe_path
+from tests.browser.dash_payloads import callback_key, job_bodies, tree
+from tests.browser.dash_payloads import payload as _payload
+
+
+def payload(app, key, values=None, changed=None) -> dict:
+    return _payload(app.callback_map, key, values, changed)
 
 
 def test_inside_paths_resolve(tmp_path):
@@ -104,3 +112,288 @@ def test_result_links_to_other_cache_files_are_refused(tmp_path):
     js = client.get("/files/results/x/plotly.min.js")  # the installed bundle, never the linked file
     assert js.status_code == 200 and b"SECRET" not in js.data and b"plotly.js v" in js.data[:2000]
     assert [f["file"] for f in data.result_files(tmp_path)] == ["ok.json"]
+
+
+# --------------------------------------------------------------------------------------------- requests
+# Every Dash callback is a POST to /_dash-update-component; the payloads below are what the renderer sends.
+
+HOSTILE = [["a", "b"], {"x": 1}, {"nested": [1, {"y": None}]}, "x" * 5000, float("inf"), -1, 10**40, True,
+           "../../etc/passwd", 1.5, ""]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from app import data
+    from tests.browser.fixture_cache import populate
+
+    root = tmp_path_factory.mktemp("app-security")
+    info = populate(root, tiny_model=True, safety=True)
+    yield dict(root=root, **info)
+    data.clear_caches()
+
+
+@pytest.fixture(scope="module")
+def dash_app(cache, tmp_path_factory):
+    from app import create_app
+
+    return create_app(cache["root"], jobs_dir=tmp_path_factory.mktemp("app-security-jobs"))
+
+
+@pytest.fixture
+def client(dash_app, cache):
+    from app import data
+
+    data.set_root(cache["root"])
+    return dash_app.server.test_client()
+
+
+def post(client, body: dict, **headers):
+    import json
+
+    return client.post("/_dash-update-component", data=json.dumps(body), content_type="application/json",
+                       headers=headers)
+
+
+def delete_body(app, run_id: str) -> dict:
+    return job_bodies(app.callback_map, run_id)["delete"]
+
+
+FOREIGN = [  # (headers, what the refusal names)
+    ({"Host": "attacker.example", "Origin": "http://attacker.example"}, "Host"),  # DNS rebinding
+    ({"Host": "attacker.example:8050"}, "Host"),
+    ({"Origin": "http://attacker.example"}, "Origin"),  # a cross-site page posting to the loopback port
+    ({"Origin": "http://localhost:9999"}, "Origin"),  # another local server is another origin
+    ({"Origin": "https://localhost"}, "Origin"),
+    ({"Origin": "null"}, "Origin"),  # a sandboxed frame or a file:// page
+    ({"Referer": "http://attacker.example/x.html"}, "Referer"),  # no Origin: the Referer must match instead
+]
+
+
+@pytest.mark.parametrize("headers,named", FOREIGN)
+@pytest.mark.parametrize("job", ["delete", "capture", "safety"])
+def test_cross_origin_state_changes_are_refused(dash_app, client, cache, job, headers, named):
+    body = job_bodies(dash_app.callback_map, cache["run_id"])[job]
+    before = tree(cache["root"])
+    r = post(client, body, **headers)
+    assert r.status_code == 403, r.data[:300]
+    assert named.encode() in r.data and b"refused" in r.data
+    assert tree(cache["root"]) == before
+    assert (cache["root"] / "runs" / cache["run_id"]).is_dir()
+
+
+def test_foreign_host_refused_for_reads_too(client):
+    """DNS rebinding would otherwise read the cache: a foreign Host gets nothing, whatever the method."""
+    for path in ["/", "/files/results/demo/smollm2-135m/layer_probes.json", "/_dash-layout"]:
+        r = client.get(path, headers={"Host": "attacker.example"})
+        assert r.status_code == 403 and b"smollm2" not in r.data and b"attacker.example" in r.data
+    for host in ["localhost", "127.0.0.1", "[::1]"]:
+        assert client.get("/", headers={"Host": host}).status_code == 200
+
+
+def test_same_origin_delete_still_works(dash_app, client, cache):
+    from tests.browser.fixture_cache import write_run
+
+    extra = write_run(cache["root"], seed=7)
+    for headers in ({"Origin": "http://localhost"}, {"Referer": "http://localhost/"}, {}):
+        r = post(client, delete_body(dash_app, "f" * 24), **headers)  # no such run: a message, not a refusal
+        assert r.status_code == 200 and b"Not deleted" in r.data
+    r = post(client, delete_body(dash_app, extra.run_id), Origin="http://localhost", Host="localhost")
+    assert r.status_code == 200 and b"Deleted run" in r.data and not extra.path.exists()
+
+
+def test_allowed_hosts_follow_the_bound_address():
+    from app.security import request_refusal
+
+    def refuse(host, *, bind="127.0.0.1", port=8050, method="POST", origin=None, referer=None, extra=()):
+        return request_refusal(method=method, host=host, origin=origin, referer=referer, scheme="http",
+                               bind_host=bind, port=port, extra_hosts=extra)
+
+    for host in ["127.0.0.1:8050", "localhost:8050", "[::1]:8050", "LOCALHOST:8050"]:
+        assert refuse(host) is None and refuse(host, origin=f"http://{host}") is None
+    for host in ["127.0.0.1:8051", "127.0.0.1", "attacker.example:8050", "localhost.attacker.example:8050", "",
+                 None, "127.0.0.1:8050@x", "a b:8050", "127.0.0.1:8050/x", "[::1:8050"]:
+        assert "Host" in refuse(host), host
+    assert refuse("127.0.0.1:8050", origin="http://127.0.0.1:8050") is None
+    assert "Origin" in refuse("127.0.0.1:8050", origin="http://localhost:8050")  # another name is another origin
+    assert refuse("127.0.0.1:8050", method="GET", origin="http://attacker.example") is None  # reads: Host only
+    assert "Referer" in refuse("127.0.0.1:8050", referer="http://127.0.0.1:8051/")
+    # bound to every interface: any IP-literal Host at that port (a rebinding page always sends a name)
+    assert refuse("192.168.1.7:8050", bind="0.0.0.0") is None
+    assert "Host" in refuse("attacker.example:8050", bind="0.0.0.0")
+    assert refuse("myhost.lan:8050", bind="0.0.0.0", extra=("myhost.lan",)) is None
+    assert refuse("10.0.0.2:8050", bind="10.0.0.2") is None and "Host" in refuse("10.0.0.3:8050", bind="10.0.0.2")
+
+
+def test_security_headers_on_every_response(client, dash_app, cache):
+    import hashlib
+    import re
+    import base64
+
+    responses = [client.get("/"), client.get("/files/results/demo/smollm2-135m/layer_probes.json"),
+                 client.get("/files/results/nope.json"), client.get("/", headers={"Host": "attacker.example"}),
+                 post(client, delete_body(dash_app, "f" * 24))]
+    for r in responses:
+        assert r.headers["X-Frame-Options"] == "DENY"
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    csp = responses[0].headers["Content-Security-Policy"]
+    directives = dict((d.split()[0], d.split()[1:]) for d in csp.split(";") if d.strip())
+    assert directives["default-src"] == ["'self'"] and directives["object-src"] == ["'none'"]
+    assert "'unsafe-inline'" not in directives["script-src"] and "'unsafe-eval'" not in directives["script-src"]
+    # every inline script Dash writes into the index page is allowed by its hash, and nothing else inline
+    page = re.sub(r"<!--.*?-->", "", responses[0].data.decode(), flags=re.S)  # the IE-only comment never runs
+    inline = [s for a, s in re.findall(r"<script([^>]*)>(.*?)</script>", page, re.S)
+              if "src=" not in a and "application/json" not in a]
+    hashes = {"'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'" for s in inline}
+    assert hashes and hashes <= set(directives["script-src"])
+
+
+def test_result_pages_are_sandboxed(client, cache):
+    """A result page (its own inline plotly scripts) runs in a sandbox: an opaque origin that cannot call the app."""
+    r = client.get("/files/results/demo/smollm2-135m/layer_probes.html")
+    assert r.status_code == 200
+    csp = r.headers["Content-Security-Policy"]
+    assert "sandbox allow-scripts" in csp and "allow-same-origin" not in csp and "frame-ancestors 'none'" in csp
+
+
+# --------------------------------------------------------------------------------------------- hostile values
+# The bad-input catalogue of the app: (callback, values posted, a fragment the answer must hold). Each answer is a
+# 200 with that message (or the page's default view), never a 500, and the cache is unchanged afterwards.
+
+BAD_INPUTS = [
+    ("ls-rows-fig.figure", {"ls-digit.value": "seven"}, "not a digit index"),
+    ("ls-rows-fig.figure", {"ls-digit.value": {"x": 1}}, "not a digit index"),
+    ("ls-rows-fig.figure", {"ls-digit.value": float("inf")}, "not a digit index"),
+    ("ls-rows-fig.figure", {"ls-digit.value": -1}, "not a digit index"),
+    ("ls-rows-fig.figure", {"ls-digit.value": 10**300}, "not a digit index"),
+    ("ls-rows-fig.figure", {"ls-digit.value": True}, "not a digit index"),
+    ("ast-tree-fig.figure", {"ast-model.value": "smollm2-135m", "ast-snippet.value": float("inf")}, "not a snippet"),
+    ("ast-tree-fig.figure", {"ast-model.value": "smollm2-135m", "ast-snippet.value": [0]}, "not a snippet"),
+    ("layers-tokens.children", {"layers-run.value": "RUN", "layers-hook.value": "blocks.0.hook_resid_post",
+                                "layers-doc.value": float("inf")}, "not a document"),
+    ("capture-error.children", {"capture-model.value": ["models/tiny-llama"]}, "Choose a model"),
+    ("capture-error.children", {"capture-model.value": {"models/tiny-llama": 1}}, "Choose a model"),
+    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-hooks.value": ["a"],
+                                "capture-dataset.value": "stdlib", "capture-n.value": 3}, "hook names"),
+    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-dataset.value": "stdlib",
+                                "capture-hooks.value": "blocks.0.hook_resid_post", "capture-n.value": [3]},
+     "number of functions"),
+    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-dataset.value": "stdlib",
+                                "capture-hooks.value": "blocks.0.hook_resid_post", "capture-n.value": float("inf")},
+     "number of functions"),
+    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-dataset.value": "texts",
+                                "capture-hooks.value": "blocks.0.hook_resid_post", "capture-texts.value": 5},
+     "documents"),
+    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-dataset.value": ["texts"],
+                                "capture-hooks.value": "blocks.0.hook_resid_post"}, "Choose a dataset"),
+    ("safety-heatmap-fig.figure", {"safety-model.value": "tiny-llama", "safety-pair.value": ["x"],
+                                   "safety-heat.value": {"a": 1}, "safety-refusal.value": [1],
+                                   "safety-eta.value": [0.9]}, "heatmap"),
+    ("safety-curves-fig.figure", {"safety-model.value": "tiny-llama", "safety-metric.value": ["x"]}, "scatter"),
+    ("safety-headline.children", {"safety-model.value": ["tiny-llama"]}, "result id"),
+    ("safety-eta.options", {"safety-model.value": {"a": 1}}, '"response"'),
+]
+
+
+@pytest.mark.parametrize("fragment,values,expected", BAD_INPUTS, ids=[f"{i}-{r[0]}" for i, r in enumerate(BAD_INPUTS)])
+def test_bad_callback_values_get_a_clean_message(dash_app, client, cache, fragment, values, expected):
+    values = {k: cache["run_id"] if v == "RUN" else v for k, v in values.items()}
+    before = tree(cache["root"])
+    r = post(client, payload(dash_app, callback_key(dash_app.callback_map, fragment), values))
+    assert r.status_code == 200, r.data[-500:]
+    assert expected in r.data.decode(), r.data[:1500]
+    assert tree(cache["root"]) == before
+
+
+def test_no_callback_fails_on_hostile_values(dash_app, client, cache):
+    """Every callback (background jobs aside: they validate through build_spec / prompt_spec, tested below) with
+    each hostile value in each input: a 200 or a 204 (no update), never a 500 from the page code."""
+    before = tree(cache["root"])
+    failures = []
+    for key, cb in list(dash_app.callback_map.items()):
+        if cb.get("background") or "MATCH" in key or "ALL" in str(cb["inputs"]):
+            continue
+        for d in cb["inputs"] + cb["state"]:
+            for bad in HOSTILE:
+                r = post(client, payload(dash_app, key, {f"{d['id']}.{d['property']}": bad}))
+                if r.status_code not in (200, 204):
+                    failures.append((key[:60], d["id"], repr(bad)[:30], r.status_code))
+    assert failures == []
+    assert tree(cache["root"]) == before
+
+
+@pytest.mark.parametrize("bad", HOSTILE)
+def test_pattern_callbacks_refuse_hostile_ids(dash_app, client, cache, bad):
+    import json
+
+    before = tree(cache["root"])
+    ask = payload(dash_app, callback_key(dash_app.callback_map, "home-confirm.displayed"))
+    ask["inputs"] = [[{"id": {"type": "delete-run", "run": bad}, "property": "n_clicks", "value": 1}]]
+    ask["changedPropIds"] = [json.dumps({"run": bad, "type": "delete-run"}, sort_keys=True) + ".n_clicks"]
+    r = post(client, ask)
+    assert r.status_code in (200, 204) and b"Delete run" not in r.data
+    verify_key = callback_key(dash_app.callback_map, "verify-result")
+    body = {"output": verify_key, "outputs": {"id": {"type": "verify-result", "run": bad}, "property": "children"},
+            "inputs": [{"id": {"type": "verify-run", "run": bad}, "property": "n_clicks", "value": 1}], "state": [],
+            "changedPropIds": [json.dumps({"run": bad, "type": "verify-run"}, sort_keys=True) + ".n_clicks"]}
+    r = post(client, body)
+    assert r.status_code in (200, 204), r.data[-300:]
+    assert tree(cache["root"]) == before
+
+
+@pytest.mark.parametrize("bad", [dict(max_length=[8]), dict(max_length=float("inf")), dict(max_length="x"),
+                                 dict(batch_size={"a": 1}), dict(batch_size=float("nan")), dict(n_functions=[3]),
+                                 dict(n_functions=float("inf")), dict(n_functions=2.5), dict(n_functions=True),
+                                 dict(positions=["all"]), dict(dtype={"float32": 1}), dict(hooks=["a"]),
+                                 dict(hooks={"a": 1}), dict(texts=[1], dataset="texts"), dict(model=["x"]),
+                                 dict(model={"x": 1}), dict(model=5), dict(dataset=["stdlib"])])
+def test_capture_spec_refuses_non_string_values(cache, bad):
+    from app.jobs import build_spec
+
+    args = dict(model="models/tiny-llama", hooks="blocks.0.hook_resid_post", dataset="stdlib", n_functions=5,
+                texts=None) | bad
+    with pytest.raises(ValueError):
+        build_spec(cache["root"], **args)
+
+
+@pytest.mark.parametrize("bad", [dict(prompt=["hi"]), dict(prompt={"a": 1}), dict(layer=[0]), dict(layer=float("inf")),
+                                 dict(layer=True), dict(layer=0.5), dict(result_id=["tiny-llama"]),
+                                 dict(result_id={"a": 1})])
+def test_safety_prompt_spec_refuses_non_string_values(cache, bad):
+    from app import data
+    from app.pages import safety
+
+    data.set_root(cache["root"])
+    args = dict(result_id="tiny-llama", prompt="hi", layer=0) | bad
+    with pytest.raises(ValueError):
+        safety.prompt_spec(**args)
+    assert safety.prompt_spec("tiny-llama", "hi", 0).layer == 0
+
+
+@pytest.mark.parametrize("rel", ["a" * 300 + ".json", "x/" + "b" * 5000 + ".html", ("c" * 250 + "/") * 20 + "d.json"])
+def test_over_long_result_names_are_refused_cleanly(client, cache, rel):
+    before = tree(cache["root"])
+    r = client.get(f"/files/results/{rel}")
+    assert r.status_code in (404, 400) and b"Traceback" not in r.data
+    assert tree(cache["root"]) == before
+
+
+@pytest.mark.parametrize("body,named", [
+    ({"output": "nope"}, "no callback"), ([], "JSON object"), ("x", "JSON object"), ({"output": ["a"]}, "no callback"),
+    ({"output": "page.children", "inputs": 5}, "inputs"), ({"output": "page.children"}, "inputs"),
+    ({"output": "page.children", "inputs": [{"id": "url"}], "state": [{"id": "url", "property": "search"}]},
+     "inputs"),
+    ({"output": "page.children", "inputs": [{"id": "url", "property": "pathname"}], "state": [5]}, "state"),
+    ({"output": "page.children", "inputs": [{"id": "url", "property": "pathname"}],
+      "state": [{"id": "url", "property": "search"}], "changedPropIds": [{"a": 1}]}, "changedPropIds"),
+    ({"output": "page.children", "outputs": 5, "inputs": [{"id": "url", "property": "pathname"}],
+      "state": [{"id": "url", "property": "search"}]}, "outputs"),
+])
+def test_malformed_callback_requests_get_a_400(client, cache, body, named):
+    """A body the renderer never sends is refused before Dash reads it (Dash itself fails on it with a 500)."""
+    import json
+
+    before = tree(cache["root"])
+    r = client.post("/_dash-update-component", data=json.dumps(body), content_type="application/json")
+    assert r.status_code == 400 and named in r.data.decode()
+    assert tree(cache["root"]) == before
