@@ -14,6 +14,9 @@ shards it lists, a writer killed anywhere resumes after the last listed shard, a
 fixed number of capture batches, so a resumed run is bitwise identical to an uninterrupted one. ``complete``
 is set last.
 
+Scale-out (``torchrun``, see :mod:`probekit.distributed`): rank r writes its own run under ``rank-<r>/`` with
+the same protocol; after a barrier rank 0 writes the run's ``manifest.json`` listing every rank's shards.
+
 Reading: ``Run.load(hook, rows)`` memory-maps the shards (no copy when the rows lie in one shard). Every
 shard's size is checked against the manifest when the run is opened and its xxh3 checksum on first read in
 a process; ``Run.verify()`` re-hashes everything with sha256. Nothing corrupt is ever returned silently.
@@ -568,8 +571,6 @@ class ActivationCache:
         key = self.key_for(model, docs, cfg, batches_per_shard=batches_per_shard, model_name=model_name,
                            world_size=world_size)
         if world_size > 1:
-            from .distributed import capture_distributed
-
             return capture_distributed(self, model, docs, cfg, key, rank=rank, world_size=world_size,
                                        tokenizer=tokenizer)
         w = self.writer(key)
@@ -582,3 +583,58 @@ class ActivationCache:
             w.abort()
             raise
         return Run(w.path)
+
+
+# --------------------------------------------------------------------------------------------- scale-out
+
+
+def capture_distributed(cache: ActivationCache, model, docs, cfg, key: RunKey, *, rank: int, world_size: int,
+                        tokenizer=None) -> Run:
+    """This rank's share of a capture into ``cache``; every rank returns the merged run."""
+    import torch.distributed as dist
+
+    from .capture import capture as run_capture
+
+    if not dist.is_initialized():
+        raise CacheError("world_size > 1 needs a process group: start with torchrun (see probekit.distributed)")
+    run_dir = cache.runs_dir / key.run_id
+    merged = run_dir / "manifest.json"
+    if not merged.is_file():
+        w = RunWriter(run_dir / f"rank-{rank}", key, dict(rank=rank, world_size=world_size))
+        if not w.complete:
+            try:
+                run_capture(model, docs, cfg, writer=w, tokenizer=tokenizer,
+                            batch_filter=lambda i: i % world_size == rank)
+            except BaseException:
+                w.abort()
+                raise
+        else:
+            w.abort()
+    dist.barrier()
+    if rank == 0 and not merged.is_file():
+        merge_ranks(run_dir, key, world_size)
+    dist.barrier()
+    return Run(run_dir)
+
+
+def merge_ranks(run_dir, key: RunKey, world_size: int) -> None:
+    """Write ``run_dir/manifest.json`` listing every rank's shards (paths relative to ``run_dir``)."""
+    bodies = []
+    for r in range(world_size):
+        body = _read_manifest(run_dir / f"rank-{r}" / "manifest.json")
+        if not body["complete"]:
+            raise CacheError(f"{run_dir}/rank-{r} is not complete; re-run the same torchrun command to resume")
+        bodies.append(body)
+    hooks = {}
+    for b in bodies:
+        for h, info in b["hooks"].items():
+            if hooks.setdefault(h, info) != info:
+                raise CacheError(f"ranks disagree on hook {h}: {hooks[h]} vs {info}")
+    shards = []
+    for r, b in enumerate(bodies):
+        for s in b["shards"]:
+            files = {role: {**f, "path": f"rank-{r}/{f['path']}"} for role, f in s["files"].items()}
+            shards.append({**s, "files": files, "rank": r})
+    body = dict(format=bodies[0]["format"], config=dict(key=key.to_dict(), world_size=world_size),
+                hooks=hooks, shards=shards, complete=True)
+    write_manifest(run_dir, body)

@@ -45,7 +45,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from probekit.data.code import ATOMIC_TYPES, _byte_to_char, _parser, check_language
+from probekit.data.treesitter import ATOMIC_TYPES, check_language
+from probekit.data.treesitter import byte_to_char as _byte_to_char
+from probekit.data.treesitter import parser as _parser
 
 __all__ = [
     "EMPTY",
