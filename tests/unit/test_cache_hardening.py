@@ -182,3 +182,30 @@ def test_every_commit_point_fsyncs_the_directories_it_changed(tiny_llama, docs, 
         start = c + 1
     made = {p for kind, p in events if kind == "mkdir"}
     assert any(p.name == "blocks.0.hook_resid_post" for p in made) and any(p.name == "runs" for p in made)
+
+
+def test_torchrun_recapture_repairs_a_rank_shard(tiny_dir, tmp_path):
+    """Scale-out: each rank checks its own shards under a merged run and captures only what is damaged."""
+    import subprocess
+    import sys
+
+    from tests.unit.test_cache_crash import ENV, REPO, texts
+
+    tf = tmp_path / "texts.txt"
+    tf.write_text("\n".join(texts(16)), encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "probekit",
+           "capture", "--model", str(tiny_dir["llama"]), "--texts", str(tf), "--hooks", "blocks.0.hook_resid_post",
+           "--batch-size", "2", "--max-length", "32", "--batches-per-shard", "1", "--cache-root", str(tmp_path)]
+    first = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = ActivationCache(tmp_path).list()
+    want, before = tree(run.path), mtimes(run.path)
+    victim = run.path / "rank-1" / "acts" / "blocks.0.hook_resid_post" / "shard-00001.bin"
+    victim.unlink()
+    again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (run,) = ActivationCache(tmp_path).list()
+    assert tree(run.path) == want and run.verify() == []
+    after = mtimes(run.path)
+    rel = str(victim.relative_to(run.path))
+    assert {k: v for k, v in after.items() if k != rel} == {k: v for k, v in before.items() if k != rel}
