@@ -8,11 +8,16 @@ Layout of one run (``<cache root>/runs/<run_id>/``; ``run_id`` is the hash of th
     meta/shard-00000.arrow     token metadata (doc_index, position, token_id, …): Arrow IPC stream
     .lock                      held by the writer (two captures of one config never interleave)
 
-Write protocol, per shard: every file goes to a temporary name, is fsynced and renamed; then the manifest is
-rewritten the same way with the shard appended. The manifest is the commit point: a reader sees exactly the
-shards it lists, a writer killed anywhere resumes after the last listed shard, and shard boundaries are a
-fixed number of capture batches, so a resumed run is bitwise identical to an uninterrupted one. ``complete``
-is set last.
+Write protocol, per shard: every file goes to a temporary name, is fsynced and renamed, and its folder is
+fsynced (as is the parent of every folder created); then the manifest is rewritten the same way with the shard
+appended. The manifest is the commit point: a reader sees exactly the shards it lists, a writer killed
+anywhere resumes after the last listed shard, and shard boundaries are a fixed number of capture batches, so a
+resumed run is bitwise identical to an uninterrupted one. ``complete`` is set last. The directory fsyncs make
+the commit survive a power loss, not only a killed process (a rename is durable once its folder is).
+
+Repair: a writer opening a run checks every committed shard (size, xxh3); capturing the same config again
+rewrites a missing, truncated or corrupt shard in place and keeps the sound ones. A first capture that fails
+removes its folder; ``ActivationCache.unfinished`` lists folders a killed capture left without a manifest.
 
 Scale-out (``torchrun``, see :mod:`probekit.distributed`): rank r writes its own run under ``rank-<r>/`` with
 the same protocol; after a barrier rank 0 writes the run's ``manifest.json`` listing every rank's shards.
