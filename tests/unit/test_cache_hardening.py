@@ -209,3 +209,28 @@ def test_torchrun_recapture_repairs_a_rank_shard(tiny_dir, tmp_path):
     after = mtimes(run.path)
     rel = str(victim.relative_to(run.path))
     assert {k: v for k, v in after.items() if k != rel} == {k: v for k, v in before.items() if k != rel}
+
+
+def test_a_writer_waiting_on_a_failed_first_capture_locks_the_new_folder(tiny_llama, docs, tmp_path):
+    """The failed writer removes the folder with its lock file; the waiting writer must not keep a lock on the
+    removed file (a third writer would then lock a new one and two would write one run)."""
+    import fcntl
+    import threading
+
+    bridge, _ = tiny_llama
+    cache = ActivationCache(tmp_path)
+    key = cache.key_for(bridge, docs, cfg())
+    first = cache.writer(key)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("w", cache.writer(key)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()  # waiting for the lock
+    first.abort()  # nothing committed: the folder goes
+    t.join(30)
+    second = got["w"]
+    with open(second.path / ".lock", "a+") as fh:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    second.abort()
+    assert not second.path.exists()
