@@ -43,7 +43,6 @@ import json
 import mmap
 import os
 import shutil
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
