@@ -169,7 +169,7 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     from .data.code import iter_stdlib_functions, split_by_file
     from .models import load_model
     from .probes.ast_align import build_corpus
-    from .probes.ast_probe import ASTProbe, _score
+    from .probes.ast_probe import ASTProbe, score_ast_predictions
 
     t0 = time.perf_counter()
     say = print
@@ -264,7 +264,7 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     # gold vs predicted tree of one test snippet at the best layer
     p = main["probe"]
     preds = p.predict(main["X"][2])[best_li]
-    per_snippet = [_score([pr], [g])[0]["f1"] for pr, g in zip(preds, ys[2])]
+    per_snippet = [score_ast_predictions([pr], [g])["f1"] for pr, g in zip(preds, ys[2])]
     si = _pick_tree_snippet(per_snippet, [a.n_leaves for a in aligned[2]], cfg.tree_snippet)
     leaves = list(aligned[2][si].leaves)
 

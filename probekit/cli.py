@@ -31,11 +31,54 @@ def _cmd_models_fetch(args) -> int:
     return 0
 
 
+# ---- argument types: argparse names the flag in the error ("argument --positions: …") and exits with 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    parts = [x.strip() for x in text.split(",")]
+    try:
+        values = tuple(int(x) for x in parts)
+    except ValueError:
+        bad = next(x for x in parts if not x.lstrip("-").isdigit())
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 3,7,11; {bad!r} in {text!r} "
+                                         "is not an integer") from None
+    return values
+
+
+def _positions(text: str) -> str | tuple[int, ...]:
+    if text in ("all", "last"):
+        return text
+    try:
+        return _int_list(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"'all', 'last' or {e}") from None
+
+
+def _int_list_or_none(text: str) -> tuple[int, ...]:
+    return () if text.strip().lower() in ("", "none") else _int_list(text)
+
+
 def _read_texts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"probekit capture: no such file {path!r} (one document per line, or JSONL with 'text')")
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"probekit capture: --texts {path}: not UTF-8 text ({e.reason} at byte {e.start}); give a "
+                         "UTF-8 file with one document per line, or JSONL with a 'text' field") from None
+    if not lines:
+        raise SystemExit(f"probekit capture: --texts {path}: the file has no non-blank line, so no document")
     if p.suffix == ".jsonl":
         try:
             return [json.loads(ln)["text"] for ln in lines]
@@ -58,9 +101,7 @@ def _cmd_capture(args) -> int:
         from .data.code import iter_stdlib_functions
 
         texts = [s.source for s in iter_stdlib_functions(max_functions=args.stdlib_functions, seed=args.seed)]
-    positions = args.positions
-    if positions not in ("all", "last"):
-        positions = [int(p) for p in positions.split(",")]
+    positions = args.positions if isinstance(args.positions, str) else list(args.positions)
     rank, world, device = init_from_env()  # (0, 1, …) unless started by torchrun
     cfg = CaptureConfig(hooks=args.hooks, positions=positions, batch_size=args.batch_size,
                         max_length=args.max_length, dtype=args.dtype, progress=rank == 0)
@@ -79,13 +120,23 @@ def _cmd_cache(args) -> int:
 
     cache = ActivationCache(args.cache_root)
     if args.cache_command == "list":
-        runs = cache.list()
+        import warnings
+
+        with warnings.catch_warnings(record=True) as skipped:  # one unreadable run never hides the others
+            warnings.simplefilter("always")
+            runs = cache.list()
+        for w in skipped:
+            print(f"probekit cache list: skipped a run that cannot be opened: {w.message}", file=sys.stderr)
         if not runs:
             print(f"no runs under {cache.runs_dir}")
         for r in runs:
             key = r.config["key"]
             print(f"{r.run_id[:12]}  {'complete' if r.complete else 'partial ':<8}  {r.n_rows:>10,} rows  "
                   f"{r.nbytes() / 2**20:>9,.1f} MiB  {key['model']}  {len(r.hooks)} hooks  {key['dtype']}")
+        for path, state in cache.unfinished():
+            hint = ("" if state == "being written" else
+                    f"; run the same capture again to start it, or `probekit cache rm {path.name[:12]}`")
+            print(f"{path.name[:12]}  no committed shard yet ({state}){hint}")
     elif args.cache_command == "show":
         r = cache.open(args.run)
         print(json.dumps(dict(run=r.run_id, path=str(r.path), complete=r.complete, rows=r.n_rows,
@@ -124,12 +175,10 @@ def _cmd_linearscope(args) -> int:
 def _cmd_ast_probe(args) -> int:
     from .ast_probe_run import ASTProbeRunConfig, run_ast_probe
 
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    sweep = () if args.k_sweep.strip().lower() in ("", "none") else tuple(int(x) for x in args.k_sweep.split(","))
     run_ast_probe(ASTProbeRunConfig(model=args.model, language=args.language, n_functions=args.n_functions,
-                                    layers=layers, k=args.k,
+                                    layers=args.layers or None, k=args.k,
                                     epochs=args.epochs, scheme=args.scheme, random_control=not args.no_random_control,
-                                    k_sweep=sweep, bias=not args.no_bias, device=args.device,
+                                    k_sweep=args.k_sweep, bias=not args.no_bias, device=args.device,
                                     tree_snippet=args.tree_snippet, seed=args.seed, out=args.out,
                                     progress=not args.no_progress))
     return 0
@@ -139,7 +188,7 @@ def _cmd_dark_matter(args) -> int:
     from .dark_matter_run import DarkMatterRunConfig, run_dark_matter
 
     run_dark_matter(DarkMatterRunConfig(
-        model=args.model, layer=args.layer, expansions=tuple(int(x) for x in args.expansions.split(",")), k=args.k,
+        model=args.model, layer=args.layer, expansions=args.expansions, k=args.k,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, n_code=args.n_code, n_text=args.n_text,
         max_length=args.max_length, ce_docs=args.ce_docs, device=args.device, seed=args.seed, out=args.out,
         progress=not args.no_progress))
@@ -218,15 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=DEFAULT_MODEL, help="registry name, local HF folder or Hub id")
     c.add_argument("--hooks", nargs="+", required=True, help="hook names, e.g. blocks.6.hook_resid_post")
     c.add_argument("--texts", help="file with one document per line (or .jsonl with a 'text' field)")
-    c.add_argument("--stdlib-functions", type=int, help="use N functions from the Python standard library")
-    c.add_argument("--positions", default="all",
+    c.add_argument("--stdlib-functions", type=_positive_int, help="use N functions from the Python standard library")
+    c.add_argument("--positions", default="all", type=_positions,
                    help="'all', 'last', or comma-separated positions; negatives count from the end "
                         "(write --positions=-1,-2 so they are not read as options)")
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--max-length", type=int, default=256)
+    c.add_argument("--batch-size", type=_positive_int, default=8)
+    c.add_argument("--max-length", type=_positive_int, default=256)
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batches-per-shard", type=int, default=4, help="capture batches per committed shard")
+    c.add_argument("--batches-per-shard", type=_positive_int, default=4, help="capture batches per committed shard")
     c.add_argument("--cache-root", help="cache root (default: $PROBEKIT_CACHE or ./cache)")
     c.set_defaults(func=_cmd_capture)
 
@@ -258,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--language", default="python", choices=["python", "javascript"],
                    help="python: stdlib functions; javascript: functions from pinned npm packages")
     a.add_argument("--n-functions", type=int, default=400, help="functions before the by-file split")
-    a.add_argument("--layers", help="comma-separated block indices (default: every 3rd and the last)")
+    a.add_argument("--layers", type=_int_list, help="comma-separated block indices (default: every 3rd and the last)")
     a.add_argument("--k", type=int, default=64, help="probe subspace size")
     a.add_argument("--epochs", type=int, default=20)
     a.add_argument("--scheme", default="leaf-whitespace", choices=["leaf-whitespace", "paper", "offsets"])
     a.add_argument("--no-random-control", action="store_true", help="skip the random-init model control")
-    a.add_argument("--k-sweep", default="8,16,32,64,128,256,512",
+    a.add_argument("--k-sweep", default=(8, 16, 32, 64, 128, 256, 512), type=_int_list_or_none,
                    help="subspace sizes for the separate-fit and Matryoshka sweep at the best layer (D is added); "
                         "'none' skips it")
     a.add_argument("--no-bias", action="store_true", help="the published bias-free heads")
@@ -285,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = dms.add_parser("run", help="train TopK SAEs on one residual stream and decompose their error")
     r.add_argument("--model", default=DEFAULT_MODEL)
     r.add_argument("--layer", type=int, help="block whose resid_post is studied (default: the middle one)")
-    r.add_argument("--expansions", default="2,4,8", help="SAE widths as multiples of d_model (>= 3 values)")
+    r.add_argument("--expansions", default=(2, 4, 8), type=_int_list,
+                   help="SAE widths as multiples of d_model (>= 3 values)")
     r.add_argument("--k", type=int, default=32, help="TopK latents per token")
     r.add_argument("--epochs", type=int, default=3)
     r.add_argument("--batch-size", type=int, default=1024)

@@ -32,6 +32,7 @@ import json
 import platform
 import re
 import time
+import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,45 @@ def _stage_table() -> dict[str, tuple[type, Any]]:
 STAGES = ("layer_probes", "ast_probe", "linearscope", "dark_matter", "safety_weight", "safety_activation")
 _MANAGED = ("out", "progress")  # set by the report itself
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# integer settings that count something and are meaningless below 1 (checked before any model loads)
+_POSITIVE = frozenset({"batch_size", "eval_batch_size", "max_length", "epochs", "align_epochs", "useful_epochs",
+                       "max_iter", "max_new_tokens", "k"})
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _expected(hint: Any) -> str | None:
+    """What a YAML value of type ``hint`` looks like, or None for a type this check does not cover."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_expected(a) for a in typing.get_args(hint)]
+        return None if None in parts else " or ".join(parts)
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in _KIND:
+            return f"a list of {_KIND[args[0]].removeprefix('an ').removeprefix('a ')}s"
+        return None
+    return _KIND.get(hint)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_setting(where: str, value: Any, hint: Any) -> None:
+    """A ReportConfigError naming ``where`` (``probes.<probe>.<key>``) when ``value`` has the wrong type, or is
+    a count below 1."""
+    expected = _expected(hint)
+    if expected is not None and not _fits(value, hint):
+        raise ReportConfigError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
+    if where.rpartition(".")[2] in _POSITIVE and isinstance(value, int) and value < 1:
+        raise ReportConfigError(f"{where}: must be a positive integer (1 or more), got {value}")
 
 
 @dataclass
@@ -75,6 +115,10 @@ class ReportConfig:
     out: str = "reports"
 
     def __post_init__(self) -> None:
+        for key in ("model", "out"):
+            if not isinstance(getattr(self, key), str):
+                raise ReportConfigError(f"{key}: expected a string, got {type(getattr(self, key)).__name__} "
+                                        f"{getattr(self, key)!r}")
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ReportConfigError(f"name {self.name!r} must be 1–64 letters, digits, '_', '.', '-' (it names "
                                     "the report folder)")
@@ -105,6 +149,8 @@ class ReportConfig:
             if "model" in allowed:
                 kw.setdefault("model", self.model)
             hints = typing.get_type_hints(cls)
+            for key, value in kw.items():
+                _check_setting(f"probes.{probe}.{key}", value, hints[key])
             for key, value in list(kw.items()):
                 if isinstance(value, list) and "tuple" in str(hints.get(key, "")):
                     kw[key] = tuple(value)  # YAML lists → the tuple-typed fields
@@ -125,7 +171,10 @@ def load_config(path: str | Path) -> ReportConfig:
     if not path.is_file():
         raise ReportConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ReportConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); a report "
+                                "config is YAML text") from None
     except yaml.YAMLError as exc:
         raise ReportConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):

@@ -6,7 +6,7 @@ present, no download), parse them with tree-sitter, and label every tokenizer
 token with the grammar type of the node directly above the leaf it falls in
 (e.g. ``identifier`` under ``parameters`` -> ``"parameters"``).
 
-The tree-sitter helpers (``_parser``, :func:`leaf_spans`) also take
+The tree-sitter helpers (:func:`leaf_spans`, :mod:`probekit.data.treesitter`) also take
 ``language="javascript"`` (:data:`LANGUAGES`); JavaScript snippets come from
 :mod:`probekit.data.javascript`.
 
@@ -37,11 +37,12 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .treesitter import ATOMIC_TYPES, LANGUAGES, byte_to_char, check_language, parser
 
 __all__ = [
     "LANGUAGES",
@@ -113,47 +114,6 @@ class CodeSnippet:
     source: str
 
 
-#: Languages the tree-sitter code supports; ``language=`` arguments take one of these.
-LANGUAGES = ("python", "javascript")
-
-# Node types that stand for one literal token although tree-sitter gives them
-# children (string quotes and fragments, interpolations, regex parts).
-ATOMIC_TYPES = {
-    "python": frozenset({"string"}),
-    "javascript": frozenset({"string", "template_string", "regex"}),
-}
-
-_GRAMMARS = {"python": "tree_sitter_python", "javascript": "tree_sitter_javascript"}
-
-
-def check_language(language: str) -> str:
-    """Return ``language`` if it is one of :data:`LANGUAGES`, else raise ValueError."""
-    if language not in LANGUAGES:
-        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}.")
-    return language
-
-
-@lru_cache(maxsize=None)
-def _parser(language: str = "python") -> Any:
-    """A tree-sitter parser for ``language`` (one per language, cached)."""
-    check_language(language)
-    module = _GRAMMARS[language]
-    # Imported lazily so `import probekit.data.code` works without tree-sitter
-    # for callers that only need the label helpers.
-    try:
-        import importlib
-
-        grammar = importlib.import_module(module)
-        from tree_sitter import Language, Parser
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        pkg = module.replace("_", "-")
-        raise ImportError(
-            f"probekit.data.code needs tree-sitter and {pkg} for language={language!r}; "
-            f"install them with `pip install 'tree-sitter>=0.23' '{pkg}>=0.23'`."
-        ) from exc
-    return Parser(Language(grammar.language()))
-
-
 def stdlib_root() -> Path:
     """Directory of the running interpreter's pure-Python standard library.
 
@@ -204,7 +164,7 @@ def _file_functions(
     are skipped so every snippet is valid Python on its own.
     """
     data = source.encode("utf-8")
-    tree = _parser().parse(data)
+    tree = parser().parse(data)
     out: list[CodeSnippet] = []
     seen: Counter[str] = Counter()
 
@@ -408,21 +368,6 @@ def split_by_file(
     return out
 
 
-def _byte_to_char(source: str, data: bytes) -> list[int] | None:
-    """Map UTF-8 byte offset -> char offset (length ``len(data) + 1``); None if ASCII."""
-    if len(data) == len(source):
-        return None
-    table = [0] * (len(data) + 1)
-    pos = 0
-    for i, ch in enumerate(source):
-        n = len(ch.encode("utf-8", errors="surrogatepass"))
-        for k in range(n):
-            table[pos + k] = i
-        pos += n
-    table[pos] = len(source)
-    return table
-
-
 def leaf_spans(source: str, *, language: str = "python") -> list[tuple[int, int, str, str]]:
     """Leaves of the tree-sitter parse of ``source``, with character offsets.
 
@@ -450,9 +395,9 @@ def leaf_spans(source: str, *, language: str = "python") -> list[tuple[int, int,
     """
     atomic = ATOMIC_TYPES[check_language(language)]
     data = source.encode("utf-8", errors="surrogatepass")
-    root = _parser(language).parse(data).root_node
+    root = parser(language).parse(data).root_node
     # tree-sitter reports byte offsets; sources may contain non-ASCII.
-    b2c = _byte_to_char(source, data)
+    b2c = byte_to_char(source, data)
     out: list[tuple[int, int, str, str]] = []
     stack: list[tuple[Any, str]] = [(c, root.type) for c in reversed(root.children)]
     while stack:

@@ -92,7 +92,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from probekit.data.code import CodeSnippet, _parser
+from probekit.data.code import CodeSnippet
+from probekit.data.treesitter import parser as _parser
 from probekit.paths import cache_root
 from probekit.probes.ast_tree import SyntaxTreeError, leaves, parse_code
 

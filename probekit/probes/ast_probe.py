@@ -50,7 +50,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from probekit.probes.ast_figures import AST_METRICS
 from probekit.probes.ast_tree import constituents, tree_f1, tuple_to_tree
-from probekit.probes.linear import _json_safe
+from probekit.jsonsafe import json_safe as _json_safe
 
 __all__ = ["ASTProbe", "ASTProbeResult", "PackedLeaves", "pairwise_rank_loss", "per_label_recall", "score_ast_predictions"]
 

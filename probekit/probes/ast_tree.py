@@ -45,7 +45,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from probekit.data.code import ATOMIC_TYPES, _byte_to_char, _parser, check_language
+from probekit.data.treesitter import ATOMIC_TYPES, check_language
+from probekit.data.treesitter import byte_to_char as _byte_to_char
+from probekit.data.treesitter import parser as _parser
 
 __all__ = [
     "EMPTY",
@@ -152,10 +154,16 @@ def _internal(label: str, children: Sequence[Node]) -> Node:
 
 def _is_docstring(ts_node: Any) -> bool:
     # Python's rule: a plain (not f / bytes) string literal, possibly
-    # implicitly concatenated, as the whole first statement of a body.
+    # implicitly concatenated and possibly in parentheses (``("doc")`` is the
+    # docstring for CPython too), as the whole first statement of a body.
     if ts_node.type != "expression_statement" or ts_node.named_child_count != 1:
         return False
     expr = ts_node.named_children[0]
+    while expr.type == "parenthesized_expression":
+        inner = [c for c in expr.named_children if not c.is_extra]
+        if len(inner) != 1:
+            return False
+        expr = inner[0]
     if expr.type not in _STRING_TYPES or ts_node.child_count != 1:
         return False
     parts = [expr] if expr.type == "string" else [p for p in expr.children if p.type == "string"]

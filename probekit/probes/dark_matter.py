@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .linear import _json_safe
+from ..jsonsafe import json_safe as _json_safe
 from .lstsq import R2Accumulator, StreamedLeastSquares
 
 __all__ = [

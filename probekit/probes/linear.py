@@ -30,6 +30,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
+from ..jsonsafe import json_safe
+
 __all__ = [
     "LinearProbe",
     "LayerProbeResult",
@@ -660,7 +662,7 @@ class LayerProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (python floats/ints/str/lists/None only)."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def __repr__(self) -> str:
         return (f"LayerProbeResult(task={self.task!r}, kind={self.kind!r}, best_layer={self.best_layer!r}, "
@@ -726,32 +728,6 @@ class LayerProbeResult:
         if self.metric == "accuracy":  # R² has no upper range worth fixing
             fig.update_yaxes(range=[0, 1.02])
         return [fig]
-
-
-def _json_safe(obj: Any, *, nonfinite: str = "keep") -> Any:
-    """Plain JSON types (dicts, lists, float, int, bool, str, None) from nested results.
-
-    ``nonfinite="keep"`` leaves NaN/inf floats as they are (Python's json writes them as NaN/Infinity);
-    ``"null"`` turns them into None, for strict JSON readers.
-    """
-    if nonfinite not in ("keep", "null"):
-        raise ValueError(f"nonfinite must be 'keep' or 'null', got {nonfinite!r}")
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v, nonfinite=nonfinite) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v, nonfinite=nonfinite) for v in obj]
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return _json_safe(obj.tolist(), nonfinite=nonfinite)
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return None if nonfinite == "null" and not math.isfinite(x) else x
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
 
 
 def _token_identity_predict(

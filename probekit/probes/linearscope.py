@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import _json_safe
+from ..jsonsafe import json_safe as _json_safe
 
 __all__ = [
     "LinearScopeError",

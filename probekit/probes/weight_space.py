@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from ..subspace import mso, rank_fraction_basis, rank_fraction_k
-from .linear import _json_safe
+from ..jsonsafe import json_safe as _json_safe
 
 __all__ = [
     "StateSource",

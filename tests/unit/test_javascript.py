@@ -16,7 +16,8 @@ pytest.importorskip("tree_sitter")
 pytest.importorskip("tree_sitter_javascript")
 
 from probekit.data import javascript as jsdata  # noqa: E402
-from probekit.data.code import CodeSnippet, _parser, leaf_spans, split_by_file  # noqa: E402
+from probekit.data.code import CodeSnippet, leaf_spans, split_by_file  # noqa: E402
+from probekit.data.treesitter import parser as _parser  # noqa: E402
 from probekit.probes.ast_align import align, build_corpus, stripped_source  # noqa: E402
 from probekit.probes.ast_tree import (  # noqa: E402
     EMPTY,
