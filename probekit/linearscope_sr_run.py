@@ -40,7 +40,7 @@ class SRAnalysisConfig:
 
     n_test: int = 64
     lr_size: int = 8
-    ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     k_headline: int = 8
     window: int = 1
     atoms: int = 4

@@ -26,7 +26,7 @@ def _fill(hex_colour: str, alpha: float = 0.18) -> str:
     return f"rgba({int(h[:2], 16)}, {int(h[2:4], 16)}, {int(h[4:], 16)}, {alpha})"
 
 
-def _band(fig, x, est, name, colour, *, row=None, col=None, dash=None):
+def _band(fig, x, est, name, colour, *, row=None, col=None, dash=None, showlegend=True):
     """Mean line with its 95% bootstrap band."""
     import plotly.graph_objects as go
 
@@ -34,9 +34,9 @@ def _band(fig, x, est, name, colour, *, row=None, col=None, dash=None):
     hi = [e.high for e in est]
     kw = {} if row is None else {"row": row, "col": col}
     fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=hi + lo[::-1], fill="toself", fillcolor=_fill(colour),
-                             line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=name), **kw)
+                             mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=name), **kw)
     fig.add_trace(go.Scatter(x=list(x), y=[e.value for e in est], mode="lines+markers", name=name,
-                             legendgroup=name, line={"color": colour, "dash": dash}), **kw)
+                             legendgroup=name, showlegend=showlegend, line={"color": colour, "dash": dash}), **kw)
 
 
 def psnr_figure(res: SRAnalysisResult):
@@ -84,7 +84,8 @@ def _grid(images: list[np.ndarray], titles: list[str], cols: int, title: str, cb
     from plotly.subplots import make_subplots
 
     rows = (len(images) + cols - 1) // cols
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.03, vertical_spacing=0.08)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.03,
+                        vertical_spacing=min(0.16, 0.45 / rows))
     for i, img in enumerate(images):
         fig.add_trace(go.Heatmap(z=img, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1)
     lim = float(max(np.abs(im).max() for im in images)) or 1.0
@@ -105,7 +106,7 @@ def example_figure(res: SRAnalysisResult):
 
     ex = res.example
     fig = make_subplots(rows=1, cols=4, subplot_titles=["LR input x", "HR truth", "network f(x) = A(x)x + b(x)",
-                                                        "template b(x)"], horizontal_spacing=0.06)
+                                                        "template b(x)"], horizontal_spacing=0.08)
     for j, key in enumerate(("lr", "hr", "output")):
         fig.add_trace(go.Heatmap(z=np.asarray(ex[key]), coloraxis="coloraxis"), row=1, col=j + 1)
     fig.add_trace(go.Heatmap(z=np.asarray(ex["bias"]), coloraxis="coloraxis2"), row=1, col=4)
@@ -113,9 +114,11 @@ def example_figure(res: SRAnalysisResult):
     fig.update_layout(
         title=f"Test patch {ex['index']}", template="plotly_white", width=1100, height=360,
         coloraxis={"colorscale": "Greys_r", "cmin": 0, "cmax": 1,
-                   "colorbar": {"title": {"text": "intensity"}, "x": 0.7, "len": 0.8}},
+                   "colorbar": {"title": {"text": "intensity"}, "x": 0.735, "xanchor": "left", "thickness": 12,
+                                "len": 0.8}},
         coloraxis2={"colorscale": "RdBu", "cmid": 0, "cmin": -lim, "cmax": lim,
-                    "colorbar": {"title": {"text": "b(x)"}, "x": 1.02, "len": 0.8}})
+                    "colorbar": {"title": {"text": "b(x)"}, "x": 1.01, "xanchor": "left", "thickness": 12,
+                                 "len": 0.8}})
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(autorange="reversed", showticklabels=False)
     for i in range(4):
@@ -171,16 +174,16 @@ def likeness_figure(res: SRAnalysisResult):
                                                         "localisation: effective support"])
     _band(fig, idx, [ci(res.sv_index_detail[:, i]) for i in range(len(idx))], "left singular vectors u_i", "#000000",
           row=1, col=1)
-    _band(fig, idx, [ci(res.sv_index_support[:, i]) for i in range(len(idx))], "left singular vectors u_i ",
-          "#000000", row=1, col=2)
+    _band(fig, idx, [ci(res.sv_index_support[:, i]) for i in range(len(idx))], "left singular vectors u_i",
+          "#000000", row=1, col=2, showlegend=False)
     refs = [("random vectors", "random_hr_detail", "random_hr_support", "#7f7f7f"),
             ("output images", "image_detail", None, "#d62728")]
     for name, d_key, s_key, colour in refs:
-        for key, col in ((d_key, 1), (s_key, 2)):
+        for key, col, what in ((d_key, 1, "detail"), (s_key, 2, "support")):
             if key is None:
                 continue
             v = float(np.mean(res.likeness[key]))
-            fig.add_trace(go.Scatter(x=[idx[0], idx[-1]], y=[v, v], mode="lines", name=f"{name} ({v:.2f})",
+            fig.add_trace(go.Scatter(x=[idx[0], idx[-1]], y=[v, v], mode="lines", name=f"{name}: {what} {v:.2f}",
                                      line={"color": colour, "dash": "dash"}), row=1, col=col)
     fig.update_layout(title=f"Wavelet-likeness of the singular vectors of A(x) by index (mean, 95% CI, n={res.n})",
                       template="plotly_white", width=1100, height=460)
