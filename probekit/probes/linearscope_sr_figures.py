@@ -11,7 +11,7 @@ from ..stats import bootstrap_ci
 if TYPE_CHECKING:
     from .linearscope_sr import SRAnalysisResult
 
-__all__ = ["psnr_figure", "energy_figure", "example_figure", "rows_figure", "columns_figure",
+__all__ = ["heatmap_grid", "psnr_figure", "energy_figure", "example_figure", "rows_figure", "columns_figure",
            "singular_vectors_figure", "likeness_figure"]
 
 _COLOURS = {"svd": "#000000", "haar": "#1f77b4", "db2": "#2ca02c", "dct": "#ff7f0e", "random": "#7f7f7f"}
@@ -77,8 +77,8 @@ def energy_figure(res: SRAnalysisResult, measure: str = "operator_out"):
     return fig
 
 
-def _grid(images: list[np.ndarray], titles: list[str], cols: int, title: str, cbar: str, *, diverging: bool = True,
-          size: int = 190):
+def heatmap_grid(images: list[np.ndarray], titles: list[str], cols: int, title: str, cbar: str, *,
+                 diverging: bool = True, size: int = 190):
     """Heatmaps in a grid sharing one colour axis (symmetric about 0 when ``diverging``)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -136,9 +136,9 @@ def rows_figure(res: SRAnalysisResult, per_side: int = 3):
     H, W = res.hr_shape
     pix = [(r, c) for r in _spread(H, per_side) for c in _spread(W, per_side)]
     imgs = [A[r * W + c].reshape(res.lr_shape) for r, c in pix]
-    return _grid(imgs, [f"output ({r},{c})" for r, c in pix], per_side,
-                 f"Rows of A(x), patch {res.example['index']}: each output pixel's weights on the LR input",
-                 "∂y_out/∂x_in")
+    return heatmap_grid(imgs, [f"output ({r},{c})" for r, c in pix], per_side,
+                        f"Rows of A(x), patch {res.example['index']}: each output pixel's weights on the LR input",
+                        "∂y_out/∂x_in")
 
 
 def columns_figure(res: SRAnalysisResult, per_side: int = 3):
@@ -147,9 +147,9 @@ def columns_figure(res: SRAnalysisResult, per_side: int = 3):
     h, w = res.lr_shape
     pix = [(r, c) for r in _spread(h, per_side) for c in _spread(w, per_side)]
     imgs = [A[:, r * w + c].reshape(res.hr_shape) for r, c in pix]
-    return _grid(imgs, [f"input ({r},{c})" for r, c in pix], per_side,
-                 f"Columns of A(x), patch {res.example['index']}: the output painted by one input pixel",
-                 "∂y_out/∂x_in")
+    return heatmap_grid(imgs, [f"input ({r},{c})" for r, c in pix], per_side,
+                        f"Columns of A(x), patch {res.example['index']}: the output painted by one input pixel",
+                        "∂y_out/∂x_in")
 
 
 def singular_vectors_figure(res: SRAnalysisResult, k: int | None = None):
@@ -159,8 +159,8 @@ def singular_vectors_figure(res: SRAnalysisResult, k: int | None = None):
     U, Vt, S = np.asarray(ex["left"]), np.asarray(ex["right"]), np.asarray(ex["singular_values"])
     imgs = [U[:, i].reshape(res.hr_shape) for i in range(k)] + [Vt[i].reshape(res.lr_shape) for i in range(k)]
     titles = [f"u{i + 1} (σ={S[i]:.2f})" for i in range(k)] + [f"v{i + 1}" for i in range(k)]
-    return _grid(imgs, titles, k, f"Top {k} singular vectors of A(x), patch {ex['index']}: left (output, HR) above, "
-                 "right (input, LR) below", "component", size=150)
+    return heatmap_grid(imgs, titles, k, f"Top {k} singular vectors of A(x), patch {ex['index']}: left (output, HR) "
+                        "above, right (input, LR) below", "component", size=150)
 
 
 def likeness_figure(res: SRAnalysisResult):

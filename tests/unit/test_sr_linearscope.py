@@ -287,3 +287,76 @@ def test_run_end_to_end_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "sr-cnn.html").stat().st_size > 10_000
     assert (tmp_path / "cache" / "models" / "sr-cnn" / "model.safetensors").is_file()
     assert res.model_info["steps"] == 10
+
+
+# -- image-to-image: copy, move, template ----------------------------------------------------------------------------
+
+
+def test_window_energy_is_a_box_sum():
+    from probekit.probes.linearscope_i2i import window_energy
+
+    E = np.random.default_rng(0).random((2, 5, 6))
+    S = window_energy(E, 1)
+    for m, i, j in ((0, 0, 0), (1, 2, 3), (0, 4, 5), (1, 4, 0)):
+        assert S[m, i, j] == pytest.approx(E[m, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].sum())
+
+
+def _shift_net(di: int, dj: int, size: int = 8):
+    """A linear image-to-image map that copies the input shifted by (di, dj) (zeros flow in), plus a bias."""
+    k = 2 * max(abs(di), abs(dj)) + 1
+    conv = torch.nn.Conv2d(1, 1, k, padding=k // 2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, k // 2 + di, k // 2 + dj] = 1.0
+        conv.bias.fill_(0.5)
+    return torch.nn.Sequential(conv, torch.nn.ReLU())
+
+
+def test_copy_move_and_template_on_known_maps():
+    from probekit.probes.linearscope_i2i import analyze_i2i
+
+    x = torch.rand(3, 1, 8, 8)
+    copy = analyze_i2i(_shift_net(0, 0), x, x, n_boot=100)  # y = relu(x + 0.5) = x + 0.5 on [0, 1]
+    np.testing.assert_allclose(copy.measures["copy_share"], 1.0)
+    np.testing.assert_allclose(copy.measures["move_fraction"], 0.0)
+    np.testing.assert_allclose(copy.measures["diagonal_gain"], 1.0)
+    y = x.double().reshape(3, -1) + 0.5
+    np.testing.assert_allclose(copy.measures["template_share"], 16.0 / (y ** 2).sum(1).numpy(), rtol=1e-12)
+    moved = analyze_i2i(_shift_net(3, 0), x, x, n_boot=100)  # output (i, j) reads input (i + 3, j)
+    # the last 3 output lines read zero padding (zero rows, left out); every other row reads only a pixel 3 lines away
+    np.testing.assert_allclose(moved.measures["diagonal_gain"], 0.0)
+    np.testing.assert_allclose(moved.measures["move_fraction"], 1.0)
+    np.testing.assert_allclose(moved.measures["copy_share"], 0.0)
+    np.testing.assert_allclose(moved.measures["best_window_share"], 1.0)
+    near = analyze_i2i(_shift_net(1, 1), x, x, n_boot=100)  # a shift inside the own window is a copy, not a move
+    np.testing.assert_allclose(near.measures["move_fraction"], 0.0)
+    assert moved.jacobian_max_abs_diff <= 1e-12 and copy.jacobian_max_abs_diff <= 1e-12
+    assert moved.estimates()["move_fraction-random"].n == 3
+
+
+def test_analyze_i2i_rejects_bad_input():
+    from probekit.probes.linearscope_i2i import analyze_i2i
+
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="max_shift"):
+        analyze_i2i(_shift_net(0, 0), x, x, window=2, max_shift=3)
+    with pytest.raises(ValueError, match="one shape"):
+        analyze_i2i(_shift_net(0, 0), x, x[:, :, :4])
+
+
+def test_i2i_run_end_to_end_tiny_and_seeded(tmp_path, monkeypatch):
+    from probekit.denoise_cnn import train_denoise_cnn
+    from probekit.linearscope_i2i_run import RESULT_KIND, I2IAnalysisConfig, run_i2i_analysis
+
+    a, _ = train_denoise_cnn(seed=0, steps=5, n_train=64, width=4)
+    b, _ = train_denoise_cnn(seed=0, steps=5, n_train=64, width=4)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+    res = run_i2i_analysis(I2IAnalysisConfig(n_test=3, steps=5, width=4, n_boot=50, out=str(tmp_path / "out")))
+    payload = json.loads((tmp_path / "out" / "denoise-cnn.json").read_text())
+    assert payload["kind"] == RESULT_KIND and payload["n"] == 3
+    assert payload["estimates"]["copy_share"]["too_small"] is True
+    assert res.jacobian_max_abs_diff <= 1e-10
+    assert len(res.figures()) == 4 and (tmp_path / "out" / "denoise-cnn.html").is_file()
+    with pytest.raises(ValueError, match="I2IAnalysisConfig.max_shift"):
+        I2IAnalysisConfig(window=2, max_shift=4)
