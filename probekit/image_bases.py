@@ -29,7 +29,7 @@ Example
 >>> B = wavelet_basis((4, 4), "haar")
 >>> np.allclose(B @ B.T, np.eye(16))
 True
->>> best_k_fraction((B @ np.ones(16)) ** 2, 1)      # a constant image is one Haar atom
+>>> float(best_k_fraction((B @ np.ones(16)) ** 2, 1))      # a constant image is one Haar atom
 1.0
 """
 

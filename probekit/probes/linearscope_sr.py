@@ -296,9 +296,9 @@ class SRAnalysisResult:
                 F.singular_vectors_figure(self), F.likeness_figure(self)]
 
 
-def analyze_sr(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, *, ks=(1, 2, 4, 8, 16, 32, 64), k_headline: int = 8,
-               window: int = 1, atoms: int = 4, seed: int = 0, n_boot: int = N_BOOT, example: int = 0,
-               model_info: dict | None = None) -> SRAnalysisResult:
+def analyze_sr(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, *, ks=(1, 2, 4, 8, 16, 32, 64),
+               k_headline: int = 8, window: int = 1, atoms: int = 4, seed: int = 0, n_boot: int = N_BOOT,
+               example: int = 0, model_info: dict | None = None) -> SRAnalysisResult:
     """LinearScope analysis of a ×2 super-resolution CNN on test patches (see the module docstring).
 
     Parameters

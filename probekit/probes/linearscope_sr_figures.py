@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,7 +34,8 @@ def _band(fig, x, est, name, colour, *, row=None, col=None, dash=None, showlegen
     hi = [e.high for e in est]
     kw = {} if row is None else {"row": row, "col": col}
     fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=hi + lo[::-1], fill="toself", fillcolor=_fill(colour),
-                             mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=name), **kw)
+                             mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False,
+                             legendgroup=name), **kw)
     fig.add_trace(go.Scatter(x=list(x), y=[e.value for e in est], mode="lines+markers", name=name,
                              legendgroup=name, showlegend=showlegend, line={"color": colour, "dash": dash}), **kw)
 
