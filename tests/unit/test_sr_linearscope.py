@@ -360,3 +360,10 @@ def test_i2i_run_end_to_end_tiny_and_seeded(tmp_path, monkeypatch):
     assert len(res.figures()) == 4 and (tmp_path / "out" / "denoise-cnn.html").is_file()
     with pytest.raises(ValueError, match="I2IAnalysisConfig.max_shift"):
         I2IAnalysisConfig(window=2, max_shift=4)
+
+
+def test_cli_names_a_bad_k(capsys):
+    from probekit.cli import main
+
+    assert main(["linearscope-sr", "--k", "3"]) == 2
+    assert "SRAnalysisConfig.k_headline=3" in capsys.readouterr().err
