@@ -121,7 +121,7 @@ def sr_patches(split: str, n: int, *, lr_size: int = 8, seed: int = 0,
     Patches are drawn uniformly over both images' region (the image first, then the top-left corner); test
     patches are kept apart from the training region by one patch width (see the module docstring). A drawn
     HR patch whose pixel standard deviation is below ``min_std`` is rejected and another drawn: flat sky and
-    blur, about half of these photographs, leave nothing to super-resolve (every upsampler is exact on a
+    blur (36% of china's 16×16 patches, 65% of flower's at 0.05) leave nothing to super-resolve (every upsampler is exact on a
     constant) and nothing for the analysis to read. ``min_std=0`` keeps every patch.
 
     Returns
