@@ -346,6 +346,9 @@ def analyze_sr(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, *, ks=(1, 2
     X = lr.double()
     with torch.no_grad():
         out = net64(X)
+    if out.shape != hr.shape:
+        raise ValueError(f"the model maps lr {tuple(lr.shape)} to {tuple(out.shape)}, not to the ×2 shape "
+                         f"{tuple(hr.shape)} of hr: analyze_sr is for ×2 super-resolution networks")
     psnr = {"network": psnr_fn(out.clamp(0, 1), hr)}
     for u in UPSAMPLERS[1:]:
         psnr[u] = psnr_fn(upsample_baseline(lr, u), hr)
@@ -410,8 +413,7 @@ def analyze_sr(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, *, ks=(1, 2
                   "output": out[i, 0].numpy().copy(), "bias": b.reshape(hr_shape), "matrix": A.copy(),
                   "singular_values": S, "left": U, "right": Vt}
     return SRAnalysisResult(lr_shape=lr_shape, hr_shape=hr_shape, ks=ks, k_headline=k_headline, window=window,
-                            atoms=atoms,
-                            psnr=psnr, energy=energy, likeness=like, sv_index_detail=sv_detail,
+                            atoms=atoms, psnr=psnr, energy=energy, likeness=like, sv_index_detail=sv_detail,
                             sv_index_support=sv_support, jacobian_max_abs_diff=jac_diff,
                             reconstruction_max_abs_err=rec_err, example=ex, seed=seed, n_boot=n_boot,
                             model_info=dict(model_info or {}))

@@ -260,6 +260,8 @@ def test_analysis_rejects_bad_input(patches):
         analyze_sr(_random_net(), lr, hr, ks=(8, 128), k_headline=8)
     with pytest.raises(ValueError, match="need lr"):
         analyze_sr(_random_net(), lr, hr[:, :, :8])
+    with pytest.raises(ValueError, match="not to the ×2 shape"):
+        analyze_sr(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1)), lr, hr)
 
 
 def test_config_validation_names_the_key():
