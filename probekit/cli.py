@@ -172,6 +172,13 @@ def _cmd_linearscope(args) -> int:
     return 0
 
 
+def _cmd_linearscope_sr(args) -> int:
+    from .linearscope_sr_run import SRAnalysisConfig, run_sr_analysis
+
+    run_sr_analysis(SRAnalysisConfig(n_test=args.n_test, k_headline=args.k, seed=args.seed, out=args.out))
+    return 0
+
+
 def _cmd_ast_probe(args) -> int:
     from .ast_probe_run import ASTProbeRunConfig, run_ast_probe
 
@@ -301,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--skip-lm", action="store_true", help="only the digits CNN")
     ls.add_argument("--out", help="output folder (default: <cache root>/results/linearscope)")
     ls.set_defaults(func=_cmd_linearscope)
+    lsr = sub.add_parser("linearscope-sr", help="LinearScope of a x2 super-resolution CNN: is A(x) wavelet-like?")
+    lsr.add_argument("--n-test", type=int, default=64, help="test patches (the unit of every 95%% interval)")
+    lsr.add_argument("--k", type=int, default=8, help="headline k, one of 1,2,4,...,64")
+    lsr.add_argument("--seed", type=int, default=0, help="test patches, random bases, bootstrap")
+    lsr.add_argument("--out", help="output folder (default: <cache root>/results/linearscope-sr)")
+    lsr.set_defaults(func=_cmd_linearscope_sr)
 
     a = sub.add_parser("ast-probe", help="AST-Probe: syntax trees from hidden states, per layer, with controls")
     a.add_argument("--model", default=DEFAULT_MODEL)
