@@ -43,8 +43,8 @@ def sparse_data(n: int, seed: int = 0, d_in: int = 32, n_feat: int = 64, active:
 
 
 def test_config_validation_names_field():
-    with pytest.raises(ValueError, match="architecture.*relu.*topk"):
-        SAEConfig(d_in=4, d_sae=8, architecture="gated")
+    with pytest.raises(ValueError, match="architecture.*relu.*topk.*jumprelu.*gated"):
+        SAEConfig(d_in=4, d_sae=8, architecture="batchtopk")
     with pytest.raises(ValueError, match=r"SAEConfig\.k"):
         SAEConfig(d_in=4, d_sae=8, k=9)
     with pytest.raises(ValueError, match="total_tokens or epochs"):
