@@ -140,10 +140,13 @@ def test_nonfinite_weights_are_refused_naming_file_and_tensor(tmp_path, bad):
     t = load_file(str(folder / "sae_weights.safetensors"))
     t["W_dec"][3, 5] = bad
     save_file(t, str(folder / "sae_weights.safetensors"))
-    with pytest.raises(ValueError) as e:
-        load_sae(folder)
-    msg = str(e.value)
-    assert "W_dec" in msg and "sae_weights.safetensors" in msg and "1 " in msg
+    sae = load_sae(folder)  # a lazy read; the check comes before the first use of the weights
+    x = load_file(str(folder / "reference.safetensors"))["x"]
+    for use in (sae.encode, sae, lambda v: sae.decode(torch.zeros(len(v), sae.cfg.d_sae)), sae.pre_acts):
+        with pytest.raises(ValueError) as e:
+            use(x)
+        msg = str(e.value)
+        assert "'W_dec'" in msg and str(folder / "sae_weights.safetensors") in msg and "1 NaN/inf" in msg
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
