@@ -8,6 +8,11 @@ The SAE (METHODS.md §3)::
 with ``act`` = ReLU (trained with an L1 penalty) or TopK (keep the k largest pre-activations, then ReLU; trained
 with the auxiliary dead-latent loss of Gao et al. 2024). Decoder rows are kept at unit norm.
 
+SAEs read from disk may also be JumpReLU (Gemma Scope; SAELens BatchTopK checkpoints load as their JumpReLU export)
+or gated, skip the ``b_dec`` input shift, normalise their inputs per token, or rescale TopK latents by decoder
+row norms: :class:`SAE` states the exact rule of each, the one SAELens 6 applies (checked against folders written by
+sae-lens 6.54 in ``tests/fixtures/saelens``).
+
 Pinned metric definitions (METHODS.md §3; do not change them silently):
 
 - FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean over tokens (centred; SAELens issue #659 used zero instead);
@@ -797,6 +802,8 @@ def _load_checkpoint(root: Path, sae: SAE, opt: torch.optim.Optimizer, meta: dic
         return None
     path = found[-1]
     body = json.loads((path / "state.json").read_text())
+    if isinstance(body.get("cfg"), dict):  # fields added since the checkpoint was written take their defaults
+        body["cfg"] = json.loads(json.dumps(SAEConfig.from_dict(body["cfg"]).to_dict()))
     for key in ("cfg", "source", "total_steps"):
         if body.get(key) != json.loads(json.dumps(meta[key])):
             raise ValueError(f"checkpoint {path} was written with a different {key} ({body.get(key)!r}) than this "
