@@ -10,8 +10,10 @@ times a random dictionary, 16,384 rows), each library with its own defaults othe
   clipping) fed the same rows in order, in its own environment (a subprocess; interpreter from
   ``$SAELENS_PYTHON``, default ``/tmp/saelens-venv/bin/python``), timed inside that process around ``fit()``.
 
-Whole training calls are timed (setup included), rounds interleaved (probekit, sae-lens, probekit, …) so that
-load on the shared machine hits both alike; the best round of each is reported with the ratio. About a minute
+Each side runs in a fresh process per round (imports excluded, including the lazy import of ``torch._dynamo`` by the
+first ``Adam`` of a process, ~10 s on a busy box; the whole training call timed, setup included), rounds
+interleaved (probekit, sae-lens, probekit, …) so that load on the shared machine hits both alike; the best round of
+each is reported with the ratio. About a minute
 (two on a busy 2-core box).
 
 Run: ``python benchmarks/bench_sae_train.py``
@@ -25,15 +27,28 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from probekit.probes.sae import SAEConfig, train_sae
+D_IN, D_SAE, K, BATCH, STEPS, ROUNDS = 256, 2048, 16, 1024, 16, 3
 
-D_IN, D_SAE, K, BATCH, STEPS, ROUNDS = 256, 2048, 16, 1024, 16, 2
+PROBEKIT_RUN = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from safetensors.torch import load_file
+    from probekit.probes.sae import SAEConfig, train_sae
+    torch.set_num_threads(2)
+    x = load_file(sys.argv[1])["x"]
+    d_in, d_sae, k, batch, steps = map(int, sys.argv[2:7])
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first Adam imports torch._dynamo: not timed
+    t0 = time.perf_counter()
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, batch_size=batch, total_tokens=steps * batch,
+                    lr=4e-4, seed=0)
+    train_sae(cfg, x, progress=False)
+    print(json.dumps(time.perf_counter() - t0))
+""")
 
 SAELENS_RUN = textwrap.dedent("""
     import json, sys, time, warnings
@@ -46,6 +61,7 @@ SAELENS_RUN = textwrap.dedent("""
     torch.set_num_threads(2)
     x = load_file(sys.argv[1])["x"]
     d_in, d_sae, k, batch, steps = map(int, sys.argv[2:7])
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first Adam imports torch._dynamo: not timed
     def provider():
         while True:
             for i in range(0, len(x) - batch + 1, batch):
@@ -73,21 +89,19 @@ def main() -> None:
     if not Path(py).is_file():
         sys.exit(f"sae-lens's interpreter {py} is missing: see tests/fixtures/saelens/make_fixtures.py for the venv")
     x = data(STEPS * BATCH)
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="topk", k=K, batch_size=BATCH, total_tokens=STEPS * BATCH,
-                    lr=4e-4, seed=0)
     tokens = STEPS * BATCH
+    root = str(Path(__file__).resolve().parents[1])
     best = {"probekit": float("inf"), "sae-lens": float("inf")}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "acts.safetensors")
         save_file({"x": x}, path)
-        args = [py, "-c", SAELENS_RUN, path, *map(str, (D_IN, D_SAE, K, BATCH, STEPS))]
+        sizes = [*map(str, (D_IN, D_SAE, K, BATCH, STEPS))]
+        runs = {"probekit": ([sys.executable, "-c", PROBEKIT_RUN, path, *sizes], {"PYTHONPATH": root}),
+                "sae-lens": ([py, "-c", SAELENS_RUN, path, *sizes], {"PYTHONPATH": "", "TQDM_DISABLE": "1"})}
         for r in range(ROUNDS):
-            t0 = time.perf_counter()
-            train_sae(cfg, x, progress=False)
-            best["probekit"] = min(best["probekit"], time.perf_counter() - t0)
-            out = subprocess.run(args, capture_output=True, text=True, check=True,
-                                 env={**os.environ, "PYTHONPATH": "", "TQDM_DISABLE": "1"})
-            best["sae-lens"] = min(best["sae-lens"], json.loads(out.stdout.strip().splitlines()[-1]))
+            for name, (args, env) in runs.items():
+                out = subprocess.run(args, capture_output=True, text=True, check=True, env={**os.environ, **env})
+                best[name] = min(best[name], json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}: probekit {best['probekit']:.2f} s, sae-lens {best['sae-lens']:.2f} s (best so far)")
     rate = {k: tokens / v for k, v in best.items()}
     print(f"\nTopK d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, {STEPS} steps ({tokens:,} tokens), "

@@ -565,7 +565,8 @@ class _CacheSource(_Source):
         x = self.dc.run.load(self.hook, pick).to(torch.float32)
         bad = ~torch.isfinite(x).all(dim=1)
         if bool(bad.any()):
-            raise _nonfinite_rows_error(pick[bad.numpy()].tolist(), f"cache run {self.dc.run.run_id} hook {self.hook!r}")
+            raise _nonfinite_rows_error(pick[bad.numpy()].tolist(),
+                                        f"cache run {self.dc.run.run_id} hook {self.hook!r}")
         return x
 
     def fingerprint(self):
