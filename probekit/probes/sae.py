@@ -419,20 +419,39 @@ class SAE(torch.nn.Module):
 
     # ---------------------------------------------------------------- losses
     def _losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
-        """``(losses, f)``: the loss dict of :meth:`loss` and the latents ``(b, d_sae)``."""
+        """``(losses, fired, n_active)`` for a training batch ``x`` ``(b, d_in)`` (``relu``/``topk``, no
+        normalisation): the loss dict of :meth:`loss`, ``fired`` ``(d_sae,)`` bool (latents active on some token)
+        and the number of active (token, latent) pairs, a 0-dim tensor.
+
+        TopK decodes its k latents per token as a weighted sum of k decoder rows (``embedding_bag``) instead of a
+        dense ``(b, d_sae) @ (d_sae, d_in)`` product: the same x̂ up to float rounding, and no dense matmul in the
+        decoder's forward or backward. Biases enter through ``addmm``.
+        """
+        self._verify()
         x = x.to(self.W_enc.dtype)
-        pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
-        out = {"mse": mse}
+        s = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        pre = torch.addmm(self.b_enc, s, self.W_enc)
+        out = {}
         if self.cfg.architecture == "relu":
+            f = F.relu(pre)
+            x_hat = torch.addmm(self.b_dec, f, self.W_dec)
             out["l1"] = f.abs().sum(-1).mean()
-            out["total"] = mse + self.cfg.l1_coefficient * out["l1"]
+            active = f.detach() > 0
+            fired, n_active = active.any(0), active.sum()
         else:
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            vals = F.relu(vals)
+            x_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+            on = vals.detach() > 0
+            fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, idx[on], True)
+            n_active = on.sum()
             out["aux"] = self._aux_loss(pre, (x - x_hat).detach(), dead_mask)
-            out["total"] = mse + self.cfg.aux_coefficient * out["aux"]
-        return out, f
+        out["mse"] = (x_hat - x).pow(2).sum(-1).mean()
+        if self.cfg.architecture == "relu":
+            out["total"] = out["mse"] + self.cfg.l1_coefficient * out["l1"]
+        else:
+            out["total"] = out["mse"] + self.cfg.aux_coefficient * out["aux"]
+        return out, fired, n_active
 
     def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
         """‖e − ê‖² (mean over tokens), ê decoded (no bias) from the top ``aux_k`` dead pre-activations.
@@ -443,9 +462,9 @@ class SAE(torch.nn.Module):
             return pre.new_zeros(())
         k = min(self.cfg.aux_k, int(dead_mask.sum()))
         masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
-        vals, idx = masked.topk(k, dim=-1, sorted=False)
-        z = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
-        return (z @ self.W_dec - err).pow(2).sum(-1).mean()
+        vals, idx = masked.topk(k, dim=-1, sorted=False)  # k ≤ number of dead latents: every pick is finite
+        e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=F.relu(vals), mode="sum")
+        return (e_hat - err).pow(2).sum(-1).mean()
 
     def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training losses for a batch ``x`` of shape ``(b, d_in)``.
@@ -706,19 +725,18 @@ def train_sae(cfg: SAEConfig, source, *, hook: str | None = None, rows=None,
                 for g in opt.param_groups:
                     g["lr"] = lr
                 dead = since_fired >= cfg.dead_steps
-                losses, f = sae._losses(xb, dead if cfg.architecture == "topk" else None)
+                losses, fired, n_active = sae._losses(xb, dead if cfg.architecture == "topk" else None)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 sae.remove_parallel_grad()
                 opt.step()
                 sae.normalize_decoder()
                 with torch.no_grad():
-                    fired = (f != 0).any(0)
                     since_fired = torch.where(fired, 0, since_fired + 1)
                 step += 1
                 if callback is not None or (progress and step % 10 == 0) or step == stop_at:
                     stats = {k: float(v.detach()) for k, v in losses.items()}
-                    stats.update(l0=float((f != 0).sum(-1).float().mean()), dead=float(dead.float().mean()), lr=lr)
+                    stats.update(l0=float(n_active) / len(xb), dead=float(dead.float().mean()), lr=lr)
                     if progress:
                         rate = (bar.n + cfg.batch_size) / max(time.perf_counter() - t0, 1e-9)
                         bar.set_postfix_str(f"{rate:,.0f} tok/s mse={stats['mse']:.4g} L0={stats['l0']:.1f} "
