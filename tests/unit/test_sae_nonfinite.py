@@ -102,3 +102,14 @@ def test_new_config_fields_are_validated():
         SAEConfig(d_in=8, d_sae=16, architecture="relu", rescale_acts_by_decoder_norm=True)
     assert set(dict(SAE(SAEConfig(d_in=8, d_sae=16, architecture="gated")).named_parameters())) == {
         "W_enc", "W_dec", "b_dec", "b_gate", "r_mag", "b_mag"}
+
+
+def test_row_check_is_exact_when_row_sums_overflow():
+    from probekit.probes import sae as sae_mod
+
+    x = _data(64)
+    x[5] = 3e38  # finite entries whose row sum overflows to inf
+    x[9, 1] = float("nan")
+    x[11, 2] = -float("inf")
+    want = (~torch.isfinite(x).all(dim=1)).nonzero().flatten()
+    assert sae_mod._nonfinite_rows(x).tolist() == want.tolist() == [9, 11]
