@@ -1080,6 +1080,9 @@ def load_sae(folder: str | Path, *, expected_d_in: int | None = None, hook_name:
         raise _refuse(cfg_path, "dtype", raw.get("dtype"), f"dtypes read here are {sorted(_READ_DTYPES)}")
 
     scale = None
+    if norm_scaling_factor is not None and norm != "expected_average_only_in":
+        raise ValueError(f"load_sae(norm_scaling_factor={norm_scaling_factor!r}) applies to "
+                         f"normalize_activations='expected_average_only_in' only; {cfg_path} has {norm!r}")
     if norm == "expected_average_only_in":
         scale = norm_scaling_factor
         scaler = folder / SCALER_FILENAME
@@ -1107,8 +1110,6 @@ def load_sae(folder: str | Path, *, expected_d_in: int | None = None, hook_name:
         if k is None:
             raise KeyError(f"{cfg_path}: a topk SAE needs 'k' (or activation_fn_kwargs.k)")
         cfg_kw["k"] = int(k)
-    elif "k" in extra and not (isinstance(extra["k"], int) and 1 <= extra["k"] <= cfg_kw["d_sae"]):
-        cfg_kw.pop("k")
     cfg = SAEConfig.from_dict(cfg_kw)
 
     # ---- tensors
