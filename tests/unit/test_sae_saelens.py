@@ -111,7 +111,7 @@ def test_expected_average_without_scaling_factor_is_refused(tmp_path):
     _edit_cfg(folder, normalize_activations="expected_average_only_in")
     with pytest.raises(ValueError, match="expected_average_only_in.*norm_scaling_factor"):
         load_sae(folder)
-    with pytest.raises(ValueError, match="norm_scaling_factor.*expected_average_only_in only"):
+    with pytest.raises(ValueError, match="norm_scaling_factor.*expected_average_only_in' only"):
         load_sae(FIXTURES / "standard", norm_scaling_factor=2.0)
     # the factor given by hand is folded like the trainer's own
     ref = load_file(str(FIXTURES / "standard" / "reference.safetensors"))
