@@ -1244,7 +1244,7 @@ def sae_metrics(sae: SAE, batches, *, hook: str | None = None) -> SAEMetrics:
     for x in _iter_x(batches, hook):
         x = x.to(dev)
         f = sae.encode(x)
-        x_hat = sae.decode(f)
+        x_hat = sae.decode(f, x=x)  # x undoes a per-token input normalisation, if any
         xd = x.to(torch.float64)
         if shift is None:
             shift = xd.mean(0)

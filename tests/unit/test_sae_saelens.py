@@ -256,3 +256,13 @@ def test_every_kind_round_trips_through_save(tmp_path, kind):
     back = load_sae(save_sae(load_sae(FIXTURES / kind), tmp_path / kind))
     with torch.no_grad():
         _close(back(ref["x"]), ref["forward"], f"{kind} after save")
+
+
+@pytest.mark.parametrize("kind", ["standard_layer_norm", "standard_constant_norm_rescale"])
+def test_metrics_of_normalising_saes(kind):
+    """sae_metrics decodes with the tokens' own normalisation: its FVU is that of the SAE's forward output."""
+    from probekit.probes.sae import fvu, sae_metrics
+
+    ref = load_file(str(FIXTURES / kind / "reference.safetensors"))
+    m = sae_metrics(load_sae(FIXTURES / kind), ref["x"])
+    assert m.fvu == pytest.approx(fvu(ref["x"], ref["forward"]), rel=1e-6)
