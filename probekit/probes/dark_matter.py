@@ -52,6 +52,7 @@ Example
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -117,10 +118,14 @@ def _sq(t: torch.Tensor) -> float:
 def sae_reconstruct(sae: Any) -> Reconstruct:
     """``x -> (x̂, l0)`` for a duck-typed SAE: ``x̂ = decode(encode(x))``, ``l0`` (b,) the active latents per token."""
 
+    # An SAE that normalises each input token (SAELens "layer_norm", "constant_norm_rescale") needs x to decode.
+    takes_x = "x" in inspect.signature(sae.decode).parameters
+
     @torch.no_grad()
     def f(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = sae.encode(x)
-        return sae.decode(codes).to(x.dtype), (codes != 0).sum(-1)
+        x_hat = sae.decode(codes, x=x) if takes_x else sae.decode(codes)
+        return x_hat.to(x.dtype), (codes != 0).sum(-1)
 
     return f
 

@@ -8,6 +8,11 @@ The SAE (METHODS.md §3)::
 with ``act`` = ReLU (trained with an L1 penalty) or TopK (keep the k largest pre-activations, then ReLU; trained
 with the auxiliary dead-latent loss of Gao et al. 2024). Decoder rows are kept at unit norm.
 
+SAEs read from disk may also be JumpReLU (Gemma Scope; SAELens BatchTopK checkpoints load as their JumpReLU export)
+or gated, skip the ``b_dec`` input shift, normalise their inputs per token, or rescale TopK latents by decoder
+row norms: :class:`SAE` states the exact rule of each, the one SAELens 6 applies (checked against folders written by
+sae-lens 6.54 in ``tests/fixtures/saelens``).
+
 Pinned metric definitions (METHODS.md §3; do not change them silently):
 
 - FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean over tokens (centred; SAELens issue #659 used zero instead);
@@ -68,12 +73,14 @@ __all__ = [
     "geometric_median",
 ]
 
-_ARCHS = ("relu", "topk")
+_ARCHS = ("relu", "topk", "jumprelu", "gated")
+_TRAINABLE_ARCHS = ("relu", "topk")
+_NORMS = ("none", "constant_norm_rescale", "layer_norm")
+_LN_EPS = 1e-5  # SAELens's layer_norm epsilon
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _B_DEC_INITS = ("geometric_median", "mean", "zeros")
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
-_WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 # ============================================================================================== config
@@ -87,8 +94,9 @@ class SAEConfig:
     ----------
     d_in, d_sae : int
         Input width (the hook's last dim) and number of latents.
-    architecture : {"relu", "topk"}
-        ReLU with an L1 penalty, or TopK (at most ``k`` active latents per token).
+    architecture : {"relu", "topk", "jumprelu", "gated"}
+        ReLU with an L1 penalty, or TopK (at most ``k`` active latents per token); both trainable. JumpReLU and
+        gated SAEs are read from disk only (inference rules in :class:`SAE`).
     k : int
         Active latents per token for ``"topk"`` (1 ≤ k ≤ d_sae).
     l1_coefficient : float
@@ -115,6 +123,14 @@ class SAEConfig:
         Parameter dtype.
     hook_name, model_name : str
         Where the SAE reads (written to ``cfg.json``).
+    apply_b_dec_to_input : bool
+        Subtract ``b_dec`` from the (normalised) input before encoding (SAELens's default); Gemma Scope SAEs do not.
+    normalize_activations : {"none", "constant_norm_rescale", "layer_norm"}
+        Per-token input normalisation, undone on the output (see :class:`SAE`). SAELens's
+        "expected_average_only_in" is a constant factor: :func:`load_sae` folds it into the weights.
+    rescale_acts_by_decoder_norm : bool
+        TopK only: pre-activations are multiplied by the decoder row norms and latents divided by them before
+        decoding (SAELens's TopK trainer default), so the decoder rows need not be unit norm.
     """
 
     d_in: int
@@ -138,6 +154,9 @@ class SAEConfig:
     dtype: str = "float32"
     hook_name: str = ""
     model_name: str = ""
+    apply_b_dec_to_input: bool = True
+    normalize_activations: str = "none"
+    rescale_acts_by_decoder_norm: bool = False
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, what: str) -> None:
@@ -172,6 +191,11 @@ class SAEConfig:
         need(isinstance(self.device, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device) is not None,
              "device", "must be 'cpu', 'mps', 'cuda' or 'cuda:N'")
         need(isinstance(self.seed, int), "seed", "must be an int")
+        need(isinstance(self.apply_b_dec_to_input, bool), "apply_b_dec_to_input", "must be a bool")
+        need(self.normalize_activations in _NORMS, "normalize_activations", f"must be one of {list(_NORMS)}")
+        need(isinstance(self.rescale_acts_by_decoder_norm, bool), "rescale_acts_by_decoder_norm", "must be a bool")
+        need(not self.rescale_acts_by_decoder_norm or self.architecture == "topk", "rescale_acts_by_decoder_norm",
+             f"applies to architecture 'topk' only (this one is {self.architecture!r})")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -186,79 +210,248 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _count_nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN/inf entries of a float tensor. The sum is finite iff every entry is (unless it overflows, which
+    the exact count then settles): one fast reduction in the common case, where ``isfinite`` is ~20× slower."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """The parameters of an SAE of this config and their shapes, in ``sae_weights.safetensors`` key names."""
+    d_in, d_sae = cfg.d_in, cfg.d_sae
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if cfg.architecture == "gated":
+        shapes.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
+    else:
+        shapes["b_enc"] = (d_sae,)
+    if cfg.architecture == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    return shapes
+
+
 # ============================================================================================== model
 
 
 class SAE(torch.nn.Module):
-    """A ReLU or TopK sparse autoencoder with unit-norm decoder rows.
+    """A sparse autoencoder with one fixed inference rule per architecture (the SAELens 6 rules).
+
+    With ``n(x)`` the input normalisation (below), ``s = n(x) − b_dec`` if ``apply_b_dec_to_input`` else ``n(x)``,
+    ``h = s @ W_enc + b_enc`` and, when ``rescale_acts_by_decoder_norm`` (TopK only), ``h ← h ⊙ ‖W_dec,j‖``:
+
+    - ``relu`` (SAELens "standard"): ``f = ReLU(h)``;
+    - ``topk``: keep the k largest ``h`` per token, then ReLU;
+    - ``jumprelu``: ``f = ReLU(h) ⊙ [h > threshold]`` (SAELens's BatchTopK folders load as this rule with their one
+      learned ``topk_threshold``, as SAELens's own inference export does);
+    - ``gated``: ``f = [s @ W_enc + b_gate > 0] ⊙ ReLU(s @ (W_enc ⊙ exp(r_mag)) + b_mag)`` (no ``b_enc``).
+
+    Decoding: ``y = f @ W_dec + b_dec`` (with ``rescale_acts_by_decoder_norm``: ``(f / ‖W_dec,j‖) @ W_dec + b_dec``),
+    then the normalisation undone: ``x̂ = n⁻¹(y)``. ``normalize_activations``:
+
+    - ``"none"``: ``n(x) = x``;
+    - ``"constant_norm_rescale"``: ``n(x) = x · c``, ``c = √d_in / ‖x‖`` per token; ``n⁻¹(y) = y / c``;
+    - ``"layer_norm"``: ``n(x) = (x − μ) / (σ + 1e-5)`` with μ, σ the per-token mean and (unbiased, as in SAELens)
+      standard deviation; ``n⁻¹(y) = y · σ + μ`` (note: σ, not σ + 1e-5, exactly as SAELens undoes it).
+
+    Both per-token modes need the token's own ``x`` to decode: :meth:`decode` takes it as ``x=`` (SAELens keeps it in
+    the module between ``encode`` and ``decode`` instead). Training (:func:`train_sae`) supports ``relu`` and ``topk``
+    with unit-norm decoder rows; the other architectures and options are for SAEs read from disk.
 
     Parameters
     ----------
     cfg : SAEConfig
+    init : bool
+        Random (seeded) initialisation for training. ``False`` allocates nothing: the parameters live on the
+        ``meta`` device until a loader assigns the real tensors.
 
     Attributes
     ----------
     W_enc : (d_in, d_sae) Parameter
-    b_enc : (d_sae,) Parameter
-    W_dec : (d_sae, d_in) Parameter, rows of unit norm
+    b_enc : (d_sae,) Parameter, except for ``gated``
+    W_dec : (d_sae, d_in) Parameter (unit-norm rows for SAEs trained here)
     b_dec : (d_in,) Parameter
+    threshold : (d_sae,) Parameter, ``jumprelu`` only
+    b_gate, r_mag, b_mag : (d_sae,) Parameters, ``gated`` only
     """
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig, *, init: bool = True):
         super().__init__()
         self.cfg = cfg
-        g = torch.Generator().manual_seed(cfg.seed)
+        self._unverified: str | None = None  # weights read from this file, not yet checked for NaN/inf
         dt = cfg.torch_dtype
+        names = param_shapes(cfg)
+        if not init:  # shapes only: a loader assigns the tensors it read (no random decoder built first)
+            for name, shape in names.items():
+                setattr(self, name, torch.nn.Parameter(torch.empty(shape, dtype=dt, device="meta")))
+            return
+        g = torch.Generator().manual_seed(cfg.seed)
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g, dtype=torch.float64)
         w_dec = (w_dec / w_dec.norm(dim=1, keepdim=True)).to(dt)
         self.W_dec = torch.nn.Parameter(w_dec)
         self.W_enc = torch.nn.Parameter(w_dec.T.clone().contiguous())  # tied at init: encoder starts as decoderᵀ
-        self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt))
-        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, dtype=dt))
+        for name, shape in names.items():
+            if name not in ("W_enc", "W_dec"):
+                setattr(self, name, torch.nn.Parameter(torch.zeros(shape, dtype=dt)))
+
+    # ---------------------------------------------------------------- weights read from disk
+    def _verify(self) -> None:
+        """Refuse NaN/inf weights read from disk, naming the file and tensor, before their first use.
+
+        Checked on first use rather than in :func:`load_sae` so that loading stays a lazy read of the file (the
+        check is one pass over the weights, the cost of paging them in).
+        """
+        if self._unverified is None:
+            return
+        for name, p in self.named_parameters():
+            n_bad = _count_nonfinite(p.detach())
+            if n_bad:
+                raise ValueError(f"{self._unverified}: tensor {name!r} holds {n_bad} NaN/inf value(s) of {p.numel()}; "
+                                 f"an SAE with them encodes to NaN. The file is damaged or its training diverged")
+        self._unverified = None
+
+    # ---------------------------------------------------------------- normalisation
+    def _norm_stats(self, x: torch.Tensor):
+        """Per-token statistics of the input normalisation (None for ``"none"``); ``x`` in the SAE's dtype."""
+        mode = self.cfg.normalize_activations
+        if mode == "constant_norm_rescale":
+            return (self.cfg.d_in ** 0.5) / x.norm(dim=-1, keepdim=True)
+        if mode == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            return mu, (x - mu).std(dim=-1, keepdim=True)
+        return None
+
+    def _norm_in(self, x: torch.Tensor, stats) -> torch.Tensor:
+        if stats is None:
+            return x
+        if self.cfg.normalize_activations == "constant_norm_rescale":
+            return x * stats
+        mu, std = stats
+        return (x - mu) / (std + _LN_EPS)
+
+    def _norm_out(self, y: torch.Tensor, stats) -> torch.Tensor:
+        if stats is None:
+            return y
+        if self.cfg.normalize_activations == "constant_norm_rescale":
+            return y / stats
+        mu, std = stats
+        return y * std + mu
 
     # ---------------------------------------------------------------- forward pieces
+    def _sae_in(self, x: torch.Tensor, stats) -> torch.Tensor:
+        s = self._norm_in(x, stats)
+        return s - self.b_dec if self.cfg.apply_b_dec_to_input else s
+
+    def _dec_norm(self) -> torch.Tensor:
+        return self.W_dec.norm(dim=-1)
+
+    def _pre(self, s: torch.Tensor) -> torch.Tensor:
+        if self.cfg.architecture == "gated":
+            return s @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        h = s @ self.W_enc + self.b_enc
+        return h * self._dec_norm() if self.cfg.rescale_acts_by_decoder_norm else h
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - b_dec) @ W_enc + b_enc``: ``(..., d_in)`` -> ``(..., d_sae)``."""
-        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+        """Pre-activations ``h`` (for ``gated``, the magnitude path): ``(..., d_in)`` -> ``(..., d_sae)``.
+
+        ``x`` is normalised first when ``normalize_activations`` asks for it.
+        """
+        self._verify()
+        x = x.to(self.W_enc.dtype)
+        return self._pre(self._sae_in(x, self._norm_stats(x)))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        """ReLU, or TopK: keep the k largest pre-activations, then ReLU (so at most k non-zero).
+        """The activation of ``relu`` / ``topk`` / ``jumprelu`` on pre-activations ``(..., d_sae)``.
 
-        ``(..., d_sae)`` -> ``(..., d_sae)``.
+        TopK keeps the k largest pre-activations, then ReLU (so at most k non-zero). ``gated`` needs the gate path
+        too: use :meth:`encode`.
         """
-        if self.cfg.architecture == "relu":
+        arch = self.cfg.architecture
+        if arch == "relu":
             return F.relu(pre)
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+        if arch == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+        if arch == "jumprelu":
+            return F.relu(pre) * (pre > self.threshold).to(pre.dtype)
+        raise ValueError(f"SAE.activation: architecture {arch!r} has no single activation of h; use encode()")
+
+    def _encode(self, x: torch.Tensor, stats) -> torch.Tensor:
+        s = self._sae_in(x, stats)
+        if self.cfg.architecture == "gated":
+            gate = (s @ self.W_enc + self.b_gate > 0).to(s.dtype)
+            return gate * F.relu(self._pre(s))
+        return self.activation(self._pre(s))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents ``f``: ``(..., d_in)`` -> ``(..., d_sae)``."""
-        return self.activation(self.pre_acts(x))
+        """Latents ``f``: ``(..., d_in)`` -> ``(..., d_sae)``, in the SAE's dtype."""
+        self._verify()
+        x = x.to(self.W_enc.dtype)
+        return self._encode(x, self._norm_stats(x))
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``f @ W_dec + b_dec``: ``(..., d_sae)`` -> ``(..., d_in)``."""
-        return f @ self.W_dec + self.b_dec
+    def _decode(self, f: torch.Tensor, stats) -> torch.Tensor:
+        if self.cfg.rescale_acts_by_decoder_norm:
+            f = f * (1 / self._dec_norm())
+        return self._norm_out(f @ self.W_dec + self.b_dec, stats)
+
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction ``x̂``: ``(..., d_sae)`` -> ``(..., d_in)``.
+
+        ``x`` ``(..., d_in)``: the tokens ``f`` encodes; needed (only) to undo a per-token input normalisation
+        (``normalize_activations`` "layer_norm" or "constant_norm_rescale").
+        """
+        self._verify()
+        stats = None
+        if self.cfg.normalize_activations != "none":
+            if x is None:
+                raise ValueError(f"this SAE has normalize_activations={self.cfg.normalize_activations!r}: decoding "
+                                 f"undoes a per-token normalisation of the input, so pass the input as decode(f, x=x) "
+                                 f"or call the SAE on x (forward)")
+            stats = self._norm_stats(x.to(self.W_enc.dtype))
+        return self._decode(f, stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x̂`` for ``x`` of shape ``(..., d_in)``, returned in ``x``'s dtype (so it can be spliced back)."""
-        return self.decode(self.encode(x)).to(x.dtype)
+        self._verify()
+        xs = x.to(self.W_enc.dtype)
+        stats = self._norm_stats(xs)
+        return self._decode(self._encode(xs, stats), stats).to(x.dtype)
 
     # ---------------------------------------------------------------- losses
     def _losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
-        """``(losses, f)``: the loss dict of :meth:`loss` and the latents ``(b, d_sae)``."""
+        """``(losses, fired, n_active)`` for a training batch ``x`` ``(b, d_in)`` (``relu``/``topk``, no
+        normalisation): the loss dict of :meth:`loss`, ``fired`` ``(d_sae,)`` bool (latents active on some token)
+        and the number of active (token, latent) pairs, a 0-dim tensor.
+
+        TopK decodes its k latents per token as a weighted sum of k decoder rows (``embedding_bag``) instead of a
+        dense ``(b, d_sae) @ (d_sae, d_in)`` product: the same x̂ up to float rounding, and no dense matmul in the
+        decoder's forward or backward. Biases enter through ``addmm``.
+        """
+        self._verify()
         x = x.to(self.W_enc.dtype)
-        pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
-        out = {"mse": mse}
+        s = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        pre = torch.addmm(self.b_enc, s, self.W_enc)
+        out = {}
         if self.cfg.architecture == "relu":
+            f = F.relu(pre)
+            x_hat = torch.addmm(self.b_dec, f, self.W_dec)
             out["l1"] = f.abs().sum(-1).mean()
-            out["total"] = mse + self.cfg.l1_coefficient * out["l1"]
+            active = f.detach() > 0
+            fired, n_active = active.any(0), active.sum()
         else:
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            vals = F.relu(vals)
+            x_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+            on = vals.detach() > 0
+            fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device).index_fill_(0, idx[on], True)
+            n_active = on.sum()
             out["aux"] = self._aux_loss(pre, (x - x_hat).detach(), dead_mask)
-            out["total"] = mse + self.cfg.aux_coefficient * out["aux"]
-        return out, f
+        out["mse"] = (x_hat - x).pow(2).sum(-1).mean()
+        if self.cfg.architecture == "relu":
+            out["total"] = out["mse"] + self.cfg.l1_coefficient * out["l1"]
+        else:
+            out["total"] = out["mse"] + self.cfg.aux_coefficient * out["aux"]
+        return out, fired, n_active
 
     def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
         """‖e − ê‖² (mean over tokens), ê decoded (no bias) from the top ``aux_k`` dead pre-activations.
@@ -269,9 +462,9 @@ class SAE(torch.nn.Module):
             return pre.new_zeros(())
         k = min(self.cfg.aux_k, int(dead_mask.sum()))
         masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
-        vals, idx = masked.topk(k, dim=-1, sorted=False)
-        z = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
-        return (z @ self.W_dec - err).pow(2).sum(-1).mean()
+        vals, idx = masked.topk(k, dim=-1, sorted=False)  # k ≤ number of dead latents: every pick is finite
+        e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=F.relu(vals), mode="sum")
+        return (e_hat - err).pow(2).sum(-1).mean()
 
     def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training losses for a batch ``x`` of shape ``(b, d_in)``.
@@ -331,10 +524,30 @@ class _Source:
         raise NotImplementedError
 
 
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of ``x`` ``(n, d)`` holding NaN/inf. Row sums first (a row's sum is finite iff its entries
+    are, unless it overflows: such rows get the exact test), ~20× faster than ``isfinite`` over all of ``x``."""
+    cand = (~torch.isfinite(x.sum(dim=1))).nonzero().flatten()
+    if len(cand) == 0:
+        return cand
+    return cand[~torch.isfinite(x[cand]).all(dim=1)]
+
+
+def _nonfinite_rows_error(rows, what: str) -> ValueError:
+    rows = [int(r) for r in rows]
+    shown = ", ".join(map(str, rows[:10])) + (", …" if len(rows) > 10 else "")
+    return ValueError(f"{what} holds NaN or inf in {len(rows)} row(s) (row indices {shown}); an SAE trained on them "
+                      f"ends with every weight NaN. Drop or repair those rows (e.g. pass rows=… without them)")
+
+
 class _TensorSource(_Source):
-    def __init__(self, x: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, x: torch.Tensor, batch_size: int, seed: int, index: torch.Tensor | None = None):
+        """``index``: the row numbers of ``x`` in the tensor the caller passed (when ``rows=`` selected some)."""
         if x.ndim != 2:
             raise ValueError(f"a tensor source must be (n, d_in), got shape {tuple(x.shape)}")
+        bad = _nonfinite_rows(x).cpu()
+        if len(bad):
+            raise _nonfinite_rows_error((bad if index is None else index[bad]).tolist(), "the training tensor")
         self.x, self.n, self.bs, self.seed = x, len(x), batch_size, seed
 
     def epoch(self, epoch, skip):
@@ -367,12 +580,22 @@ class _CacheSource(_Source):
                              drop_last=True, dtype=torch.float32)
         for i, b in enumerate(it):
             if i >= skip:
-                yield b[self.hook]
+                x = b[self.hook]
+                bad = _nonfinite_rows(x)
+                if len(bad):  # checked per batch: the cache is not scanned ahead of training
+                    raise _nonfinite_rows_error(b["rows"][bad.to(b["rows"].device)].tolist(),
+                                                f"cache run {self.dc.run.run_id} hook {self.hook!r}")
+                yield x
 
     def sample(self, n, seed):
         g = torch.Generator().manual_seed(seed)
         pick = np.sort(self.sel[torch.randperm(self.n, generator=g)[:n].numpy()])
-        return self.dc.run.load(self.hook, pick).to(torch.float32)
+        x = self.dc.run.load(self.hook, pick).to(torch.float32)
+        bad = _nonfinite_rows(x)
+        if len(bad):
+            raise _nonfinite_rows_error(pick[bad.numpy()].tolist(),
+                                        f"cache run {self.dc.run.run_id} hook {self.hook!r}")
+        return x
 
     def fingerprint(self):
         import hashlib
@@ -383,9 +606,11 @@ class _CacheSource(_Source):
 
 def _make_source(source, cfg: SAEConfig, hook: str | None, rows) -> _Source:
     if isinstance(source, torch.Tensor):
+        index = None
         if rows is not None:
+            index = torch.arange(len(source))[torch.as_tensor(rows) if not isinstance(rows, slice) else rows]
             source = source[rows]
-        return _TensorSource(source, cfg.batch_size, cfg.seed)
+        return _TensorSource(source, cfg.batch_size, cfg.seed, index)
     if hasattr(source, "batches") and hasattr(source, "run"):
         hook = hook or cfg.hook_name
         if not hook:
@@ -458,6 +683,13 @@ def train_sae(cfg: SAEConfig, source, *, hook: str | None = None, rows=None,
 
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if cfg.architecture not in _TRAINABLE_ARCHS:
+        raise ValueError(f"train_sae trains architectures {list(_TRAINABLE_ARCHS)}; SAEConfig.architecture is "
+                         f"{cfg.architecture!r} (JumpReLU and gated SAEs are read with load_sae only)")
+    if cfg.normalize_activations != "none" or cfg.rescale_acts_by_decoder_norm:
+        raise ValueError("train_sae trains on the raw activations with unit-norm decoder rows: set "
+                         "SAEConfig.normalize_activations='none' and rescale_acts_by_decoder_norm=False (got "
+                         f"{cfg.normalize_activations!r}, {cfg.rescale_acts_by_decoder_norm!r})")
     src = _make_source(source, cfg, hook, rows)
     total, per_epoch = _total_steps(cfg, src.n)
     dev = torch.device(cfg.device)
@@ -502,19 +734,18 @@ def train_sae(cfg: SAEConfig, source, *, hook: str | None = None, rows=None,
                 for g in opt.param_groups:
                     g["lr"] = lr
                 dead = since_fired >= cfg.dead_steps
-                losses, f = sae._losses(xb, dead if cfg.architecture == "topk" else None)
+                losses, fired, n_active = sae._losses(xb, dead if cfg.architecture == "topk" else None)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 sae.remove_parallel_grad()
                 opt.step()
                 sae.normalize_decoder()
                 with torch.no_grad():
-                    fired = (f != 0).any(0)
                     since_fired = torch.where(fired, 0, since_fired + 1)
                 step += 1
                 if callback is not None or (progress and step % 10 == 0) or step == stop_at:
                     stats = {k: float(v.detach()) for k, v in losses.items()}
-                    stats.update(l0=float((f != 0).sum(-1).float().mean()), dead=float(dead.float().mean()), lr=lr)
+                    stats.update(l0=float(n_active) / len(xb), dead=float(dead.float().mean()), lr=lr)
                     if progress:
                         rate = (bar.n + cfg.batch_size) / max(time.perf_counter() - t0, 1e-9)
                         bar.set_postfix_str(f"{rate:,.0f} tok/s mse={stats['mse']:.4g} L0={stats['l0']:.1f} "
@@ -524,11 +755,19 @@ def train_sae(cfg: SAEConfig, source, *, hook: str | None = None, rows=None,
                 bar.update(cfg.batch_size)
                 if ckpt is not None and step % checkpoint_every == 0:
                     save_now()
+        _check_finite(sae, f"after {step} training steps (the loss diverged: lower SAEConfig.lr)")
         save_now()  # at max_steps / the end (no-op if that step is saved already)
     finally:
         bar.close()
     sae.train_state_ = {"step": step, "total_steps": total, "steps_since_fired": since_fired.cpu()}
     return sae.eval()
+
+
+def _check_finite(sae: SAE, where: str) -> None:
+    for name, p in sae.named_parameters():
+        n_bad = _count_nonfinite(p.detach())
+        if n_bad:
+            raise ValueError(f"SAE parameter {name} holds {n_bad} NaN/inf value(s) {where}")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -591,6 +830,8 @@ def _load_checkpoint(root: Path, sae: SAE, opt: torch.optim.Optimizer, meta: dic
         return None
     path = found[-1]
     body = json.loads((path / "state.json").read_text())
+    if isinstance(body.get("cfg"), dict):  # fields added since the checkpoint was written take their defaults
+        body["cfg"] = json.loads(json.dumps(SAEConfig.from_dict(body["cfg"]).to_dict()))
     for key in ("cfg", "source", "total_steps"):
         if body.get(key) != json.loads(json.dumps(meta[key])):
             raise ValueError(f"checkpoint {path} was written with a different {key} ({body.get(key)!r}) than this "
@@ -615,35 +856,56 @@ def _load_checkpoint(root: Path, sae: SAE, opt: torch.optim.Optimizer, meta: dic
 
 
 # ============================================================================================== SAELens format
+#
+# SAELens 6 folders: ``cfg.json`` + ``sae_weights.safetensors``; probekit writes the same layout and reads every
+# SAELens 6 inference architecture (standard, topk, jumprelu, gated), SAELens's BatchTopK training checkpoints, its
+# trainer checkpoints (``activation_scaler.json``), pre-6 flat configs and Gemma Scope's ``params.npz``. A field
+# value with no exact rule here is refused by name: never a silent, different computation.
+
+SAELENS_FORMAT_VERSION = "6.54.0"  # the sae-lens release whose loader was checked against the folders written here
+SCALER_FILENAME = "activation_scaler.json"
+NPZ_FILENAME = "params.npz"
+_SAVED_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+_READ_ARCH = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+              "batchtopk": "batchtopk"}
+_READ_DTYPES = {"float32": "float32", "float64": "float64", "float16": "float32", "bfloat16": "float32"}
+
+
+def _hub_id(model_name: str) -> str:
+    """The Hugging Face Hub id of a registry name (what SAELens and Neuronpedia expect); other names unchanged."""
+    from ..models import REGISTRY
+
+    spec = REGISTRY.get(model_name)
+    return spec.hub_id if spec is not None and spec.hub_id else model_name
 
 
 def save_sae(sae: SAE, folder: str | Path) -> Path:
-    """Write ``cfg.json`` + ``sae_weights.safetensors`` in the SAELens layout.
+    """Write ``cfg.json`` + ``sae_weights.safetensors`` in the SAELens 6 layout (read by SAELens's current loader).
 
-    Weights: ``W_enc`` (d_in, d_sae), ``b_enc`` (d_sae,), ``W_dec`` (d_sae, d_in), ``b_dec`` (d_in,). ``cfg.json``
-    carries the SAELens 6 fields (``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``,
-    ``normalize_activations``, ``reshape_activations``, ``architecture`` = "standard" | "topk", ``k`` for TopK,
-    ``metadata.{model_name, hook_name}``), the flat fields of SAELens ≤ 5 (``hook_name``, ``model_name``,
-    ``activation_fn_str``, ``activation_fn_kwargs``), and probekit's own training config under ``probekit``.
-    Both files are written to temp names and renamed.
+    Weights: ``W_enc`` (d_in, d_sae), ``W_dec`` (d_sae, d_in), ``b_dec`` (d_in,), and ``b_enc`` (d_sae,) or, for
+    gated SAEs, ``b_gate``/``r_mag``/``b_mag``; ``threshold`` (d_sae,) for JumpReLU. ``cfg.json`` carries the
+    SAELens 6 fields (``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``, ``normalize_activations``,
+    ``reshape_activations``, ``architecture`` = "standard" | "topk" | "jumprelu" | "gated", ``k`` and
+    ``rescale_acts_by_decoder_norm`` for TopK), ``metadata`` with ``sae_lens_version`` (so SAELens does not take its
+    pre-6 path), ``model_name`` as the Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct`` for ``smollm2-135m``) and
+    ``hook_name``; flat ``model_name``/``hook_name`` for older readers; probekit's own config under ``probekit``
+    (which keeps the registry name). Both files are written to temp names and renamed.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = sae.cfg
-    topk = c.architecture == "topk"
+    hub = _hub_id(c.model_name)
     cfg = {
         "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype, "device": c.device,
-        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-        "architecture": "topk" if topk else "standard",
-        "metadata": {"model_name": c.model_name, "hook_name": c.hook_name},
-        "model_name": c.model_name, "hook_name": c.hook_name,
-        "activation_fn_str": "topk" if topk else "relu",
-        "activation_fn_kwargs": {"k": c.k} if topk else {},
+        "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": c.normalize_activations,
+        "reshape_activations": "none", "architecture": _SAVED_ARCH[c.architecture],
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "model_name": hub, "hook_name": c.hook_name},
+        "model_name": hub, "hook_name": c.hook_name,
         "probekit": c.to_dict(),
     }
-    if topk:
-        cfg["k"] = c.k
-    tensors = {k: getattr(sae, k).detach().cpu().contiguous() for k in _WEIGHT_KEYS}
+    if c.architecture == "topk":
+        cfg.update(k=c.k, rescale_acts_by_decoder_norm=c.rescale_acts_by_decoder_norm)
+    tensors = {k: getattr(sae, k).detach().cpu().contiguous() for k in param_shapes(c)}
     for name, write in ((WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p))),
                         (CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg, indent=2)))):
         tmp = folder / f".{name}.tmp"
@@ -652,30 +914,126 @@ def save_sae(sae: SAE, folder: str | Path) -> Path:
     return folder
 
 
+def _pick_device(requested: str | None, saved: str | None) -> str:
+    """``requested`` if given; else the saved device when this machine has it; else CPU (with a warning)."""
+    if requested:
+        return requested
+    saved = saved or "cpu"
+    try:
+        d = torch.device(saved)
+    except (RuntimeError, TypeError):
+        d = torch.device("cpu")
+    ok = (d.type == "cpu" or (d.type == "cuda" and torch.cuda.is_available()
+                              and (d.index or 0) < torch.cuda.device_count())
+          or (d.type == "mps" and torch.backends.mps.is_available()))
+    if not ok:
+        import warnings
+
+        warnings.warn(f"the SAE was saved on device {saved!r}, which this machine lacks; loading it on 'cpu' "
+                      f"(pass device=… to choose)", stacklevel=3)
+        return "cpu"
+    return str(d)
+
+
+def _read_cfg(cfg_path: Path) -> dict:
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}); an SAE folder's {CFG_FILENAME} is a JSON object "
+                         f"(rewrite it, or save the SAE again)") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} holds a JSON {type(raw).__name__}, not an object of SAE fields")
+    return raw
+
+
+def _refuse(cfg_path: Path, field: str, value, what: str) -> ValueError:
+    return ValueError(f"{cfg_path}: {field}={value!r} is not supported: {what}")
+
+
+def _npz_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with np.load(path, allow_pickle=False) as data:  # never unpickle
+        return {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(np.array(data[k])) for k in data.files}
+
+
+def _gemma_scope(npz: Path, hook_name: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Gemma Scope ``params.npz``: JumpReLU, input not shifted by ``b_dec``, no normalisation (as SAELens reads it)."""
+    t = _npz_tensors(npz)
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        if key not in t:
+            raise KeyError(f"{npz} has no array {key!r} (found {sorted(t)}); Gemma Scope's params.npz holds W_enc, "
+                           f"W_dec, b_enc, b_dec and threshold")
+    sf = t.pop("scaling_factor", None)
+    if sf is not None and not torch.all(sf == 1):
+        raise ValueError(f"{npz}: array 'scaling_factor' is not all ones; that fine-tuning scale has no rule here")
+    d_in, d_sae = t["W_enc"].shape
+    raw = {"d_in": d_in, "d_sae": d_sae, "architecture": "jumprelu", "apply_b_dec_to_input": False,
+           "normalize_activations": "none", "dtype": "float32", "hook_name": hook_name or ""}
+    return raw, t
+
+
 def load_sae(folder: str | Path, *, expected_d_in: int | None = None, hook_name: str | None = None,
-             device: str | None = None) -> SAE:
-    """Read an SAE saved by :func:`save_sae` or by SAELens (ReLU "standard" or "topk" only).
+             device: str | None = None, norm_scaling_factor: float | None = None) -> SAE:
+    """Read an SAE saved by :func:`save_sae`, by SAELens (any 6.x inference architecture, BatchTopK and trainer
+    checkpoints, pre-6 configs), or Gemma Scope's ``params.npz``.
 
     Parameters
     ----------
-    folder : path with ``cfg.json`` and ``sae_weights.safetensors``.
+    folder : path
+        A folder with ``cfg.json`` and ``sae_weights.safetensors``; or a folder with ``params.npz`` (Gemma Scope)
+        or that file itself.
     expected_d_in : int, optional
         The width of the hook this SAE will read; a different ``d_in`` raises ``ValueError`` naming both.
     hook_name : str, optional
         Named in that error message, and recorded in the config when the folder has none.
     device : str, optional
-        Overrides the folder's device.
+        Where to put the SAE. Default: the saved device when this machine has it, else CPU.
+    norm_scaling_factor : float, optional
+        For ``normalize_activations: "expected_average_only_in"`` folders without ``activation_scaler.json``: the
+        constant the SAE's inputs were multiplied by in training (SAELens keeps it in its pretrained-SAE table).
+
+    Returns
+    -------
+    SAE
+        In eval mode. Its fixed inference rule is the one SAELens applies to the same folder (see :class:`SAE`), with
+        these conversions, each exact up to float rounding:
+
+        - ``"expected_average_only_in"``: the training-time input scale ``s`` (from ``activation_scaler.json``, as
+          SAELens's trainer writes it in checkpoints, or ``norm_scaling_factor``) is folded into the weights,
+          ``W_enc ← s·W_enc, W_dec ← W_dec/s, b_dec ← b_dec/s``, as SAELens's trainer does at the end of a run; the
+          result has ``normalize_activations="none"``. Without ``s`` the folder is refused (SAELens itself would
+          silently ignore the field).
+        - ``"batchtopk"`` (a SAELens BatchTopK training checkpoint): JumpReLU with every threshold equal to the
+          learned ``topk_threshold``, the decoder row norms folded into the encoder when
+          ``rescale_acts_by_decoder_norm`` — SAELens's own inference export.
+        - ``log_threshold`` (older JumpReLU checkpoints): ``threshold = exp(log_threshold)``.
+        - float16 / bfloat16 weights are upcast to float32 (exactly), and computed in float32.
+
+    Refused, with the field and value named: other architectures, ``normalize_activations`` "covariance_whitening"
+    or unknown values, ``reshape_activations`` other than "none", ``finetuning_scaling_factor``, unknown weight
+    tensors, and a ``cfg.json`` that is not JSON. Weights holding NaN/inf are refused (file and tensor named) by the
+    SAE's first ``encode``/``decode``/``forward``, so that loading itself stays a lazy read of the file.
 
     Accepted key spellings: hook name from ``hook_name``, ``metadata.hook_name``/``meta.hook_name`` or the old
-    ``hook_point``; architecture from ``architecture`` or ``activation_fn_str``; k from ``k`` or
-    ``activation_fn_kwargs.k``.
+    ``hook_point``; architecture from ``architecture`` or ``activation_fn_str``/``activation_fn``; k from ``k`` or
+    ``activation_fn_kwargs.k``. The model name is read back from ``probekit.model_name`` when present (the registry
+    name), else ``metadata.model_name``. The loader builds no random weights: the module is created on the ``meta``
+    device and the tensors read from disk are assigned to it.
     """
-    folder = Path(folder)
-    cfg_path, w_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} is missing; an SAE folder holds {CFG_FILENAME} and {WEIGHTS_FILENAME}")
-    raw = json.loads(cfg_path.read_text())
+    path = Path(folder)
+    npz = path if path.name == NPZ_FILENAME and path.is_file() else path / NPZ_FILENAME
+    if npz.is_file() and not (path / CFG_FILENAME).is_file():
+        raw, t = _gemma_scope(npz, hook_name)
+        cfg_path = w_path = npz
+        folder = npz.parent
+    else:
+        folder = path
+        cfg_path, w_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} is missing; an SAE folder holds {CFG_FILENAME} and {WEIGHTS_FILENAME} "
+                                        f"(or Gemma Scope's {NPZ_FILENAME})")
+        raw = _read_cfg(cfg_path)
+        t = None
     for key in ("d_in", "d_sae"):
         if key not in raw:
             raise KeyError(f"{cfg_path} has no {key!r} field")
@@ -685,37 +1043,112 @@ def load_sae(folder: str | Path, *, expected_d_in: int | None = None, hook_name:
         where = f"hook {hook_name!r}" if hook_name else "the hook"
         raise ValueError(f"SAE folder {folder} has d_in={raw['d_in']} (trained on {hook or 'an unnamed hook'}), "
                          f"but {where} has d_in={expected_d_in}")
-    arch = raw.get("architecture") or raw.get("activation_fn_str") or "standard"
+
+    # ---- architecture and options: every field that changes the computation is honoured or refused
+    fn = raw.get("activation_fn_str", raw.get("activation_fn"))
     kwargs = raw.get("activation_fn_kwargs") or {}
-    if arch in ("standard", "relu") and raw.get("activation_fn_str", "relu") == "topk":
+    arch_field = "architecture" if "architecture" in raw else "activation_fn_str"
+    arch = raw.get("architecture") or fn or "standard"
+    if arch in ("standard", "relu") and fn is not None and fn != "relu":
+        if fn != "topk":
+            raise _refuse(cfg_path, "activation_fn_str", fn, "a standard SAE's activation must be 'relu' (or 'topk')")
         arch = "topk"  # SAELens ≤ 5 wrote architecture "standard" with a topk activation_fn_str
-    if arch not in ("standard", "relu", "topk"):
-        raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported (only 'standard' / ReLU and 'topk')")
+    if arch not in _READ_ARCH:
+        raise _refuse(cfg_path, arch_field, arch, f"architectures read here are {sorted(set(_READ_ARCH) - {'relu'})}")
+    arch = _READ_ARCH[arch]
+    norm = raw.get("normalize_activations")
+    if isinstance(norm, bool) or norm is None:  # SAELens ≤ 5 wrote a bool
+        norm = "expected_average_only_in" if norm else "none"
+    if norm not in _NORMS + ("expected_average_only_in",):
+        raise _refuse(cfg_path, "normalize_activations", norm, "modes read here are "
+                      f"{list(_NORMS + ('expected_average_only_in',))}")
+    reshape = raw.get("reshape_activations") or "none"
+    if reshape != "none":
+        raise _refuse(cfg_path, "reshape_activations", reshape, "only 'none'; flatten (n_heads, d_head) activations "
+                      "yourself and use a d_in = n_heads·d_head SAE")
+    if raw.get("finetuning_scaling_factor"):
+        raise _refuse(cfg_path, "finetuning_scaling_factor", raw["finetuning_scaling_factor"], "no rule for it here")
+    apply_b = raw.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b, bool):
+        raise _refuse(cfg_path, "apply_b_dec_to_input", apply_b, "must be true or false")
+    # SAELens's TopK inference config defaults to no rescaling, its (Batch)TopK training configs to rescaling
+    rescale = raw.get("rescale_acts_by_decoder_norm", arch == "batchtopk") if arch in ("topk", "batchtopk") else False
+    if not isinstance(rescale, bool):
+        raise _refuse(cfg_path, "rescale_acts_by_decoder_norm", rescale, "must be true or false")
+    dtype = str(raw.get("dtype") or "float32").removeprefix("torch.")
+    if dtype not in _READ_DTYPES:
+        raise _refuse(cfg_path, "dtype", raw.get("dtype"), f"dtypes read here are {sorted(_READ_DTYPES)}")
+
+    scale = None
+    if norm_scaling_factor is not None and norm != "expected_average_only_in":
+        raise ValueError(f"load_sae(norm_scaling_factor={norm_scaling_factor!r}) applies to "
+                         f"normalize_activations='expected_average_only_in' only; {cfg_path} has {norm!r}")
+    if norm == "expected_average_only_in":
+        scale = norm_scaling_factor
+        scaler = folder / SCALER_FILENAME
+        if scale is None and scaler.is_file():
+            scale = _read_cfg(scaler).get("scaling_factor")
+        if scale is None:
+            raise ValueError(f"{cfg_path}: normalize_activations='expected_average_only_in' means the SAE was trained "
+                             f"on inputs times a constant, but the folder has no {SCALER_FILENAME} with its "
+                             f"scaling_factor; pass load_sae(…, norm_scaling_factor=…) (SAELens's pretrained table "
+                             f"lists it) or fold it into the weights first")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{cfg_path}: the activation scaling factor must be a finite number > 0, got {scale!r}")
+        norm = "none"
+
     extra = raw.get("probekit") or {}
     cfg_kw = {**extra, "d_in": int(raw["d_in"]), "d_sae": int(raw["d_sae"]),
-              "architecture": "topk" if arch == "topk" else "relu",
-              "hook_name": hook, "model_name": raw.get("model_name") or meta.get("model_name") or "",
-              "device": device or raw.get("device") or "cpu"}
-    if raw.get("dtype") in _DTYPES:
-        cfg_kw["dtype"] = raw["dtype"]
+              "architecture": "jumprelu" if arch == "batchtopk" else arch,
+              "hook_name": hook, "model_name": extra.get("model_name") or raw.get("model_name")
+              or meta.get("model_name") or "",
+              "device": _pick_device(device, raw.get("device")), "dtype": _READ_DTYPES[dtype],
+              "apply_b_dec_to_input": apply_b, "normalize_activations": norm,
+              "rescale_acts_by_decoder_norm": rescale and arch == "topk"}
     if arch == "topk":
         k = raw.get("k", kwargs.get("k"))
         if k is None:
             raise KeyError(f"{cfg_path}: a topk SAE needs 'k' (or activation_fn_kwargs.k)")
         cfg_kw["k"] = int(k)
     cfg = SAEConfig.from_dict(cfg_kw)
-    t = load_file(str(w_path))
-    expect = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
-              "b_dec": (cfg.d_in,)}
-    sae = SAE(cfg)
+
+    # ---- tensors
+    if t is None:
+        t = load_file(str(w_path), device="cpu")  # CPU first: a folder saved on a GPU loads anywhere
+    if arch == "jumprelu" and "log_threshold" in t and "threshold" not in t:
+        t["threshold"] = t.pop("log_threshold").exp()
+    if arch == "batchtopk":
+        if "topk_threshold" not in t:
+            raise KeyError(f"{w_path} has no tensor 'topk_threshold' (found {sorted(t)}); a batchtopk checkpoint "
+                           f"carries its learned threshold")
+        t["threshold"] = t.pop("topk_threshold").to(torch.float64).expand(cfg.d_sae).clone()
+    expect = param_shapes(cfg)
+    unknown = sorted(set(t) - set(expect))
+    if unknown:
+        raise ValueError(f"{w_path}: tensor(s) {unknown} have no rule for architecture {arch!r} (expected "
+                         f"{sorted(expect)}); refusing rather than ignoring them")
+    for key, shape in expect.items():
+        if key not in t:
+            raise KeyError(f"{w_path} has no tensor {key!r} (found {sorted(t)})")
+        if tuple(t[key].shape) != shape:
+            raise ValueError(f"{w_path}: {key} has shape {tuple(t[key].shape)}, expected {shape} "
+                             f"from {cfg_path.name}")
+    dt = cfg.torch_dtype
+    t = {k: v.to(dt) for k, v in t.items()}
     with torch.no_grad():
-        for key, shape in expect.items():
-            if key not in t:
-                raise KeyError(f"{w_path} has no tensor {key!r} (found {sorted(t)})")
-            if tuple(t[key].shape) != shape:
-                raise ValueError(f"{w_path}: {key} has shape {tuple(t[key].shape)}, expected {shape} "
-                                 f"from {CFG_FILENAME}")
-            getattr(sae, key).data = t[key].to(cfg.torch_dtype).clone()
+        if arch == "batchtopk" and rescale:  # SAELens's export: fold the decoder row norms into the encoder
+            n = t["W_dec"].norm(dim=-1).clamp(min=1e-8)
+            t["b_enc"] = t["b_enc"] * n
+            t["W_dec"] = t["W_dec"] / n[:, None]
+            t["W_enc"] = t["W_enc"] * n[None, :]
+        if scale is not None:  # SAELens's fold_activation_norm_scaling_factor
+            t["W_enc"] = t["W_enc"] * scale
+            t["W_dec"] = t["W_dec"] / scale
+            t["b_dec"] = t["b_dec"] / scale
+    sae = SAE(cfg, init=False)
+    for key in expect:
+        setattr(sae, key, torch.nn.Parameter(t[key].contiguous(), requires_grad=True))
+    sae._unverified = str(w_path)  # NaN/inf refused, naming file and tensor, on first use (SAE._verify)
     return sae.to(cfg.device).eval()
 
 
@@ -811,7 +1244,7 @@ def sae_metrics(sae: SAE, batches, *, hook: str | None = None) -> SAEMetrics:
     for x in _iter_x(batches, hook):
         x = x.to(dev)
         f = sae.encode(x)
-        x_hat = sae.decode(f)
+        x_hat = sae.decode(f, x=x)  # x undoes a per-token input normalisation, if any
         xd = x.to(torch.float64)
         if shift is None:
             shift = xd.mean(0)

@@ -43,8 +43,8 @@ def sparse_data(n: int, seed: int = 0, d_in: int = 32, n_feat: int = 64, active:
 
 
 def test_config_validation_names_field():
-    with pytest.raises(ValueError, match="architecture.*relu.*topk"):
-        SAEConfig(d_in=4, d_sae=8, architecture="gated")
+    with pytest.raises(ValueError, match="architecture.*relu.*topk.*jumprelu.*gated"):
+        SAEConfig(d_in=4, d_sae=8, architecture="batchtopk")
     with pytest.raises(ValueError, match=r"SAEConfig\.k"):
         SAEConfig(d_in=4, d_sae=8, k=9)
     with pytest.raises(ValueError, match="total_tokens or epochs"):
@@ -80,6 +80,45 @@ def test_decoder_rows_unit_norm_after_training(one_thread):
     sae = train_sae(cfg, x, progress=False)
     assert not torch.allclose(sae.W_dec, init)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_training_loss_and_grads_match_dense_reference(arch):
+    """The training path (addmm, TopK decoded by embedding_bag) against the textbook dense formulas, by autograd."""
+    cfg = SAEConfig(d_in=12, d_sae=40, architecture=arch, k=5, aux_k=6, l1_coefficient=0.3, dtype="float64", seed=2)
+    sae = SAE(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::3] = True
+    got = sae.loss(x, dead)
+    grads = torch.autograd.grad(got["total"], list(sae.parameters()))
+
+    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+    pre = (x - b_dec) @ W_enc + b_enc
+    if arch == "relu":
+        f = pre.clamp_min(0)
+    else:
+        kth = pre.topk(5, dim=-1).values[:, -1:]
+        f = torch.where(pre >= kth, pre, torch.zeros_like(pre)).clamp_min(0)
+    x_hat = f @ W_dec + b_dec
+    mse = ((x_hat - x) ** 2).sum(-1).mean()
+    if arch == "relu":
+        want = mse + 0.3 * f.abs().sum(-1).mean()
+    else:
+        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+        kth_dead = masked.topk(6, dim=-1).values[:, -1:]
+        z = torch.where(dead & (pre >= kth_dead), pre, torch.zeros_like(pre)).clamp_min(0)
+        aux = ((z @ W_dec - (x - x_hat).detach()) ** 2).sum(-1).mean()
+        assert aux > 0
+        want = mse + cfg.aux_coefficient * aux
+    torch.testing.assert_close(got["mse"], mse, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["total"], want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, torch.autograd.grad(want, list(sae.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_aux_loss_zero_without_dead_nonzero_with_dead():
