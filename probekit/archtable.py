@@ -246,7 +246,25 @@ def check_model(path: str | Path, *, atol: float = 1e-4) -> dict[str, dict]:
             cells[cap] = _cell("pass" if ok else "fail")
         except Exception as e:
             cells[cap] = _cell("fail", f"{type(e).__name__}: {str(e)[:120]}")
+    _linearscope_cell(bridge, cells)
     return cells
+
+
+def _linearscope_cell(bridge, cells: dict) -> None:
+    """The "linearscope" cell, when ``probekit.probes.linearscope_transformer`` exposes a public
+    ``check_support(model)`` (returns None when supported, raises ``ValueError`` saying why not)."""
+    try:
+        from .probes import linearscope_transformer as lt
+    except ImportError:
+        return
+    check = getattr(lt, "check_support", None)
+    if not callable(check):
+        return
+    try:
+        check(bridge)
+        cells["linearscope"] = _cell("pass")
+    except ValueError as e:
+        cells["linearscope"] = _cell("refused", str(e).splitlines()[0][:160])
 
 
 def _without_pad(tok):

@@ -286,3 +286,70 @@ def test_tokenizer_without_pad_token(family, arch_dirs, record_capability):
     assert batched.n_rows == sum(len(nopad(t)["input_ids"]) for t in TEXTS)
     for a, b in zip(rows_by_doc(batched, name, len(TEXTS)), rows_by_doc(alone, name, len(TEXTS))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- say what works
+
+
+def test_models_check_prints_the_row(arch_dirs, capsys):
+    from probekit import cli
+
+    path, _, _ = model("gpt2", arch_dirs)
+    assert cli.main(["models", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    row = [ln for ln in out.splitlines() if ln.startswith("| gpt2 [gpt2]")]
+    assert len(row) == 1 and "✗" not in row[0] and row[0].count("✓") == 11  # 11 checks; no load_hub here
+    assert "attn.hook_pattern" in out and "✓ (bridge)" in row[0] and "✓ (plain)" in row[0]
+
+
+def test_models_check_finds_a_wrong_site(arch_dirs, monkeypatch):
+    """The check can fail: point GPT-2's attn_out at the MLP and it reports exactly that site."""
+    import dataclasses
+
+    from probekit import hooks
+    from probekit.archtable import check_model
+
+    path, _, _ = model("gpt2", arch_dirs)
+    bad = dataclasses.replace(hooks.PLAIN_LAYOUTS["gpt2"],
+                              block_sites={**hooks.PLAIN_LAYOUTS["gpt2"].block_sites,
+                                           "hook_attn_out": ("mlp", "output", False)})
+    monkeypatch.setitem(hooks.PLAIN_LAYOUTS, "gpt2", bad)
+    cells = check_model(path)
+    assert cells["attn_out"]["status"] == "fail"
+    assert all(c["status"] == "pass" for k, c in cells.items() if k != "attn_out")
+
+
+def test_models_check_errors(tmp_path, capsys):
+    from transformers import T5Config
+
+    from probekit import cli
+
+    assert cli.main(["models", "check", str(tmp_path / "nowhere")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    T5Config(num_layers=1, d_model=16, d_kv=4, num_heads=2, d_ff=32, vocab_size=64).save_pretrained(tmp_path)
+    assert cli.main(["models", "check", str(tmp_path)]) == 1  # refused, with the reason in the row
+    assert "refused (ModelError:" in capsys.readouterr().out
+
+
+def test_table_rendering_and_records(tmp_path):
+    from probekit.archtable import END, START, load_records, merge_records, render_table, update_readme
+
+    rec = tmp_path / "caps.json"
+    merge_records(rec, {"gpt2": {"load": {"status": "pass", "note": ""}},
+                        "resnet": {"linearscope": {"status": "pass", "note": "cnn"}}})
+    merge_records(rec, {"gpt2": {"resid_mid": {"status": "n/a", "note": ""}}})  # merged, not replaced
+    data = load_records(rec)
+    assert set(data["gpt2"]) == {"load", "resid_mid"}
+    table = render_table(data).splitlines()
+    assert table[0] == "| architecture | load (folder) | resid_mid | linearscope |"  # known columns first
+    assert table[2] == "| GPT-2 | ✓ | — |  |" and table[3] == "| resnet |  |  | ✓ (cnn) |"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{START}\nstale row\n{END}\ntail\n")
+    assert update_readme(readme, data) and not update_readme(readme, data)
+    assert readme.read_text().endswith(f"{END}\ntail\n") and "stale row" not in readme.read_text()
+    rec.write_text('{"gpt2": {"load": {"status": "great"}}}')
+    with pytest.raises(ValueError, match="gpt2/load"):
+        load_records(rec)
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(readme, data)
