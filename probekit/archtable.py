@@ -147,14 +147,14 @@ def _cell(status: str, note: str = "") -> dict:
 
 
 def _reference(bridge, docs: list[list[int]], names: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Per-document (unpadded) ``run_with_cache`` activations, position axis first: ``(pos, …)``."""
+    """Per-document (unpadded) ``run_with_cache`` activations ``(pos, …)``; patterns ``(q, head, k)``."""
     out = []
     want = set(names)
     for d in docs:
         with torch.inference_mode():
             _, cache = bridge.run_with_cache(torch.tensor([d]), names_filter=lambda n: n in want,
                                              return_type=None)
-        out.append({n: (cache[n][0].movedim(1, 0) if cache[n].dim() == 4 else cache[n][0]) for n in names})
+        out.append({n: cache[n][0].movedim(1, 0) if n.endswith("hook_pattern") else cache[n][0] for n in names})
     return out
 
 

@@ -69,7 +69,7 @@ def per_doc_reference(bridge, docs, names):
     for d in docs:
         with torch.inference_mode():
             _, cache = bridge.run_with_cache(torch.tensor([d]), names_filter=lambda n: n in want)
-        out.append({n: cache[n][0].movedim(1, 0) if cache[n].dim() == 4 else cache[n][0] for n in names})
+        out.append({n: cache[n][0].movedim(1, 0) if n.endswith("hook_pattern") else cache[n][0] for n in names})
     return out
 
 
@@ -353,3 +353,21 @@ def test_table_rendering_and_records(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, data)
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_every_plain_layout_entry_equals_run_with_cache(family, arch_dirs):
+    """Every name the family's plain layout maps (embeddings, norms, attn.hook_z … at every layer) captures
+    through the twin's modules exactly what the bridge's hook point gives."""
+    _, bridge, tok = model(family, arch_dirs)
+    layout = plain_layout(plain_model(bridge))
+    assert layout is not None, f"{family} has no plain layout"
+    names = list(layout.global_sites) + [f"blocks.{l}.{s}" for l in range(N_LAYERS) for s in layout.block_sites]
+    missing = [n for n in names if n not in bridge.hook_dict]
+    assert not missing, f"the layout maps names the bridge does not have: {missing}"
+    docs = docs_of(tok)
+    ref = per_doc_reference(bridge, docs, names)
+    res = capture(bridge, docs, CaptureConfig(hooks=names, batch_size=4, progress=False), mechanism="plain")
+    for n in names:
+        for d, got in enumerate(rows_by_doc(res, n, len(docs))):
+            torch.testing.assert_close(got, ref[d][n], rtol=1e-4, atol=1e-5, msg=f"{n} doc {d}")
