@@ -27,7 +27,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .hooks import HookSet, is_bridge
+from .hooks import MECHANISMS, HookSet, is_bridge
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -212,6 +212,11 @@ def capture(model, inputs, config: CaptureConfig, *, writer: ActivationWriter | 
         points), "plain" or "bridge" (force one; "plain" raises if a name has no module equivalent). Both
         give the same activations; the choice only changes speed.
     """
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"capture: mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+    if mechanism != "auto" and not is_bridge(model):
+        raise ValueError(f"capture: mechanism={mechanism!r} chooses between a TransformerBridge's two hook "
+                         f"mechanisms; {type(model).__name__} is not a bridge (use the default 'auto').")
     own = writer is None
     writer = writer or MemoryWriter()
     if isinstance(inputs, torch.Tensor):

