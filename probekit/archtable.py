@@ -49,7 +49,7 @@ COLUMNS: dict[str, str] = {
 FAMILY_NAMES: dict[str, str] = {
     "gpt2": "GPT-2", "gpt_neox": "GPT-NeoX (Pythia)", "gptj": "GPT-J", "llama": "Llama", "mistral": "Mistral",
     "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3": "Gemma 3",
-    "phi3": "Phi-3", "olmo2": "OLMo 2", "bert": "BERT", "roberta": "RoBERTa",
+    "phi3": "Phi-3", "olmo2": "OLMo 2", "bert": "BERT", "roberta": "RoBERTa", "biogpt": "BioGPT",
 }
 MARKS = {"pass": "✓", "fail": "✗", "refused": "refused", "n/a": "—", "skipped": "skipped"}
 STATUSES = tuple(MARKS)

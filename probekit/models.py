@@ -479,7 +479,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, fetch: bool = True, dtype: 
     label = spec.hub_id if spec and spec.hub_id else str(name_or_path)
     if tok.name_or_path in ("", None):
         tok.name_or_path = str(name_or_path)
-    bridge = TransformerBridge.boot_transformers(label, hf_model=hf_model, tokenizer=tok)
+    try:
+        bridge = TransformerBridge.boot_transformers(label, hf_model=hf_model, tokenizer=tok)
+    except Exception as e:  # an architecture TransformerLens does not adapt: say which, and what still works
+        from importlib.metadata import version
+
+        cfg = hf_model.config
+        raise ModelError(
+            f"TransformerLens {version('transformer-lens')} cannot wrap {name_or_path!r} "
+            f"(model_type {cfg.model_type!r}, {cfg.architectures}): {str(e).splitlines()[0][:200]}\n"
+            "Capture still works on the plain model with dotted module paths: "
+            "`model, tok, _ = load_hf(path)` then `capture(model, texts, CaptureConfig(hooks=[<a name from "
+            "model.named_modules()>]), tokenizer=tok)`."
+        ) from e
     # Same attention kernel on both paths, so capture matches run_with_cache to float rounding.
     _match_attention(twin, hf_model)
     _TWINS[bridge] = twin.eval()

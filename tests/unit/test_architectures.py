@@ -384,3 +384,32 @@ def test_mechanism_errors(arch_dirs):
     with pytest.raises(ValueError, match="not a bridge"):
         capture(plain_model(bridge), docs, CaptureConfig(hooks=["blocks.0.hook_resid_post"], progress=False),
                 mechanism="bridge")
+
+
+def test_family_the_bridge_cannot_wrap_is_named_and_captures_by_module_path(tmp_path, record_capability):
+    """BioGPT loads in transformers but TransformerLens 4.3 has no adapter: load_model names the family and the
+    way out, and capture by dotted module paths on ``load_hf``'s model equals HF ``output_hidden_states``."""
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    from probekit.models import ModelError, load_hf
+    from probekit.testing import byte_tokenizer
+
+    record_capability("biogpt", "load", "refused", note="TransformerLens 4.3 has no adapter")
+    record_capability("biogpt", "resid_post", note="dotted module paths on load_hf")
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = BioGptConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, pad_token_id=tok.pad_token_id)
+    cfg.architectures = ["BioGptForCausalLM"]
+    BioGptForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"(?s)TransformerLens 4\.3.* cannot wrap .*model_type 'biogpt'.*dotted module paths"):
+        load_model(str(tmp_path))
+    hf, hf_tok, _ = load_hf(str(tmp_path))
+    names = ["biogpt.layers.0", "biogpt.layers.1"]
+    res = capture(hf, TEXTS, CaptureConfig(hooks=names, batch_size=4, progress=False), tokenizer=hf_tok)
+    for d, text in enumerate(TEXTS):
+        ids = torch.tensor([hf_tok(text)["input_ids"]])
+        with torch.inference_mode():
+            hs = hf(input_ids=ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(rows_by_doc(res, "biogpt.layers.0", len(TEXTS))[d], hs[1][0], rtol=1e-4, atol=1e-5)
