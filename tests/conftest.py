@@ -72,7 +72,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def record_capability(request):
     """``record_capability(family, capability, status=None, note="")`` declares the table cell this test
-    proves. The test's outcome decides: a failed test records "fail" whatever ``status`` says; a passing one
+    proves (several tests may prove one cell: a failure in any of them sticks). The test's outcome decides: a failed test records "fail" whatever ``status`` says; a passing one
     records ``status`` ("pass" by default; "n/a" where the family has no such site, "refused" where a clear
     error is the documented behaviour). ``note`` is shown beside the mark (e.g. the capture mechanism)."""
     declared: list[tuple[str, str, str | None, str]] = []
@@ -86,7 +86,13 @@ def record_capability(request):
     skipped = rep is not None and rep.skipped
     for family, capability, status, note in declared:
         cell = dict(status="fail" if failed else "skipped" if skipped else (status or "pass"), note=note)
-        _CAPABILITIES.setdefault(family, {})[capability] = cell
+        row = _CAPABILITIES.setdefault(family, {})
+        old = row.get(capability)
+        if old is not None:  # several tests prove one cell: any failure sticks; a note is kept
+            if old["status"] == "fail" or cell["status"] == "skipped":
+                cell["status"] = old["status"]
+            cell["note"] = cell["note"] or old["note"]
+        row[capability] = cell
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -184,6 +184,8 @@ def test_capture_site_both_mechanisms_equal_run_with_cache(family, capability, a
 @pytest.mark.parametrize("family", FAMS)
 def test_residual_stream_equals_hf_hidden_states(family, arch_dirs, record_capability):
     """resid_pre/resid_post against HF ``output_hidden_states`` of the plain model (computed without hooks)."""
+    record_capability(family, "resid_pre")
+    record_capability(family, "resid_post")
     _, bridge, tok = model(family, arch_dirs)
     d = docs_of(tok)[2]
     names = [f"blocks.{l}.hook_resid_{w}" for l in range(N_LAYERS) for w in ("pre", "post")]
@@ -197,8 +199,10 @@ def test_residual_stream_equals_hf_hidden_states(family, arch_dirs, record_capab
 
 
 @pytest.mark.parametrize("family", FAMS)
-def test_sites_add_up(family, arch_dirs):
+def test_sites_add_up(family, arch_dirs, record_capability):
     """The bridge's sites are consistent with the block's algebra (an independent check of what they mean)."""
+    for cap in ("attn_out", "mlp_out", "attn_pattern") + (() if family in PARALLEL else ("resid_mid",)):
+        record_capability(family, cap)
     _, bridge, tok = model(family, arch_dirs)
     d = torch.tensor([docs_of(tok)[2]])
     with torch.inference_mode():
