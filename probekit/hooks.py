@@ -194,7 +194,7 @@ def _encoder(prefix: str) -> PlainLayout:
     }, {"hook_embed": (f"{prefix}.embeddings", "output")})
 
 
-# config.model_type → layout. Families not listed here (and parallel-residual NeoX variants the checks do not
+# config.model_type → layout. Families not listed here (and sequential-residual NeoX, which the checks do not
 # cover) capture through the bridge's hook points.
 PLAIN_LAYOUTS: dict[str, PlainLayout] = {
     **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
