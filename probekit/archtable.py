@@ -90,10 +90,18 @@ def merge_records(path: str | Path, new: dict[str, dict[str, dict]]) -> dict:
     p = Path(path)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(merged, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+        f.write(_dump(merged))
     os.replace(tmp, p)
     return merged
+
+
+def _dump(records: dict) -> str:
+    """JSON with one line per cell, so a changed result is a one-line diff."""
+    fams = []
+    for fam, caps in records.items():
+        cells = ",\n".join(f"  {json.dumps(c)}: {json.dumps(cell, ensure_ascii=False)}" for c, cell in caps.items())
+        fams.append(f" {json.dumps(fam)}: {{\n{cells}\n }}")
+    return "{\n" + ",\n".join(fams) + "\n}\n"
 
 
 # --------------------------------------------------------------------------------------------- rendering

@@ -92,12 +92,11 @@ def test_load_from_folder(family, arch_dirs, record_capability):
     path, bridge, tok = model(family, arch_dirs)
     assert bridge.cfg.n_layers == N_LAYERS
     assert plain_model(bridge) is not None
-    ids = torch.tensor([docs_of(tok)[0]])
-    with torch.inference_mode():  # the bridge computes what the HF model computes
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-        auto = AutoModelForMaskedLM if family in ENCODERS else AutoModelForCausalLM
-        hf = auto.from_pretrained(str(path)).eval()
+    ids = torch.tensor([docs_of(tok)[0]])
+    hf = (AutoModelForMaskedLM if family in ENCODERS else AutoModelForCausalLM).from_pretrained(str(path)).eval()
+    with torch.inference_mode():  # the bridge computes what a freshly loaded HF model computes
         torch.testing.assert_close(bridge(ids, return_type="logits"), hf(ids).logits, rtol=1e-4, atol=1e-4)
 
 
