@@ -8,7 +8,8 @@ bridge's ``run_with_cache``; plus the bare forward with the attention kernel the
 capture also runs, to separate the kernel's cost from the hooks'. Times are the best of interleaved rounds:
 on a shared machine the minimum is the least disturbed run.
 
-Run: ``python benchmarks/bench_capture_architectures.py [--docs 8] [--repeats 5] [--threads 1] [--families gpt2 llama …]``
+Run: ``python benchmarks/bench_capture_architectures.py [--docs 8] [--repeats 5] [--threads 1]
+[--families gpt2 llama …]`` (BENCHMARKS.md used ``--docs 4 --max-length 96 --repeats 7``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def main() -> None:
     lengths = torch.randint(args.max_length // 2, args.max_length + 1, (args.docs,), generator=gen).tolist()
     docs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]  # byte ids
     tokens = sum(lengths)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; "
           f"{args.docs} docs, {tokens} tokens, batch {args.batch_size}; {args.layers} layers, d_model {args.d_model}; "
           f"best of {args.repeats} interleaved rounds (robust to a shared machine; load average "
           f"{os.getloadavg()[0]:.1f} at start), ratios to the bare HF forward")
@@ -95,7 +97,8 @@ def main() -> None:
             }
             t = {k: min(v) for k, v in interleaved_times(methods, args.repeats).items()}
             r = {k: t[k] / t["bare"] for k in t}
-            print(f"{fam:<10} {1e3 * t['bare']:>8.1f} {r['bare_eager']:>11.2f}× {r['auto']:>7.2f}× {mech:<5} {r['bridge']:>12.2f}× "
+            print(f"{fam:<10} {1e3 * t['bare']:>8.1f} {r['bare_eager']:>11.2f}× {r['auto']:>7.2f}× {mech:<5} "
+                  f"{r['bridge']:>12.2f}× "
                   f"{r['run_with_cache']:>14.2f}×", flush=True)
             del bridge, bare, eager
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")

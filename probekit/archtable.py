@@ -166,7 +166,7 @@ def _reference(bridge, docs: list[list[int]], names: list[str]) -> list[dict[str
     return out
 
 
-def _matches(res, ref, names: list[str], max_length: int, atol: float) -> bool:
+def _matches(res, ref, names: list[str], atol: float) -> bool:
     """Capture rows (any order) equal the per-document reference at every (doc, position)."""
     for n in names:
         for row in range(res.n_rows):
@@ -216,7 +216,7 @@ def check_model(path: str | Path, *, atol: float = 1e-4) -> dict[str, dict]:
         try:
             ref = _reference(bridge, docs, names)
             res = capture(bridge, docs, CaptureConfig(hooks=names, batch_size=3, max_length=32, progress=False))
-            ok = _matches(res, ref, names, 32, atol)
+            ok = _matches(res, ref, names, atol)
             cells[cap] = _cell("pass" if ok else "fail", res.mechanism)
         except Exception as e:
             cells[cap] = _cell("fail", f"{type(e).__name__}: {str(e)[:120]}")

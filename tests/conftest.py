@@ -72,7 +72,8 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def record_capability(request):
     """``record_capability(family, capability, status=None, note="")`` declares the table cell this test
-    proves (several tests may prove one cell: a failure in any of them sticks). The test's outcome decides: a failed test records "fail" whatever ``status`` says; a passing one
+    proves (several tests may prove one cell: a failure in any of them sticks). The test's outcome decides: a
+    failed test records "fail" whatever ``status`` says; a passing one
     records ``status`` ("pass" by default; "n/a" where the family has no such site, "refused" where a clear
     error is the documented behaviour). ``note`` is shown beside the mark (e.g. the capture mechanism)."""
     declared: list[tuple[str, str, str | None, str]] = []

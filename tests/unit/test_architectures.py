@@ -406,7 +406,8 @@ def test_family_the_bridge_cannot_wrap_is_named_and_captures_by_module_path(tmp_
     cfg.architectures = ["BioGptForCausalLM"]
     BioGptForCausalLM(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match=r"(?s)TransformerLens 4\.3.* cannot wrap .*model_type 'biogpt'.*dotted module paths"):
+    wrap = r"(?s)TransformerLens 4\.3.* cannot wrap .*model_type 'biogpt'.*dotted module paths"
+    with pytest.raises(ModelError, match=wrap):
         load_model(str(tmp_path))
     hf, hf_tok, _ = load_hf(str(tmp_path))
     names = ["biogpt.layers.0", "biogpt.layers.1"]
