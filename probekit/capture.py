@@ -27,7 +27,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .hooks import HookSet, is_bridge
+from .hooks import MECHANISMS, HookSet, is_bridge
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -195,7 +195,8 @@ def _row_meta(ids: torch.Tensor, mask: torch.Tensor, doc_idx: list[int], positio
 
 
 def capture(model, inputs, config: CaptureConfig, *, writer: ActivationWriter | None = None,
-            tokenizer=None, batch_filter: Callable[[int], bool] | None = None) -> CaptureResult:
+            tokenizer=None, batch_filter: Callable[[int], bool] | None = None,
+            mechanism: str = "auto") -> CaptureResult:
     """Run ``inputs`` through ``model`` and hand the requested activations to ``writer``.
 
     Parameters
@@ -207,7 +208,15 @@ def capture(model, inputs, config: CaptureConfig, *, writer: ActivationWriter | 
     writer : defaults to a ``MemoryWriter`` whose rows are returned in the result. A writer with a
         ``resume_batches`` attribute (the cache's ``RunWriter``) has that many leading batches skipped.
     batch_filter : keep only batches whose index passes (scale-out: each rank takes its own batches).
+    mechanism : for a bridge, "auto" (plain module hooks when every name maps, else the bridge's hook
+        points), "plain" or "bridge" (force one; "plain" raises if a name has no module equivalent). Both
+        give the same activations; the choice only changes speed.
     """
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"capture: mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+    if mechanism != "auto" and not is_bridge(model):
+        raise ValueError(f"capture: mechanism={mechanism!r} chooses between a TransformerBridge's two hook "
+                         f"mechanisms; {type(model).__name__} is not a bridge (use the default 'auto').")
     own = writer is None
     writer = writer or MemoryWriter()
     if isinstance(inputs, torch.Tensor):
@@ -215,7 +224,7 @@ def capture(model, inputs, config: CaptureConfig, *, writer: ActivationWriter | 
             raise ValueError("scale-out (batch_filter) is for token sequences; split a tensor dataset yourself")
         res = _capture_tensor(model, inputs, config, writer)
     else:
-        res = _capture_sequences(model, inputs, config, writer, tokenizer, batch_filter)
+        res = _capture_sequences(model, inputs, config, writer, tokenizer, batch_filter, mechanism)
     writer.close()
     if own:
         res.acts, res.meta = writer.acts, writer.meta
@@ -239,7 +248,8 @@ def _capture_tensor(module, x: torch.Tensor, cfg: CaptureConfig, writer) -> Capt
     return CaptureResult(cfg, hs.mechanism, len(x), len(x), len(x), time.perf_counter() - t0)
 
 
-def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer, batch_filter=None) -> CaptureResult:
+def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer, batch_filter=None,
+                       mechanism: str = "auto") -> CaptureResult:
     inputs = list(inputs)
     if not inputs:
         raise ValueError("capture got no documents")
@@ -257,7 +267,7 @@ def _capture_sequences(model, inputs, cfg: CaptureConfig, writer, tokenizer, bat
     pad_id = 0 if pad_id is None else pad_id
 
     if is_bridge(model):
-        hs = HookSet.for_bridge(model, cfg.hooks)
+        hs = HookSet.for_bridge(model, cfg.hooks, mechanism=mechanism)
     else:
         # an HF decoder/encoder takes the bridge names too; any other module takes dotted module paths
         hs = HookSet.for_hf(model, cfg.hooks) or HookSet.for_module(model, cfg.hooks)

@@ -1,4 +1,4 @@
-"""``probekit`` command line: ``models list|fetch``, ``capture``, ``cache list|show|verify|rm``, ``linearscope``,
+"""``probekit`` command line: ``models list|fetch|check``, ``capture``, ``cache list|show|verify|rm``, ``linearscope``,
 ``demo``."""
 
 from __future__ import annotations
@@ -66,6 +66,17 @@ def _positions(text: str) -> str | tuple[int, ...]:
 
 def _int_list_or_none(text: str) -> tuple[int, ...]:
     return () if text.strip().lower() in ("", "none") else _int_list(text)
+
+def _cmd_models_check(args) -> int:
+    from .archtable import check_model, render_table
+
+    cells = check_model(args.path)
+    if args.json:
+        print(json.dumps(cells, indent=2, ensure_ascii=False))
+    else:
+        model_type = json.loads((Path(args.path) / "config.json").read_text()).get("model_type", "?")
+        print(render_table({f"{Path(args.path).resolve().name} [{model_type}]": cells}))
+    return 0 if all(c["status"] in ("pass", "n/a") for c in cells.values()) else 1
 
 
 def _read_texts(path: str) -> list[str]:
@@ -269,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("names", nargs="+", help="registry names, e.g. smollm2-135m")
     mf.add_argument("--force", action="store_true", help="fetch again even if present")
     mf.set_defaults(func=_cmd_models_fetch)
+    mc = msub.add_parser("check", help="load a model folder and check capture on it: prints its row of the "
+                                       "README architecture table (exit 1 if a check fails)")
+    mc.add_argument("path", help="a Hugging Face model folder (config.json, weights, tokenizer)")
+    mc.add_argument("--json", action="store_true", help="print JSON cells instead of the table row")
+    mc.set_defaults(func=_cmd_models_check)
 
     c = sub.add_parser("capture", help="capture hook activations of documents into safetensors shards")
     c.add_argument("--model", default=DEFAULT_MODEL, help="registry name, local HF folder or Hub id")

