@@ -10,7 +10,12 @@ import numpy as np
 import torch
 
 RUN_TEXTS = ["def f(x):\n    return x + 1", "import os", "x = {'a': 1}"]
-TREE_SNIPPETS = ["def f(x):\n    return x + 1", "def g(a, b):\n    y = a * b\n    return y", "x = f(1, 2)"]
+TREE_SNIPPETS = ["def f(x):\n    return x + 1", "def g(a, b):\n    y = a * b\n    return y", "x = f(1, 2)",
+                 # long enough that labels collide unless the layout spaces them (the browser figure test)
+                 "def load_items(path, limit=10):\n    items = [parse_line(line.strip()) for line in open(path)]\n"
+                 "    if len(items) > limit and not items[0].startswith('#'):\n"
+                 "        return sorted(items[:limit], key=lambda item: (item.name, item.size))\n"
+                 "    return {'items': items, 'count': len(items) + offset(path, limit * 2)}"]
 
 
 def _write(root: Path, rel: str, obj: dict) -> Path:
@@ -55,7 +60,7 @@ def ast_result(model: str = "smollm2-135m", snippets: bool = True) -> dict:
             pred_c = list(c)
             pred_c[-1] = "call" if pred_c[-1] != "call" else "<empty>"  # one wrong label: a visible mismatch
             p["test_snippets"].append(dict(doc_id=f"m.py::s{i}", leaves=leaves, f1=0.8,
-                                           gold=[d, c, u], pred=[[float(v) for v in d][::-1] if i == 2 else d, pred_c, u]))
+                                           gold=[d, c, u], pred=[[float(v) for v in d][::-1] if i >= 2 else d, pred_c, u]))
     return p
 
 
