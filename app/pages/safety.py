@@ -118,16 +118,9 @@ def activation_view(result_id: str | None, pair: str | None, heat: str | None, e
         eta = DEFAULT_ETA
 
     def build():
-        from probekit.probes.safety import ActivationOverlapResult, RefusalResult
-
-        heat_fig = pr.build_result(ActivationOverlapResult, overlap[pair]).figures(excess=heat == "excess")[0]
+        heat_fig = pr.overlap_heatmap_figure(p, pair=pair, excess=heat == "excess")
         lines = pr.overlap_lines_figure(overlap, eta)
-        if refusal == "actadd":
-            bars = pr.build_result(RefusalResult, p["induce"]).figures()[0]
-            bars.update_layout(title=f"Harmless prompts with the layer-{p['layer']} direction added (and a random one)")
-        else:
-            bars = pr.build_result(RefusalResult, p["refusal"]).figures()[0 if refusal == "rate" else 1]
-            bars.update_layout(title=f"{bars.layout.title.text} (layer {p['layer']} direction, test prompts)")
+        bars = pr.refusal_figure(p, view=refusal)
         return heat_fig.to_dict(), lines.to_dict(), bars.to_dict()
 
     if pair is None:

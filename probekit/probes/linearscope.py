@@ -1091,7 +1091,8 @@ class LinearScopeResult:
         fig.update_yaxes(visible=False, scaleanchor="x")
         which = "Test digit" if index is None else f"Digit {index}"
         fig.update_layout(title=f"{which}: label {self.label}, predicted {self.predicted} — class rows of A(x) "
-                                "(y = A x + b exactly)", template="plotly_white", height=210 * rows)
+                                "(y = A x + b exactly)", template="plotly_white", height=120 + 250 * rows,
+                          margin={"t": 90, "b": 30})  # the image grid fills ≥ 60 % of the figure
         return fig
 
     def figures(self, *, test_mean_share: float | None = None) -> list[Any]:
