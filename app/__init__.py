@@ -18,7 +18,7 @@ from . import data
 __all__ = ["create_app"]
 
 
-def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | None = None):
+def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | None = None, reports=None):
     """Build the Dash app serving ``cache_root`` (default ``$PROBEKIT_CACHE`` or ``./cache``).
 
     Parameters
@@ -27,6 +27,9 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
         The cache root to browse; every file the app opens lies inside it.
     jobs_dir : str or Path, optional
         Folder of the background-job store (diskcache); a fresh temporary folder by default.
+    reports : list of str or Path, optional
+        Report folders (each holding ``<name>/`` folders of ``probekit report``) whose results the pages also
+        show; default ``./reports`` when it exists.
 
     Returns
     -------
@@ -43,6 +46,7 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
 
     _warm_imports()
     root = data.set_root(cache_root)
+    data.set_reports(reports)
     data.clear_caches()
     manager = dash.DiskcacheManager(diskcache.Cache(str(jobs_dir or tempfile.mkdtemp(prefix="probekit-app-jobs-"))))
     app = dash.Dash(__name__, title="probekit", suppress_callback_exceptions=True,

@@ -59,8 +59,10 @@ def ast_result(model: str = "smollm2-135m", snippets: bool = True) -> dict:
             leaves, d, c, u = code_to_tuple(src)
             pred_c = list(c)
             pred_c[-1] = "call" if pred_c[-1] != "call" else "<empty>"  # one wrong label: a visible mismatch
-            p["test_snippets"].append(dict(doc_id=f"m.py::s{i}", leaves=leaves, f1=0.8,
-                                           gold=[d, c, u], pred=[[float(v) for v in d][::-1] if i >= 2 else d, pred_c, u]))
+            pred = [[float(v) for v in d][::-1] if i >= 2 else d, pred_c, u]
+            flat = [[0.0] * len(d), ["<empty>"] * len(c), u]  # layer "embed": one flat node, nothing recovered
+            p["test_snippets"].append(dict(doc_id=f"m.py::s{i}", leaves=leaves, f1=0.8, gold=[d, c, u], pred=pred,
+                                           pred_by_layer={"embed": flat, "2": [d, c, u], "5": pred}))
     return p
 
 
