@@ -80,13 +80,22 @@ class PageState:
     values for parsed query ``params`` (defaults for missing keys, the same function the page's layout uses), and
     ``to_query(*values)`` gives the query dict for the controls' values. :meth:`register` adds one callback that
     writes the query string when a control changes and sets every control when the query string changes (back,
-    forward, a pasted link): a single callback, because Dash allows a cycle only inside one callback.
+    forward, a pasted link): a single callback, because Dash allows a cycle only inside one callback. It listens
+    to the page's own ``dcc.Location`` (:meth:`location`, put in the page's layout), so it exists only while its
+    page is shown; every ``dcc.Location`` of the document follows the browser's URL.
     """
 
     def __init__(self, path: str, schema: Mapping[str, Any], controls: list[tuple[str, str]],
                  from_query: Callable[[dict], list], to_query: Callable[..., dict]):
         self.path, self.schema, self.controls = path, schema, controls
         self.from_query, self.to_query = from_query, to_query
+        self.id = "url" + path.replace("/", "-").rstrip("-")
+
+    def location(self):
+        """The page's own ``dcc.Location`` (it follows the browser's URL; no reload on change)."""
+        from dash import dcc
+
+        return dcc.Location(id=self.id, refresh=False)
 
     def sync(self, triggered: str | None, pathname: str | None, search: str | None, values: list) -> list:
         """Outputs of the callback: ``[search, *control values]`` (``dash.no_update`` where nothing changes)."""
@@ -95,7 +104,7 @@ class PageState:
         n = len(self.controls)
         if pathname != self.path:
             return [no_update] * (n + 1)
-        if triggered == "url":  # the query string moved (history, link): it drives the controls
+        if triggered == self.id:  # the query string moved (history, link): it drives the controls
             want = self.from_query(parse_query(search, self.schema))
             return [no_update] + [w if w != v else no_update for w, v in zip(want, values)]
         query = encode_query(self.to_query(*values))
@@ -104,13 +113,12 @@ class PageState:
     def register(self, app) -> None:
         from dash import Input, Output, State, callback_context
 
-        outs = [Output("url", "search", allow_duplicate=True)] + [Output(c, p, allow_duplicate=True)
-                                                                    for c, p in self.controls]
-        ins = [Input("url", "search")] + [Input(c, p) for c, p in self.controls]
+        outs = [Output(self.id, "search")] + [Output(c, p, allow_duplicate=True) for c, p in self.controls]
+        ins = [Input(self.id, "search")] + [Input(c, p) for c, p in self.controls]
 
         def _sync(search, *rest):
             *values, pathname = rest
             trig = callback_context.triggered_id
             return self.sync(trig if isinstance(trig, str) else None, pathname, search, list(values))
 
-        app.callback(*outs, *ins, State("url", "pathname"), prevent_initial_call=True)(_sync)
+        app.callback(*outs, *ins, State(self.id, "pathname"), prevent_initial_call=True)(_sync)

@@ -191,6 +191,7 @@ def layout(params: dict) -> html.Div:
     # options present from the start: a dropdown whose value is not among its options drops the value
     _, _, layer_opts, _ = recall_view(model, layer)
     return html.Div([
+        STATE.location(),
         html.H2("AST-Probe"),
         html.Div(className="controls", children=[
             html.Label("result set"),

@@ -104,6 +104,7 @@ def layout(params: dict) -> html.Div:
     models = model_options()
     model, dataset, n, hooks = controls(params)
     return html.Div([
+        STATE.location(),
         html.H2("Capture"),
         card("What to capture",
              html.Div(className="form", children=[

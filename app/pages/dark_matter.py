@@ -78,6 +78,7 @@ def layout(params: dict) -> html.Div:
     ids = data.list_results("dark-matter")
     model, fvu = controls(params)
     return html.Div([
+        STATE.location(),
         html.H2("Dark matter"),
         html.Div(className="controls", children=[
             dcc.Dropdown(id="dm-model", options=data.result_options("dark-matter", ids + [model] if model not in ids else ids),

@@ -131,6 +131,7 @@ def layout(params: dict) -> html.Div:
     model, show, run, stat, hook, doc = controls(params)
     hook_opts, _, doc_opts, _ = token_choices(run, hook, doc)
     return html.Div([
+        STATE.location(),
         html.H2("Layers"),
         card("Linear-probe accuracy per layer",
              html.Div(className="controls", children=[

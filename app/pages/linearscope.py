@@ -110,6 +110,7 @@ def layout(params: dict) -> html.Div:
     digit, model, view = controls(params)
     digit_opts, _ = digit_options(digit)
     return html.Div([
+        STATE.location(),
         html.H2("LinearScope"),
         card("Digits CNN",
              dcc.Dropdown(id="ls-digit", options=digit_opts, value=digit, clearable=False),

@@ -232,6 +232,7 @@ def layout(params: dict) -> html.Div:
     radio = lambda id, choices, value: dcc.RadioItems(  # noqa: E731
         id=id, options=[{"label": v, "value": k} for k, v in choices.items()], value=value, inline=True)
     return html.Div([
+        STATE.location(),
         html.H2("Safety"),
         html.Div(className="controls", children=[
             html.Label("result folder"),

@@ -338,6 +338,8 @@ def tree_comparison_figure(
         tickangle=-90, tickfont={"size": 10}, showticklabels=True,
         range=x_range, showgrid=False, zeroline=False,
     )
+    # subplot titles at the left edge: a long tree scrolls, and a centred title would start off screen
+    fig.update_annotations(x=0, xanchor="left")
     fig.update_layout(
         title=title or f"AST-Probe tree, gold vs predicted ({n} leaves)",
         template=_TEMPLATE,

@@ -183,3 +183,18 @@ def populate(root: Path, *, tiny_model: bool = False, safety: bool = False) -> d
         write_safety(root, mdir)
     run = write_run(root)
     return dict(run_id=run.run_id, model_dir=mdir)
+
+
+REPORT_MODEL = "tiny-report-model"
+
+
+def write_report(reports: Path, name: str = "demo") -> Path:
+    """A report folder as ``probekit report`` lays it out (``<reports>/<name>/<probe>/<file>.json``) with a layer-probe
+    and an AST-Probe result of a model the cache's results do not have, so a page showing it came from the report."""
+    folder = Path(reports) / name
+    for probe, file, payload in (("layer_probes", "layer_probes.json", demo_result(REPORT_MODEL, n_layers=4)),
+                                 ("ast_probe", "ast_probe.json", ast_result(REPORT_MODEL))):
+        (folder / probe).mkdir(parents=True, exist_ok=True)
+        (folder / probe / file).write_text(json.dumps(payload))
+    (folder / "metrics.json").write_text(json.dumps({"name": name, "model": REPORT_MODEL}))
+    return folder
