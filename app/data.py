@@ -579,25 +579,41 @@ def model_hook_names(model: str, root: Path | None = None) -> list[str]:
     """Every hook name the capture accepts for ``model``, in layer order, known without loading its weights.
 
     The model is built from its ``config.json`` on PyTorch's ``meta`` device (shapes only, no memory, no
-    weights read) and booted as a ``TransformerBridge`` with its tokenizer, so the names are exactly the ones
-    the capture worker's bridge has. Memoised per version of ``config.json``. Raises ``FileNotFoundError`` when
-    the folder has no ``config.json``.
+    weights read) and booted as a ``TransformerBridge`` with its tokenizer, so the names are the ones the capture
+    worker's bridge has. To keep the first request short the config is cut to one block and that block's names
+    are repeated for every layer (each block of these architectures has the same hook points); a config that
+    cannot be cut is booted whole. Memoised per version of ``config.json``. Raises ``FileNotFoundError`` when the
+    folder has no ``config.json``.
     """
     folder = model_folder(model, root)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{model} has no config.json (not fetched yet?)")
 
-    def compute() -> list[str]:
+    def boot(cfg) -> list[str]:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformer_lens.model_bridge import TransformerBridge
 
-        cfg = AutoConfig.from_pretrained(str(folder))
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(cfg)
         tok = AutoTokenizer.from_pretrained(str(folder))
-        bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=tok)
-        return sorted(bridge.hook_dict, key=hook_order_key)
+        return list(TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=tok).hook_dict)
+
+    def compute() -> list[str]:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(folder))
+        n = getattr(cfg, "num_hidden_layers", None)
+        if isinstance(n, int) and n > 1 and not isinstance(getattr(cfg, "layer_types", None), list):
+            try:
+                cfg.num_hidden_layers = 1
+                one = boot(cfg)
+                names = [re.sub(r"^blocks\.0\.", f"blocks.{l}.", h) for h in one
+                         for l in (range(n) if h.startswith("blocks.0.") else [0])]
+                return sorted(dict.fromkeys(names), key=hook_order_key)
+            except Exception:  # an architecture that does not boot with one block: boot it whole
+                cfg = AutoConfig.from_pretrained(str(folder))
+        return sorted(boot(cfg), key=hook_order_key)
 
     return memo(("hook_names", str(cfg_path), *_stamp(cfg_path)), compute)
