@@ -18,6 +18,17 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def model_text(model: str) -> str:
+    """A run's model as the table shows it; a folder that no longer exists (an older run's temporary copy) says so
+    rather than passing for a model name."""
+    from pathlib import Path
+
+    p = Path(model)
+    if p.is_absolute() and not p.exists():
+        return f"{p.name} (folder gone: {model[-48:]})"
+    return model[-48:]
+
+
 def runs_table(runs: list[dict]) -> html.Div:
     """Table of runs with a verify and a delete button per run (or how to make one when there is none)."""
     if not runs:
@@ -32,7 +43,7 @@ def runs_table(runs: list[dict]) -> html.Div:
         hook_text = ", ".join(hooks[:4]) + (f" … (+{len(hooks) - 4})" if len(hooks) > 4 else "")
         body.append(html.Tr([
             html.Td(html.Code(rid[:12], title=rid)),
-            html.Td(r["model"][-48:], title=r["model"]),
+            html.Td(model_text(r["model"]), title=r["model"]),
             html.Td(hook_text, title="\n".join(hooks)) if not r["error"] else html.Td(error(r["error"])),
             html.Td(f"{r['rows']:,}"), html.Td(_mib(r["bytes"])), html.Td(r["dtype"] or ""),
             html.Td("yes" if r["complete"] else "partial"),

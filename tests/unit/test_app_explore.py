@@ -204,3 +204,12 @@ def test_fit_figure_gives_room_to_the_plot_and_keeps_the_legend_inside():
     assert many.layout.height - many.layout.margin.t - many.layout.margin.b >= 14 * 40
     table = go.Figure(go.Table(header={"values": ["a"]}, cells={"values": [[1]]}), layout={"height": 90})
     assert fit_figure(table).layout.height == 90  # tables and subplot grids size themselves
+
+
+def test_cache_browser_marks_a_model_folder_that_is_gone(tmp_path):
+    from app.pages import home
+
+    assert home.model_text("smollm2-135m") == "smollm2-135m"
+    assert home.model_text(str(tmp_path)) == str(tmp_path)[-48:]
+    gone = home.model_text("/tmp/probekit-random-init-abc123")
+    assert "folder gone" in gone and "probekit-random-init-abc123" in gone
