@@ -3,11 +3,13 @@ callback on a disk-cache manager, in another process) with a live progress bar a
 
 from __future__ import annotations
 
+import difflib
+
 from dash import Input, Output, State, dcc, html, no_update
 
 from .. import data
 from ..components import card, error, info, options
-from ..jobs import DOC_SEPARATOR, build_spec, progress_percent, run_capture_job
+from ..jobs import DOC_SEPARATOR, build_spec, parse_hooks, progress_percent, run_capture_job
 from ..security import UnsafePathError
 from ..urlstate import PageState
 
@@ -35,10 +37,6 @@ def progress_step(event: dict) -> list:
 def check_hooks(model: str | None, hooks: str | None) -> list[str]:
     """The typed hooks, each checked against the model's hook names (known from its config, no weights loaded);
     raises ``ValueError`` naming every unknown hook with close matches. Nothing is checked without a model."""
-    import difflib
-
-    from ..jobs import parse_hooks
-
     wanted = parse_hooks(hooks)
     if not model or not wanted:
         return wanted

@@ -83,6 +83,10 @@ def delete_run(run_id: str) -> object:
     return info(f"Deleted run {run_id} ({removed.name}).")
 
 
+#: Index kind -> what the probe column calls it.
+PROBE_NAMES = {"demo": "layer probes", "ast-probe": "AST-Probe", "dark-matter": "dark matter",
+               "linearscope-lm": "LinearScope (prompt)", "linearscope-digits": "LinearScope (digit)",
+               "safety-activation": "safety (activation)", "safety-weight": "safety (weight)"}
 #: Index kind -> the page that shows it and the query key naming the set.
 SET_PAGE = {"demo": ("/layers", "model"), "ast-probe": ("/ast-probe", "model"),
             "dark-matter": ("/dark-matter", "model"), "linearscope-lm": ("/linearscope", "model"),
@@ -118,7 +122,7 @@ def results_list() -> html.Div:
         if html_rel in files:
             links += [" · ", html.A("page", href=f"/files/results/{html_rel}", target="_blank")]
         cfg = _config_text(st.config)
-        rows.append(html.Tr([html.Td(st.kind), html.Td(st.id), html.Td(st.model), html.Td(st.source),
+        rows.append(html.Tr([html.Td(PROBE_NAMES[st.kind]), html.Td(st.id), html.Td(st.model), html.Td(st.source),
                              html.Td(st.date), html.Td(html.Details([html.Summary(cfg[:40] + ("…" if len(cfg) > 40 else "")),
                                                                      html.Code(cfg)]) if cfg else ""),
                              html.Td(links), html.Td(dcc.Link("open", href=href))]))

@@ -22,7 +22,7 @@ def test_report_results_reach_every_page_that_shows_them(page, server):
     assert "smollm2-135m" in index  # the cache's own sets are in the same index
     page.screenshot(path=str(ARTIFACTS / "home-index.png"), full_page=True)
     # the Layers page lists the report's set beside the cache's and draws it
-    row = page.locator("#result-index tr", has=page.locator("td:text-is('demo')")).filter(has_text="report:demo")
+    row = page.locator("#result-index tr", has=page.locator("td:text-is('layer probes')")).filter(has_text="report:demo")
     row.locator("text=open").click()
     page.wait_for_function("() => location.pathname === '/layers' && location.search.includes('report')")
     _settle(page)
