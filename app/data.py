@@ -239,8 +239,10 @@ def result_label(kind: str, result_id: str, root: Path | None = None) -> str:
     return f"{result_id} (no result yet)"
 
 
-def result_options(kind: str, ids: list[str], root: Path | None = None) -> list[dict]:
-    """Dropdown options for result-set ids of ``kind`` (labels from :func:`result_label`)."""
+def result_options(kind: str, ids: list[str], selected: str | None = None, root: Path | None = None) -> list[dict]:
+    """Dropdown options for result-set ids of ``kind`` (labels from :func:`result_label`), plus ``selected`` when
+    it is not one of them (a dropdown drops a value missing from its options; the page then says it is missing)."""
+    ids = ids + [selected] if selected is not None and selected not in ids else ids
     return [{"label": result_label(kind, i, root), "value": i} for i in ids]
 
 

@@ -195,7 +195,7 @@ def layout(params: dict) -> html.Div:
         html.H2("AST-Probe"),
         html.Div(className="controls", children=[
             html.Label("result set"),
-            dcc.Dropdown(id="ast-model", options=data.result_options("ast-probe", ids + [model] if model not in ids else ids),
+            dcc.Dropdown(id="ast-model", options=data.result_options("ast-probe", ids, model),
                          value=model, clearable=False),
         ]),
         card("Score per layer",

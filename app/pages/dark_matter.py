@@ -81,7 +81,7 @@ def layout(params: dict) -> html.Div:
         STATE.location(),
         html.H2("Dark matter"),
         html.Div(className="controls", children=[
-            dcc.Dropdown(id="dm-model", options=data.result_options("dark-matter", ids + [model] if model not in ids else ids),
+            dcc.Dropdown(id="dm-model", options=data.result_options("dark-matter", ids, model),
                          value=model, clearable=False),
             dcc.RadioItems(id="dm-fvu", options=[{"label": v, "value": k} for k, v in FVU_MODES.items()],
                            value=fvu, inline=True),

@@ -118,13 +118,15 @@ def results_list() -> html.Div:
         if st.source == "cache" and st.path.resolve().is_relative_to(root_results.resolve()):
             rel = str(st.path.resolve().relative_to(root_results.resolve()))
         html_rel = rel[:-5] + ".html" if rel else None
-        links = [html.A(st.path.name, href=f"/files/results/{rel}", target="_blank")] if rel in files else [st.path.name]
+        links = ([html.A(st.path.name, href=f"/files/results/{rel}", target="_blank")] if rel in files
+                 else [st.path.name])
         if html_rel in files:
             links += [" · ", html.A("page", href=f"/files/results/{html_rel}", target="_blank")]
         cfg = _config_text(st.config)
+        short = cfg[:40] + ("…" if len(cfg) > 40 else "")
         rows.append(html.Tr([html.Td(PROBE_NAMES[st.kind]), html.Td(st.id), html.Td(st.model), html.Td(st.source),
-                             html.Td(st.date), html.Td(html.Details([html.Summary(cfg[:40] + ("…" if len(cfg) > 40 else "")),
-                                                                     html.Code(cfg)]) if cfg else ""),
+                             html.Td(st.date),
+                             html.Td(html.Details([html.Summary(short), html.Code(cfg)]) if cfg else ""),
                              html.Td(links), html.Td(dcc.Link("open", href=href))]))
     head = html.Tr([html.Th(h) for h in ("probe", "set", "model", "source", "date", "config", "file", "")])
     return html.Div(html.Table([html.Thead(head), html.Tbody(rows)], className="table", id="result-index"),

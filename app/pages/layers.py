@@ -135,7 +135,7 @@ def layout(params: dict) -> html.Div:
         html.H2("Layers"),
         card("Linear-probe accuracy per layer",
              html.Div(className="controls", children=[
-                 dcc.Dropdown(id="layers-model", options=data.result_options("demo", models + [model] if model not in models else models),
+                 dcc.Dropdown(id="layers-model", options=data.result_options("demo", models, model),
                               value=model, clearable=False),
                  dcc.Checklist(id="layers-show", options=[{"label": v, "value": k} for k, v in SHOW.items()],
                                value=show, inline=True),

@@ -117,7 +117,7 @@ def layout(params: dict) -> html.Div:
              html.Div(id="ls-digit-msg"), graph("ls-rows-fig"), graph("ls-share-fig")),
         card("Token contributions to a logit",
              html.Div(className="controls", children=[
-                 dcc.Dropdown(id="ls-model", options=data.result_options("linearscope-lm", lms + [model] if model not in lms else lms),
+                 dcc.Dropdown(id="ls-model", options=data.result_options("linearscope-lm", lms, model),
                               value=model, clearable=False),
                  dcc.RadioItems(id="ls-view", options=[{"label": v, "value": k} for k, v in VIEWS.items()],
                                 value=view, inline=True),

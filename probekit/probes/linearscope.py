@@ -1086,7 +1086,8 @@ class LinearScopeResult:
         for k in range(n_cls):
             r, c = divmod(k + 1, cols)
             fig.add_trace(go.Heatmap(z=self._image(self.matrix[k])[::-1].tolist(), zmin=-lim, zmax=lim,
-                                     colorscale="RdBu", showscale=k == 0, name=f"class {k}"), row=r + 1, col=c + 1)
+                                     colorscale="RdBu", showscale=k == 0, name=f"class {k}",
+                                     colorbar={"title": "A(x) entry"}), row=r + 1, col=c + 1)
         fig.update_xaxes(visible=False)
         fig.update_yaxes(visible=False, scaleanchor="x")
         which = "Test digit" if index is None else f"Digit {index}"

@@ -37,8 +37,8 @@ _MEASURE = """(id) => {
   const fl = g._fullLayout;
   const titled = (prefix) => Object.keys(fl).filter(k => k.startsWith(prefix) && fl[k] && fl[k].visible
       && fl[k].showticklabels).map(k => (fl[k].title && fl[k].title.text) || '');
-  const colorbars = (g._fullData || []).filter(t => t.type === 'heatmap' && t.showscale)
-      .map(t => (t.colorbar && t.colorbar.title && t.colorbar.title.text) || '');
+  const colorbars = [...g.querySelectorAll('.colorbar')].map(c => {
+      const t = c.querySelector('.cbtitle text'); return t ? t.textContent.trim() : ''; });
   return {fig, plot, legend: legend ? box(legend) : null, x_titles: titled('xaxis'), y_titles: titled('yaxis'),
           colorbars, n_traces: (g.data || []).length};
 }"""
