@@ -19,7 +19,7 @@ __all__ = ["create_app"]
 
 
 def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | None = None,
-               extra_hosts: tuple[str, ...] = ()):
+               extra_hosts: tuple[str, ...] = (), reports=None):
     """Build the Dash app serving ``cache_root`` (default ``$PROBEKIT_CACHE`` or ``./cache``).
 
     Parameters
@@ -31,6 +31,9 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
     extra_hosts : tuple of str, optional
         Host names besides 127.0.0.1, localhost, [::1] and the bound address under which the app is opened
         (``myhost.lan`` when served on a LAN); any other Host header is refused (:mod:`app.security`).
+    reports : list of str or Path, optional
+        Report folders (each holding ``<name>/`` folders of ``probekit report``) whose results the pages also
+        show; default ``./reports`` when it exists.
 
     Returns
     -------
@@ -47,6 +50,7 @@ def create_app(cache_root: str | Path | None = None, *, jobs_dir: str | Path | N
 
     _warm_imports()
     root = data.set_root(cache_root)
+    data.set_reports(reports)
     data.clear_caches()
     manager = dash.DiskcacheManager(diskcache.Cache(str(jobs_dir or tempfile.mkdtemp(prefix="probekit-app-jobs-"))))
     app = dash.Dash(__name__, title="probekit", suppress_callback_exceptions=True,

@@ -62,7 +62,7 @@ def main() -> int:
         cfg = CaptureConfig(hooks=spec["hooks"], positions=spec["positions"], batch_size=spec["batch_size"],
                             max_length=spec["max_length"], dtype=spec["dtype"], progress=True)
         run = ActivationCache().capture(bridge, texts, cfg, tokenizer=tok)
-        emit(event="progress", done=1, total=1)
+        # no made-up "1 / 1" here: the bar's last display (on close) already reported the real token count
         emit(event="done", run_id=run.run_id, rows=run.n_rows, hooks=run.hooks,
              seconds=round(time.perf_counter() - t0, 2))
         return 0

@@ -44,11 +44,12 @@ def card(title: str, *children, id: str | None = None) -> html.Section:
     return html.Section(className="card", children=[html.H3(title), *children], **kw)
 
 
-def graph(id: str, height: int | None = None) -> dcc.Loading:
-    """A responsive figure container (width follows the window)."""
-    style = {"height": f"{height}px"} if height else {}
-    return dcc.Loading(dcc.Graph(id=id, figure=EMPTY_FIGURE, config={"displaylogo": False},
-                                 style=style), type="dot")
+def graph(id: str, *, scroll: bool = False) -> dcc.Loading:
+    """A figure container. Its height is the figure's own (every builder sets one that fits its content; see
+    :func:`probekit.figure_layout.fit_figure`); ``scroll``: a figure wider than the page (a long AST tree)
+    scrolls sideways instead of being squeezed."""
+    g = dcc.Graph(id=id, figure=EMPTY_FIGURE, config={"displaylogo": False})
+    return dcc.Loading(html.Div(g, className="graph-scroll") if scroll else g, type="dot")
 
 
 def options(values, labels=None) -> list[dict]:

@@ -21,6 +21,7 @@ import numpy as np
 from .security import RUN_ID_RE, UnsafePathError, check_hook, check_name, check_run_id, safe_path
 
 _ROOT: Path | None = None
+_REPORTS: list[Path] = []
 _LOCK = threading.Lock()
 _JSON: dict[str, tuple[tuple[int, int], Any]] = {}
 _MEMO: OrderedDict[tuple, Any] = OrderedDict()
@@ -59,6 +60,28 @@ def set_root(root: str | Path | None) -> Path:
     _ROOT = Path(root).expanduser().resolve()
     _ROOT.mkdir(parents=True, exist_ok=True)
     return _ROOT
+
+
+def set_reports(folders) -> list[Path]:
+    """Set the report folders the app also reads (each holds ``<name>/`` folders written by ``probekit report``);
+    ``None``: ``./reports`` when it exists. Returns them resolved; a folder that does not exist is an error."""
+    global _REPORTS
+    if folders is None:
+        folders = ["reports"] if Path("reports").is_dir() else []
+    out = []
+    for f in folders:
+        p = Path(f).expanduser().resolve()
+        if not p.is_dir():
+            raise FileNotFoundError(f"report folder {f!r} does not exist (--reports takes folders like ./reports "
+                                    "that hold the <name>/ folders written by `probekit report`)")
+        out.append(p)
+    _REPORTS = out
+    return list(_REPORTS)
+
+
+def get_reports() -> list[Path]:
+    """The report folders set by :func:`set_reports`."""
+    return list(_REPORTS)
 
 
 def get_root() -> Path:
@@ -130,8 +153,37 @@ def result_set_parts(result_id: str) -> list[str]:
     return [check_name(p, "result id") for p in parts]
 
 
+REPORT_PREFIX = "report:"
+
+
+def result_index(root: Path | None = None) -> list:
+    """Every result set of the cache root's ``results/`` and of the report folders
+    (:class:`probekit.result_index.ResultSet`: id, kind, source, path, model, date, config)."""
+    from probekit.result_index import scan
+
+    root = Path(root or get_root())
+    try:
+        base = safe_path(root, "results")
+    except UnsafePathError:
+        base = None
+    return scan(base, _REPORTS, load=load_json)
+
+
+def _report_path(kind: str, result_id: str) -> Path:
+    """The file of a report's result set, looked up in the index (an id is never turned into a path)."""
+    for s in result_index():
+        if s.source != "cache" and s.kind == kind and s.id == result_id:
+            return s.path
+    raise UnsafePathError(f"no {kind} result set {result_id[:80]!r} in the report folders "
+                          f"({', '.join(str(r) for r in _REPORTS) or 'none given: probekit app --reports DIR'})")
+
+
 def result_path(kind: str, result_id: str, *, index: int | None = None, root: Path | None = None) -> Path:
-    """Path of one result file (it may not exist). Raises ``UnsafePathError`` on a crafted id."""
+    """Path of one result file (it may not exist). Raises ``UnsafePathError`` on a crafted id.
+
+    A report's set (id ``report:<name>…``) is found through the index of the report folders."""
+    if isinstance(result_id, str) and result_id.startswith(REPORT_PREFIX):
+        return _report_path(kind, result_id)
     folder, name, _ = RESULTS[kind]
     parts = result_set_parts(result_id)
     if "{index}" in name:
@@ -143,6 +195,8 @@ def result_path(kind: str, result_id: str, *, index: int | None = None, root: Pa
 
 def missing_command(kind: str, result_id: str, *, index: int | None = None, root: Path | None = None) -> str:
     """The exact CLI command that writes result ``kind`` for ``result_id``."""
+    if result_id.startswith(REPORT_PREFIX):
+        return f"probekit report CONFIG  # the config named {result_id[len(REPORT_PREFIX):].split('/')[0]}"
     parts = result_id.split("/")
     cmd = RESULTS[kind][2].format(model=parts[0], index=index if index is not None else 0)
     if len(parts) == 2 and kind == "ast-probe":
@@ -168,10 +222,32 @@ def result_stamp(kind: str, result_id: str, *, index: int | None = None, root: P
 
 
 def list_results(kind: str, root: Path | None = None) -> list[str]:
-    """Ids of the result sets of ``kind`` present on disk (sorted), e.g. ``["smollm2-135m"]``.
+    """Ids of the result sets of ``kind``: the cache's (sorted, e.g. ``["smollm2-135m"]``), then the report
+    folders' (``report:<name>``).
 
-    For ``linearscope-digits`` the ids are the digit indices as strings.
+    For ``linearscope-digits`` the cache ids are the digit indices as strings, a report's ``report:<name>/<i>``.
     """
+    return list_cache_results(kind, root) + [s.id for s in result_index(root) if s.source != "cache" and s.kind == kind]
+
+
+def result_label(kind: str, result_id: str, root: Path | None = None) -> str:
+    """A dropdown label for a result set: its id, model, source and date."""
+    for s in result_index(root):
+        if s.kind == kind and s.id == result_id:
+            model = f" · {s.model}" if s.model and s.model not in s.id else ""
+            return f"{s.id}{model} · {s.source} · {s.date}"
+    return f"{result_id} (no result yet)"
+
+
+def result_options(kind: str, ids: list[str], selected: str | None = None, root: Path | None = None) -> list[dict]:
+    """Dropdown options for result-set ids of ``kind`` (labels from :func:`result_label`), plus ``selected`` when
+    it is not one of them (a dropdown drops a value missing from its options; the page then says it is missing)."""
+    ids = ids + [selected] if selected is not None and selected not in ids else ids
+    return [{"label": result_label(kind, i, root), "value": i} for i in ids]
+
+
+def list_cache_results(kind: str, root: Path | None = None) -> list[str]:
+    """Ids of the result sets of ``kind`` under the cache root's ``results/`` only (sorted)."""
     root = root or get_root()
     folder, name, _ = RESULTS[kind]
     try:
@@ -201,12 +277,15 @@ def list_results(kind: str, root: Path | None = None) -> list[str]:
 
 def list_safety_results(root: Path | None = None) -> list[str]:
     """Folders under ``results/safety/`` holding ``activation.json`` and/or ``weight.json`` (sorted ids)."""
-    return sorted(set(list_results("safety-activation", root)) | set(list_results("safety-weight", root)))
+    return sorted(set(list_cache_results("safety-activation", root)) | set(list_cache_results("safety-weight", root)))
 
 
 def safety_directions_path(result_id: str, payload: dict, root: Path | None = None) -> Path:
     """The refusal-direction file beside a ``safety_activation`` result (checked by ``safe_path``)."""
     name = check_name(str(payload.get("directions_file") or "refusal_directions.safetensors"), "directions file")
+    if result_id.startswith(REPORT_PREFIX):
+        act = _report_path("safety-activation", result_id)
+        return safe_path(act.parent, name)
     return safe_path(root or get_root(), "results", "safety", *result_set_parts(result_id), name)
 
 
@@ -335,6 +414,30 @@ def natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+# Within a block, hooks in the order the forward pass reaches them (TransformerBridge names; a prefix match).
+_BLOCK_ORDER = ("hook_in", "hook_resid_pre", "ln1", "attn", "hook_attn_in", "hook_q_input", "hook_k_input",
+                "hook_v_input", "hook_attn_out", "hook_resid_mid", "ln2", "mlp", "hook_mlp_in", "hook_mlp_out",
+                "hook_resid_post", "hook_out")
+_BEFORE_BLOCKS = ("hook_embed", "hook_pos_embed", "embed", "pos_embed", "rotary_emb", "hook_tokens")
+
+
+def hook_order_key(name: str) -> tuple:
+    """Sort key putting hooks in layer order, as the forward pass meets them: embeddings, then each block in
+    turn (``resid_pre``, attention, ``resid_mid``, MLP, ``resid_post``), then what follows the blocks; names
+    of other modules (``features.3``) in natural order after those."""
+    m = re.match(r"blocks\.(\d+)\.(.+)$", name)
+    if m:
+        sub = m.group(2)
+        rank = next((i for i, p in enumerate(_BLOCK_ORDER) if sub == p or sub.startswith(p + ".")),
+                    len(_BLOCK_ORDER))
+        return (1, int(m.group(1)), rank, natural_key(sub))
+    if name.startswith(_BEFORE_BLOCKS):
+        return (0, 0, 0, natural_key(name))
+    if name.startswith(("ln_final", "unembed", "hook_final", "hook_logits")):
+        return (2, 0, 0, natural_key(name))
+    return (3, 0, 0, natural_key(name))
+
+
 def run_hook_stats(run_id: str, *, max_rows: int = 1024, root: Path | None = None) -> dict:
     """Per hook, statistics of a bounded, evenly spaced sample of rows (memoised per manifest version).
 
@@ -342,13 +445,13 @@ def run_hook_stats(run_id: str, *, max_rows: int = 1024, root: Path | None = Non
     -------
     dict
         ``{"hooks": [...], "mean_norm": [...], "std_norm": [...], "mean_abs": [...], "n_sampled": int}``,
-        hooks in natural order.
+        hooks in layer order (:func:`hook_order_key`).
     """
     def compute() -> dict:
         run = open_run(run_id, root)
         n = run.n_rows
         rows = np.unique(np.linspace(0, max(n - 1, 0), min(n, max_rows)).astype(np.int64)) if n else np.zeros(0, int)
-        hooks = sorted(run.hooks, key=natural_key)
+        hooks = sorted(run.hooks, key=hook_order_key)
         stats = dict(hooks=hooks, mean_norm=[], std_norm=[], mean_abs=[], n_sampled=int(len(rows)))
         for h in hooks:
             x = run.load(h, rows).float().flatten(1).numpy() if len(rows) else np.zeros((0, 1), np.float32)
@@ -372,7 +475,10 @@ def run_documents(run_id: str, root: Path | None = None) -> list[int]:
 
 def tokenizer_folder(model: str, root: Path | None = None) -> Path | None:
     """The tokenizer folder of a run's model when it lies inside the cache root (else ``None``)."""
+    from probekit.ast_probe_run import RANDOM_INIT_PREFIX
+
     root = root or get_root()
+    model = model[len(RANDOM_INIT_PREFIX):] if model.startswith(RANDOM_INIT_PREFIX) else model  # its base's tokenizer
     try:
         p = Path(model)
         if p.is_absolute():
@@ -459,3 +565,57 @@ def model_choices(root: Path | None = None) -> list[dict]:
             continue
         out.append(dict(value=f"models/{p.name}", label=f"models/{p.name} (local folder)", ready=True, hint=None))
     return out
+
+
+# --------------------------------------------------------------------------------------------- hook names
+
+
+def model_folder(model: str, root: Path | None = None) -> Path:
+    """The folder of a capture-page model value (a registry name or ``models/<folder>``), inside the root."""
+    root = root or get_root()
+    m = re.fullmatch(r"models/(.+)", model or "")
+    return safe_path(root, "models", check_name(m.group(1) if m else model, "model"))
+
+
+def model_hook_names(model: str, root: Path | None = None) -> list[str]:
+    """Every hook name the capture accepts for ``model``, in layer order, known without loading its weights.
+
+    The model is built from its ``config.json`` on PyTorch's ``meta`` device (shapes only, no memory, no
+    weights read) and booted as a ``TransformerBridge`` with its tokenizer, so the names are the ones the capture
+    worker's bridge has. To keep the first request short the config is cut to one block and that block's names
+    are repeated for every layer (each block of these architectures has the same hook points); a config that
+    cannot be cut is booted whole. Memoised per version of ``config.json``. Raises ``FileNotFoundError`` when the
+    folder has no ``config.json``.
+    """
+    folder = model_folder(model, root)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{model} has no config.json (not fetched yet?)")
+
+    def boot(cfg) -> list[str]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformer_lens.model_bridge import TransformerBridge
+
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(cfg)
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        return list(TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=tok).hook_dict)
+
+    def compute() -> list[str]:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(folder))
+        n = getattr(cfg, "num_hidden_layers", None)
+        if isinstance(n, int) and n > 1 and not isinstance(getattr(cfg, "layer_types", None), list):
+            try:
+                cfg.num_hidden_layers = 1
+                one = boot(cfg)
+                names = [re.sub(r"^blocks\.0\.", f"blocks.{l}.", h) for h in one
+                         for l in (range(n) if h.startswith("blocks.0.") else [0])]
+                return sorted(dict.fromkeys(names), key=hook_order_key)
+            except Exception:  # an architecture that does not boot with one block: boot it whole
+                cfg = AutoConfig.from_pretrained(str(folder))
+        return sorted(boot(cfg), key=hook_order_key)
+
+    return memo(("hook_names", str(cfg_path), *_stamp(cfg_path)), compute)

@@ -71,3 +71,54 @@ def encode_query(state: Mapping[str, Any]) -> str:
             v = ",".join(map(str, v))
         items.append((k, v))
     return "?" + urlencode(items) if items else ""
+
+
+class PageState:
+    """Two-way binding between a page's controls and the query string.
+
+    ``controls`` lists the ``(component id, property)`` pairs in a fixed order; ``from_query(params)`` gives their
+    values for parsed query ``params`` (defaults for missing keys, the same function the page's layout uses), and
+    ``to_query(*values)`` gives the query dict for the controls' values. :meth:`register` adds one callback that
+    writes the query string when a control changes and sets every control when the query string changes (back,
+    forward, a pasted link): a single callback, because Dash allows a cycle only inside one callback. It listens
+    to the page's own ``dcc.Location`` (:meth:`location`, put in the page's layout), so it exists only while its
+    page is shown; every ``dcc.Location`` of the document follows the browser's URL.
+    """
+
+    def __init__(self, path: str, schema: Mapping[str, Any], controls: list[tuple[str, str]],
+                 from_query: Callable[[dict], list], to_query: Callable[..., dict]):
+        self.path, self.schema, self.controls = path, schema, controls
+        self.from_query, self.to_query = from_query, to_query
+        self.id = "url" + path.replace("/", "-").rstrip("-")
+
+    def location(self):
+        """The page's own ``dcc.Location`` (it follows the browser's URL; no reload on change)."""
+        from dash import dcc
+
+        return dcc.Location(id=self.id, refresh=False)
+
+    def sync(self, triggered: str | None, pathname: str | None, search: str | None, values: list) -> list:
+        """Outputs of the callback: ``[search, *control values]`` (``dash.no_update`` where nothing changes)."""
+        from dash import no_update
+
+        n = len(self.controls)
+        if pathname != self.path:
+            return [no_update] * (n + 1)
+        if triggered == self.id:  # the query string moved (history, link): it drives the controls
+            want = self.from_query(parse_query(search, self.schema))
+            return [no_update] + [w if w != v else no_update for w, v in zip(want, values)]
+        query = encode_query(self.to_query(*values))
+        return [query if query != (search or "") else no_update] + [no_update] * n
+
+    def register(self, app) -> None:
+        from dash import Input, Output, State, callback_context
+
+        outs = [Output(self.id, "search")] + [Output(c, p, allow_duplicate=True) for c, p in self.controls]
+        ins = [Input(self.id, "search")] + [Input(c, p) for c, p in self.controls]
+
+        def _sync(search, *rest):
+            *values, pathname = rest
+            trig = callback_context.triggered_id
+            return self.sync(trig if isinstance(trig, str) else None, pathname, search, list(values))
+
+        app.callback(*outs, *ins, State(self.id, "pathname"), prevent_initial_call=True)(_sync)

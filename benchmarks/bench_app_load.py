@@ -49,7 +49,7 @@ APP_REQUESTS = [
                                                    ("ast-metric", "value", "f1"), ("ast-controls", "value", ["on"])])),
     ("POST", "/_dash-update-component", _callback([("ast-tree-fig", "figure"), ("ast-tree-msg", "children")],
                                                   [("ast-model", "value", "smollm2-135m"),
-                                                   ("ast-snippet", "value", 1)])),
+                                                   ("ast-snippet", "value", 1), ("ast-layer", "value", "5")])),
     ("POST", "/_dash-update-component", _callback([("page", "children")], [("url", "pathname", "/ast-probe")],
                                                   [("url", "search", "?model=smollm2-135m&snippet=1")])),
 ]

@@ -85,6 +85,15 @@ class ASTProbeRunConfig:
             raise ValueError(f"k_sweep values must be positive, got {self.k_sweep}")
 
 
+RANDOM_INIT_PREFIX = "random-init:"
+
+
+def random_init_name(model: str) -> str:
+    """The durable model name of the random-init control's cache run: ``random-init:<model>`` (the tokenizer is
+    ``model``'s; the weights are identified by their hash in the run key)."""
+    return RANDOM_INIT_PREFIX + model
+
+
 def _random_init_copy(name: str) -> str:
     """A local folder holding the same architecture with freshly initialised weights (the random control)."""
     from .models import load_hf
@@ -148,6 +157,11 @@ def leaf_vectors_from_cache(run, aligned, hooks, *, device=None, budget_gb: floa
         layers.append(st.transform(x))
         dc.evict(h)
     return PackedLeaves(torch.stack(layers), lengths)
+
+
+def _tree_json(pred) -> list:
+    """A predicted ``(d, c, u)`` as JSON lists (``d`` rounded to 4 decimals: only its order matters)."""
+    return [[round(float(v), 4) for v in pred[0]], list(pred[1]), list(pred[2])]
 
 
 def _pick_tree_snippet(result_test_f1: list[float], n_leaves: list[int], want: int | None) -> int:
@@ -233,6 +247,10 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
             rbridge, _ = load_model(folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now; do not leave ~0.5 GB behind
+        # the cache run is keyed by these weights (a hash of the parameters: seeded, so a rerun reuses the run)
+        # and a durable name, never the temp folder, which is gone by now
+        rbridge.probekit_name = random_init_name(cfg.model)
+        rbridge.probekit_weights = None
         rnd = fit_eval(rbridge, "random-init control")
         random_res = rnd["test"]
         controls["random-init model"] = random_res.f1
@@ -263,7 +281,8 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
 
     # gold vs predicted tree of one test snippet at the best layer
     p = main["probe"]
-    preds = p.predict(main["X"][2])[best_li]
+    preds_all = p.predict(main["X"][2])  # per layer, per test snippet: (d, c, u)
+    preds = preds_all[best_li]
     per_snippet = [score_ast_predictions([pr], [g])["f1"] for pr, g in zip(preds, ys[2])]
     si = _pick_tree_snippet(per_snippet, [a.n_leaves for a in aligned[2]], cfg.tree_snippet)
     leaves = list(aligned[2][si].leaves)
@@ -277,11 +296,12 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
         validation_f1=main["val"].f1, result=trained.to_dict(),
         random_init=random_res.to_dict() if random_res else None, k_sweep=sweep,
         tree_snippet=dict(index=si, doc_id=aligned[2][si].doc_id, f1=per_snippet[si]),
-        # per test snippet at the best layer: what the app's snippet picker draws
+        # per test snippet at the best layer (pred) and at every layer (pred_by_layer): what the app's tree draws
         test_snippets=[dict(doc_id=a.doc_id, leaves=list(a.leaves), f1=f,
                             gold=[[int(v) for v in g[0]], list(g[1]), list(g[2])],
-                            pred=[[round(float(v), 4) for v in pr[0]], list(pr[1]), list(pr[2])])
-                       for a, g, pr, f in zip(aligned[2], ys[2], preds, per_snippet)],
+                            pred=_tree_json(pr),
+                            pred_by_layer={name: _tree_json(preds_all[li][j]) for li, name in enumerate(names)})
+                       for j, (a, g, pr, f) in enumerate(zip(aligned[2], ys[2], preds, per_snippet))],
         history=p.history_, published=PUBLISHED, seconds=round(time.perf_counter() - t0, 1))
     (out / "ast_probe.json").write_text(json.dumps(payload, indent=2, default=float))
     tensors = {"P": p.P_, "Vc": p.Vc_, "Vu": p.Vu_, "bc": p.bc_, "bu": p.bu_}

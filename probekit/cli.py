@@ -258,7 +258,10 @@ def _cmd_app(args) -> int:
         sys.path.insert(0, str(repo))
         from app import create_app
 
-    dash_app = create_app(args.cache_root)
+    try:
+        dash_app = create_app(args.cache_root, reports=args.reports)
+    except FileNotFoundError as e:  # a --reports folder that does not exist
+        raise SystemExit(f"probekit app: {e}") from None
     print(f"probekit app: serving {dash_app.title} for cache root {args.cache_root or '$PROBEKIT_CACHE or ./cache'} "
           f"on http://{args.host}:{args.port}/ (debug {'on' if args.debug else 'off'})", flush=True)
     dash_app.run(host=args.host, port=args.port, debug=args.debug)
@@ -415,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8050)
     ap.add_argument("--debug", action="store_true", help="Dash debug mode (reloader, dev tools); off by default")
     ap.add_argument("--cache-root", help="cache root (default: $PROBEKIT_CACHE or ./cache)")
+    ap.add_argument("--reports", nargs="+", metavar="DIR",
+                    help="report folders whose results the app also shows (folders holding the <name>/ folders "
+                         "of `probekit report`; default: ./reports when it exists)")
     ap.set_defaults(func=_cmd_app)
     return p
 

@@ -21,7 +21,8 @@ layer_accuracy_figure, hook_stats_figure, HOOK_STATS
 ast_layer_figure, AST_METRICS
 fvu_split_figure, error_r2_figure, ce_figure, error_scatter_figure, CE_SPLICES
 digit_rows_figure, bias_share_figure, token_contributions_figure
-overlap_lines_figure, projection_curves, projection_table, tradeoff_figures, WEIGHT_METRICS
+overlap_heatmap_figure, overlap_lines_figure, refusal_figure, REFUSAL_VIEWS, projection_curves, projection_table,
+tradeoff_figures, WEIGHT_METRICS
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from .figure_layout import fit_figure
 from .probes.ast_figures import AST_METRICS
 
 __all__ = ["RESULT_KINDS", "WEIGHT_METRICS", "HOOK_STATS", "AST_METRICS", "CE_SPLICES", "load", "find",
            "figures", "headline", "build_result", "layer_accuracy_figure", "hook_stats_figure", "ast_layer_figure",
            "fvu_split_figure", "error_r2_figure", "ce_figure", "error_scatter_figure", "digit_rows_figure",
-           "bias_share_figure", "token_contributions_figure", "overlap_lines_figure", "projection_curves",
+           "bias_share_figure", "token_contributions_figure", "overlap_heatmap_figure", "overlap_lines_figure",
+           "refusal_figure", "REFUSAL_VIEWS", "projection_curves",
            "projection_table", "tradeoff_figures"]
 
 RESULT_KINDS = ("layer_probes", "ast_probe", "dark_matter", "linearscope_digits", "linearscope_lm",
@@ -102,11 +105,25 @@ def build_result(cls, d: dict[str, Any], arrays: tuple[str, ...] = (), *, partia
 # the probe module; these builders adapt the payload to it.
 
 
+def _fitted(builder):
+    """Every figure a builder returns gets a height that fits its content and its legend inside
+    (:func:`probekit.figure_layout.fit_figure`), wherever it is drawn."""
+    import functools
+
+    @functools.wraps(builder)
+    def wrapper(*args, **kwargs):
+        out = builder(*args, **kwargs)
+        return [fit_figure(f) for f in out] if isinstance(out, list) else fit_figure(out)
+
+    return wrapper
+
+
 def _check(name: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, not {value!r}")
 
 
+@_fitted
 def layer_accuracy_figure(p: dict, *, show: tuple[str, ...] | list[str] = ("train", "controls")) -> Any:
     """Linear-probe test score per layer of a ``layer_probes`` payload (``LayerProbeResult.figures``).
 
@@ -129,6 +146,7 @@ def layer_accuracy_figure(p: dict, *, show: tuple[str, ...] | list[str] = ("trai
 HOOK_STATS = (("mean_norm", "mean ‖x‖"), ("std_norm", "std of ‖x‖"), ("mean_abs", "mean |x_i|"))
 
 
+@_fitted
 def hook_stats_figure(stats: dict, *, stat: str = "mean_norm", run_id: str = "") -> Any:
     """Bar chart of one activation statistic per hook of a capture run.
 
@@ -152,6 +170,7 @@ def hook_stats_figure(stats: dict, *, stat: str = "mean_norm", run_id: str = "")
     return fig
 
 
+@_fitted
 def ast_layer_figure(p: dict, *, metric: str = "f1", controls: bool = True, published: bool = False) -> Any:
     """One AST-Probe score per layer of an ``ast_probe`` payload (``ASTProbeResult.figures``).
 
@@ -175,6 +194,7 @@ def ast_layer_figure(p: dict, *, metric: str = "f1", controls: bool = True, publ
                        best_layer=p.get("best_layer_by_validation"))[0]
 
 
+@_fitted
 def fvu_split_figure(p: dict, *, mode: str = "stacked") -> Any:
     """FVU per SAE width of a ``dark_matter`` payload, split or total (``FVUSplitAcrossWidths.figures``).
 
@@ -192,6 +212,7 @@ def fvu_split_figure(p: dict, *, mode: str = "stacked") -> Any:
     return split.figures(mode=mode, hook=p.get("hook"))[0]
 
 
+@_fitted
 def error_r2_figure(p: dict) -> Any:
     """Grouped bars per SAE width of a ``dark_matter`` payload: held-out R² of e, ‖e‖² and ‖e‖ from x
     (``dark_matter.r2_bars_figure``).
@@ -212,6 +233,7 @@ CE_SPLICES = (("clean", "ce_clean"), ("x̂", "ce_sae"), ("x̂ + linear error", "
               ("x̂ + nonlinear error", "ce_nonlinear"), ("zero ablation", "ce_zero"))
 
 
+@_fitted
 def ce_figure(p: dict) -> Any:
     """Grouped bars per SAE width of a ``dark_matter`` payload: next-token CE with each reconstruction spliced in.
 
@@ -232,6 +254,7 @@ def ce_figure(p: dict) -> Any:
     return fig
 
 
+@_fitted
 def error_scatter_figure(p: dict, *, diagonal: bool = True) -> Any:
     """Per held-out token, ‖e‖ predicted from x (y) against actual (x) (``dark_matter.error_norm_scatter``).
 
@@ -280,6 +303,7 @@ def digit_rows_figure(p: dict, *, index: int | None = None) -> Any:
     return _scope_result(p).digit_rows_figure(index=index)
 
 
+@_fitted
 def bias_share_figure(p: dict) -> Any:
     """Bars of the bias share b_k / y_k per class of one digit (predicted class in red), with the test-set mean
     (``LinearScopeResult.bias_share_figure``).
@@ -293,6 +317,7 @@ def bias_share_figure(p: dict) -> Any:
     return _scope_result(p).bias_share_figure(test_mean=(p.get("test_set") or {}).get("mean_share_predicted"))
 
 
+@_fitted
 def token_contributions_figure(p: dict, *, view: str = "heatmap") -> Any:
     """Each prompt token's contribution to the predicted logit: LinearScope (exact) beside gradient × input
     (``TokenContributions.figures``).
@@ -365,6 +390,7 @@ def _nearest(values: list[float], target: float) -> int:
     return int(np.argmin([abs(v - target) for v in values]))
 
 
+@_fitted
 def overlap_lines_figure(overlap: dict[str, dict], eta: float = 0.9) -> Any:
     """MSO per layer at the energy fraction nearest ``eta``, one line per pair of sets, with dashed baselines.
 
@@ -385,6 +411,45 @@ def overlap_lines_figure(overlap: dict[str, dict], eta: float = 0.9) -> Any:
     etas = next(iter(overlap.values()))["etas"]
     fig.update_layout(title=f"Activation-subspace overlap per layer at η = {etas[_nearest(etas, eta)]}",
                       xaxis_title="layer", yaxis_title="MSO", template="plotly_white", yaxis_range=[0, 1.02])
+    return fig
+
+
+@_fitted
+def overlap_heatmap_figure(p: dict, *, pair: str = "harmful_vs_useful", excess: bool = True) -> Any:
+    """Layer × η heat map of the MSO of one pair of prompt sets of a ``safety_activation`` payload
+    (``ActivationOverlapResult.figures``).
+
+    Parameters
+    ----------
+    p : dict
+        The payload; reads ``overlap`` = {pair: ``ActivationOverlapResult.to_dict()``}.
+    pair : str
+        Which pair (a key of ``overlap``).
+    excess : bool
+        MSO minus its random baseline (as in the report), or the raw MSO.
+    """
+    from .probes.safety import ActivationOverlapResult
+
+    return build_result(ActivationOverlapResult, p["overlap"][pair]).figures(excess=excess)[0]
+
+
+REFUSAL_VIEWS = ("rate", "score", "actadd")
+
+
+@_fitted
+def refusal_figure(p: dict, *, view: str = "rate") -> Any:
+    """Refusal of a ``safety_activation`` payload with the refusal direction ablated, a random one, or neither:
+    the refusal rate (``"rate"``), the refusal score (``"score"``), or harmless prompts with the direction added
+    (``"actadd"``, reads ``induce``) (``RefusalResult.figures``)."""
+    from .probes.safety import RefusalResult
+
+    _check("view", view, REFUSAL_VIEWS)
+    if view == "actadd":
+        fig = build_result(RefusalResult, p["induce"]).figures()[0]
+        fig.update_layout(title=f"Harmless prompts with the layer-{p['layer']} direction added (and a random one)")
+        return fig
+    fig = build_result(RefusalResult, p["refusal"]).figures()[0 if view == "rate" else 1]
+    fig.update_layout(title=f"{fig.layout.title.text} (layer {p['layer']} direction, test prompts)")
     return fig
 
 
@@ -423,6 +488,7 @@ WEIGHT_METRICS = (("refusal_rate", "refusal rate on harmful test prompts"),
                    ("harmless_refusal_score", "mean refusal score, harmless prompts (log-odds)"))
 
 
+@_fitted
 def projection_curves(p: dict) -> list:
     """Rank fraction → each behaviour metric, one line per (basis, variant), with the three checkpoints."""
     import plotly.graph_objects as go
@@ -450,6 +516,7 @@ def projection_curves(p: dict) -> list:
     return figs
 
 
+@_fitted
 def tradeoff_figures(p: dict) -> list:
     """Every model as a point: (1) task loss vs refusal rate; (2) harmless vs harmful refusal score.
 
@@ -522,7 +589,7 @@ def figures(payload: dict[str, Any]) -> list[Any]:
     kind = payload.get("kind")
     if kind not in _FIGURES:
         raise ValueError(f"no figures for result kind {kind!r}; expected one of {RESULT_KINDS}")
-    return _FIGURES[kind](payload)
+    return [fit_figure(f) for f in _FIGURES[kind](payload)]
 
 
 def headline(payload: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,9 @@ from probekit import results as pr
 from probekit.probes.ast_figures import f1_vs_k_figure, per_label_recall_figure, tree_comparison_figure
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
 from ..security import UnsafePathError, check_index, choice_or
-from ..urlstate import encode_query
+from ..urlstate import PageState
 
 PATH = "/ast-probe"
 TITLE = "AST-Probe"
@@ -126,8 +126,9 @@ def snippet_options(model: str | None) -> list[dict]:
              "value": i} for i, s in enumerate(snippets)]
 
 
-def tree_view(model: str | None, snippet: int | None) -> tuple[dict, object]:
-    """Gold vs predicted tree of one test snippet (mismatches in red), from ``test_snippets`` in the JSON."""
+def tree_view(model: str | None, snippet: int | None, layer: str | None = None) -> tuple[dict, object]:
+    """Gold vs predicted tree of one test snippet at ``layer`` (mismatches in red), from ``test_snippets`` in the
+    JSON: ``pred_by_layer[layer]``, or ``pred`` (the best layer's) when the result stores no other layer."""
     p, stamp, msg = _load(model)
     if p is None:
         return EMPTY_FIGURE, msg
@@ -144,49 +145,80 @@ def tree_view(model: str | None, snippet: int | None) -> tuple[dict, object]:
         return EMPTY_FIGURE, error(str(e))
     if not 0 <= i < len(snippets):
         return EMPTY_FIGURE, error(f"snippet {i} is outside the {len(snippets)} test snippets")
+    best = str(p.get("best_layer_by_validation"))
+    by_layer = snippets[i].get("pred_by_layer") or {}
+    drawn_layer, note = (layer, None) if layer in by_layer else (best, None)
+    if layer not in by_layer and layer not in (None, best):
+        note = info(f"This result stores predicted trees at layer {best} only (the best by validation); the tree "
+                    f"below is layer {best}'s, not layer {layer}'s. Re-run the probe to store every layer's: "
+                    f"{rerun_command(p, model or data.DEFAULT_MODEL)}")
 
     def build() -> dict:
         s = snippets[i]
-        return tree_comparison_figure(s["leaves"], s["gold"], s["pred"],
-                                      title=f"{s.get('doc_id', i)} — layer {p.get('best_layer_by_validation')}").to_dict()
+        pred = by_layer.get(drawn_layer) or s["pred"]
+        return tree_comparison_figure(s["leaves"], s["gold"], pred,
+                                      title=f"{s.get('doc_id', i)} — layer {drawn_layer}").to_dict()
 
-    return drawn(("ast-tree", stamp, i), build, what=f"snippet {i}")
+    fig, msg = drawn(("ast-tree", stamp, i, drawn_layer), build, what=f"snippet {i}")
+    return fig, msg or note
 
 
 # --------------------------------------------------------------------------------------------- layout
 
 
-def layout(params: dict) -> html.Div:
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
     ids = data.list_results("ast-probe")
     model = params.get("model") or (data.DEFAULT_MODEL if data.DEFAULT_MODEL in ids else (ids[0] if ids else data.DEFAULT_MODEL))
     snips = snippet_options(model)
+    _, _, _, layer = recall_view(model, params.get("layer"))
+    return [model, params.get("metric") if params.get("metric") in METRICS else "f1",
+            [] if params.get("controls") is False else ["on"],
+            params.get("curves") if params.get("curves") in CURVES else "both", layer,
+            params.get("snippet", 0 if snips else None)]
+
+
+STATE = PageState(PATH, SCHEMA, [("ast-model", "value"), ("ast-metric", "value"), ("ast-controls", "value"),
+                                 ("ast-curves", "value"), ("ast-layer", "value"), ("ast-snippet", "value")],
+                  controls, lambda model, metric, ctrl, curves, layer, snippet: dict(
+                      model=model, metric=metric, controls=bool(ctrl), curves=curves, layer=layer, snippet=snippet))
+
+
+def layout(params: dict) -> html.Div:
+    ids = data.list_results("ast-probe")
+    model, metric, ctrl, curves, layer, snippet = controls(params)
+    snips = snippet_options(model)
     # options present from the start: a dropdown whose value is not among its options drops the value
-    _, _, layer_opts, layer = recall_view(model, params.get("layer"))
+    _, _, layer_opts, _ = recall_view(model, layer)
     return html.Div([
+        STATE.location(),
         html.H2("AST-Probe"),
         html.Div(className="controls", children=[
             html.Label("result set"),
-            dcc.Dropdown(id="ast-model", options=options(ids + [model] if model not in ids else ids), value=model, clearable=False),
+            dcc.Dropdown(id="ast-model", options=data.result_options("ast-probe", ids, model),
+                         value=model, clearable=False),
         ]),
         card("Score per layer",
              html.Div(className="controls", children=[
                  dcc.Dropdown(id="ast-metric", options=[{"label": v, "value": k} for k, v in METRICS.items()],
-                              value=params.get("metric") if params.get("metric") in METRICS else "f1", clearable=False),
+                              value=metric, clearable=False),
                  dcc.Checklist(id="ast-controls", options=[{"label": "controls", "value": "on"}],
-                               value=[] if params.get("controls") is False else ["on"], inline=True),
+                               value=ctrl, inline=True),
              ]),
              html.Div(id="ast-layer-msg"), graph("ast-layer-fig")),
         card("F1 vs subspace size k",
              dcc.RadioItems(id="ast-curves", options=[{"label": v, "value": k} for k, v in CURVES.items()],
-                            value=params.get("curves") if params.get("curves") in CURVES else "both", inline=True),
+                            value=curves, inline=True),
              html.Div(id="ast-k-msg"), graph("ast-k-fig")),
-        card("Recall per non-terminal",
-             dcc.Dropdown(id="ast-layer", options=layer_opts, value=layer, clearable=False, placeholder="layer"),
+        card("Recall per non-terminal and the predicted tree at a layer",
+             html.Div(className="controls", children=[
+                 html.Label("layer"),
+                 dcc.Dropdown(id="ast-layer", options=layer_opts, value=layer, clearable=False, placeholder="layer"),
+             ]),
              html.Div(id="ast-recall-msg"), graph("ast-recall-fig")),
-        card("Gold vs predicted tree",
-             dcc.Dropdown(id="ast-snippet", options=snips, value=params.get("snippet", 0 if snips else None),
-                          placeholder="test snippet"),
-             html.Div(id="ast-tree-msg"), graph("ast-tree-fig")),
+        card("Gold vs predicted tree (at the layer above)",
+             dcc.Dropdown(id="ast-snippet", options=snips, value=snippet, placeholder="test snippet"),
+             html.Div(id="ast-tree-msg"), graph("ast-tree-fig", scroll=True)),
     ])
 
 
@@ -201,11 +233,5 @@ def register(app) -> None:
     app.callback(Output("ast-snippet", "options"), Input("ast-model", "value"),
                  prevent_initial_call=True)(snippet_options)
     app.callback(Output("ast-tree-fig", "figure"), Output("ast-tree-msg", "children"), Input("ast-model", "value"),
-                 Input("ast-snippet", "value"))(tree_view)
-
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("ast-model", "value"),
-                  Input("ast-metric", "value"), Input("ast-controls", "value"), Input("ast-curves", "value"),
-                  Input("ast-layer", "value"), Input("ast-snippet", "value"), prevent_initial_call=True)
-    def _url(model, metric, controls, curves, layer, snippet):
-        return encode_query(dict(model=model, metric=metric, controls=bool(controls), curves=curves, layer=layer,
-                                 snippet=snippet))
+                 Input("ast-snippet", "value"), Input("ast-layer", "value"))(tree_view)
+    STATE.register(app)

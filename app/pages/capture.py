@@ -3,12 +3,15 @@ callback on a disk-cache manager, in another process) with a live progress bar a
 
 from __future__ import annotations
 
+import difflib
+
 from dash import Input, Output, State, dcc, html, no_update
 
 from .. import data
-from ..components import card, error, info
-from ..jobs import DOC_SEPARATOR, build_spec, progress_percent, run_capture_job
-from ..urlstate import encode_query
+from ..components import card, error, info, options
+from ..jobs import DOC_SEPARATOR, build_spec, parse_hooks, progress_percent, run_capture_job
+from ..security import UnsafePathError
+from ..urlstate import PageState
 
 PATH = "/capture"
 TITLE = "Capture"
@@ -20,11 +23,46 @@ DEFAULT_HOOKS = "blocks.0.hook_resid_post"
 
 
 def progress_step(event: dict) -> list:
-    """Bar value (percent, as text) and label for one worker event (status or progress)."""
+    """Bar value (percent, as text) and label for one worker event: loading the model is step 1 of 2 (its own
+    label, bar at 0), capturing step 2 (tokens done / total as the capture counts them)."""
     if event.get("event") == "status":
-        return ["0", event.get("message", "")]
-    pct = progress_percent(event.get("done", 0), event.get("total"))
-    return [f"{pct:.0f}", f"{pct:.0f}% ({event.get('done', 0):,} / {event.get('total', 0):,} tokens)"]
+        msg = event.get("message", "")
+        step = "Step 1 of 2" if msg.startswith("loading") else "Step 2 of 2"
+        return ["0", f"{step}: {msg} …"]
+    done, total = int(event.get("done", 0)), int(event.get("total") or 0)
+    pct = progress_percent(done, total)
+    return [f"{pct:.0f}", f"Step 2 of 2: capturing, {pct:.0f}% ({done:,} / {total:,} tokens)"]
+
+
+def check_hooks(model: str | None, hooks: str | None) -> list[str]:
+    """The typed hooks, each checked against the model's hook names (known from its config, no weights loaded);
+    raises ``ValueError`` naming every unknown hook with close matches. Nothing is checked without a model."""
+    wanted = parse_hooks(hooks)
+    if not model or not wanted:
+        return wanted
+    try:
+        known = data.model_hook_names(model)
+    except (FileNotFoundError, UnsafePathError):
+        return wanted  # build_spec says what is wrong with the model
+    bad = [h for h in wanted if h not in set(known)]
+    if bad:
+        hints = []
+        for h in bad:
+            close = difflib.get_close_matches(h, known, n=3, cutoff=0.6)
+            hints.append(f"{h!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ValueError(f"Unknown hook{'s' if len(bad) > 1 else ''} for {model}: {'; '.join(hints)}. Pick hooks "
+                         f"from the list above ({len(known):,} names, in layer order).")
+    return wanted
+
+
+def hook_options(model: str | None) -> list[dict]:
+    """The hook picker's options: the model's hook names in layer order (none without a ready model)."""
+    if not model:
+        return []
+    try:
+        return options(data.model_hook_names(model))
+    except (FileNotFoundError, UnsafePathError, ValueError, OSError):
+        return []
 
 
 def final_view(final: dict) -> tuple[object, str, str]:
@@ -47,11 +85,24 @@ def model_options() -> list[dict]:
     return [{"label": m["label"], "value": m["value"], "disabled": not m["ready"]} for m in data.model_choices()]
 
 
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
+    ready = [m["value"] for m in model_options() if not m["disabled"]]
+    model = params.get("model") if params.get("model") in ready else (ready[0] if ready else None)
+    return [model, params.get("dataset") if params.get("dataset") in ("stdlib", "texts") else "stdlib",
+            params.get("n", 10), params.get("hooks", DEFAULT_HOOKS)]
+
+
+STATE = PageState(PATH, SCHEMA, [("capture-model", "value"), ("capture-dataset", "value"), ("capture-n", "value"),
+                                 ("capture-hooks", "value")], controls,
+                  lambda model, dataset, n, hooks: dict(model=model, dataset=dataset, n=n, hooks=hooks))
+
+
 def layout(params: dict) -> html.Div:
     models = model_options()
-    ready = [m["value"] for m in models if not m["disabled"]]
-    model = params.get("model") if params.get("model") in ready else (ready[0] if ready else None)
+    model, dataset, n, hooks = controls(params)
     return html.Div([
+        STATE.location(),
         html.H2("Capture"),
         card("What to capture",
              html.Div(className="form", children=[
@@ -60,14 +111,16 @@ def layout(params: dict) -> html.Div:
                  html.Label("dataset"),
                  dcc.RadioItems(id="capture-dataset", options=[{"label": "stdlib functions", "value": "stdlib"},
                                                                {"label": "pasted texts", "value": "texts"}],
-                                value=params.get("dataset") if params.get("dataset") in ("stdlib", "texts") else "stdlib",
-                                inline=True),
+                                value=dataset, inline=True),
                  html.Label("number of functions"),
-                 dcc.Input(id="capture-n", type="number", min=1, max=2000, value=params.get("n", 10)),
+                 dcc.Input(id="capture-n", type="number", min=1, max=2000, value=n),
                  html.Label(f"texts (documents separated by a line '{DOC_SEPARATOR}')"),
                  dcc.Textarea(id="capture-texts", value="", rows=5),
+                 html.Label("add a hook (the model's hook names, in layer order; type to search)"),
+                 dcc.Dropdown(id="capture-hook-pick", options=hook_options(model), value=None,
+                              placeholder="search the model's hooks …"),
                  html.Label("hooks (space or comma separated)"),
-                 dcc.Input(id="capture-hooks", type="text", value=params.get("hooks", DEFAULT_HOOKS), debounce=True),
+                 dcc.Input(id="capture-hooks", type="text", value=hooks, debounce=True),
                  html.Label("positions / dtype / max length"),
                  html.Div(className="controls", children=[
                      dcc.Dropdown(id="capture-positions", options=["all", "last"], value="all", clearable=False),
@@ -108,9 +161,10 @@ def register(app) -> None:
         try:
             spec = build_spec(data.get_root(), model=model, hooks=hooks, dataset=dataset, n_functions=n_functions,
                               texts=texts, positions=positions, dtype=dtype, max_length=max_length)
+            check_hooks(model, hooks)  # before any worker starts or any weights load
         except ValueError as e:
             return final_view(dict(event="error", message=str(e)))
-        set_progress(["0", "starting the worker …"])
+        set_progress(["0", "Step 1 of 2: starting the worker …"])
         return final_view(run_capture_job(spec, data.get_root(), lambda ev: set_progress(progress_step(ev))))
 
     @app.callback(Output("capture-result", "children", allow_duplicate=True),
@@ -127,12 +181,20 @@ def register(app) -> None:
         try:
             build_spec(data.get_root(), model=model, hooks=hooks, dataset=dataset, n_functions=n_functions,
                        texts=texts)
+            check_hooks(model, hooks)
         except ValueError as e:
             return error(str(e))
         return None
 
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("capture-model", "value"),
-                  Input("capture-dataset", "value"), Input("capture-n", "value"), Input("capture-hooks", "value"),
-                  prevent_initial_call=True)
-    def _url(model, dataset, n, hooks):
-        return encode_query(dict(model=model, dataset=dataset, n=n, hooks=hooks))
+    app.callback(Output("capture-hook-pick", "options"), Input("capture-model", "value"),
+                 prevent_initial_call=True)(hook_options)
+
+    @app.callback(Output("capture-hooks", "value", allow_duplicate=True), Output("capture-hook-pick", "value"),
+                  Input("capture-hook-pick", "value"), State("capture-hooks", "value"), prevent_initial_call=True)
+    def _pick(hook, hooks):
+        if not hook:
+            return no_update, no_update
+        have = (hooks or "").replace(",", " ").split()
+        return " ".join(have if hook in have else have + [hook]), None
+
+    STATE.register(app)

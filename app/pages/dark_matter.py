@@ -8,9 +8,9 @@ from dash import Input, Output, dcc, html
 from probekit import results as pr
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing
 from ..security import UnsafePathError, choice_or
-from ..urlstate import encode_query
+from ..urlstate import PageState
 
 PATH = "/dark-matter"
 TITLE = "Dark matter"
@@ -63,15 +63,28 @@ def scatter_view(model: str | None) -> tuple[dict, object]:
     return drawn(("dm-scatter", stamp), build, what=f"the per-token scatter of {model}")
 
 
-def layout(params: dict) -> html.Div:
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
     ids = data.list_results("dark-matter")
     model = params.get("model") or (ids[0] if ids else data.DEFAULT_MODEL)
+    return [model, params.get("fvu") if params.get("fvu") in FVU_MODES else "stacked"]
+
+
+STATE = PageState(PATH, SCHEMA, [("dm-model", "value"), ("dm-fvu", "value")], controls,
+                  lambda model, fvu: dict(model=model, fvu=fvu))
+
+
+def layout(params: dict) -> html.Div:
+    ids = data.list_results("dark-matter")
+    model, fvu = controls(params)
     return html.Div([
+        STATE.location(),
         html.H2("Dark matter"),
         html.Div(className="controls", children=[
-            dcc.Dropdown(id="dm-model", options=options(ids + [model] if model not in ids else ids), value=model, clearable=False),
+            dcc.Dropdown(id="dm-model", options=data.result_options("dark-matter", ids, model),
+                         value=model, clearable=False),
             dcc.RadioItems(id="dm-fvu", options=[{"label": v, "value": k} for k, v in FVU_MODES.items()],
-                           value=params.get("fvu") if params.get("fvu") in FVU_MODES else "stacked", inline=True),
+                           value=fvu, inline=True),
         ]),
         html.Div(id="dm-msg"),
         card("FVU split by width", graph("dm-fvu-fig")),
@@ -86,8 +99,4 @@ def register(app) -> None:
                  Output("dm-msg", "children"), Input("dm-model", "value"), Input("dm-fvu", "value"))(figures_view)
     app.callback(Output("dm-scatter-fig", "figure"), Output("dm-scatter-msg", "children"),
                  Input("dm-model", "value"))(scatter_view)
-
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("dm-model", "value"), Input("dm-fvu", "value"),
-                  prevent_initial_call=True)
-    def _url(model, fvu):
-        return encode_query(dict(model=model, fvu=fvu))
+    STATE.register(app)

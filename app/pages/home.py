@@ -1,5 +1,5 @@
 """Home: the cache browser. Models, capture runs (config, hooks, rows, size, verify, delete with a
-confirmation) and the result sets under ``results/``."""
+confirmation) and the index of every result set (the cache's ``results/`` and the report folders)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ from ..security import UnsafePathError, check_run_id
 PATH = "/"
 TITLE = "Cache"
 SCHEMA: dict = {}
-#: Result kinds → the page that shows them (``None``: only the file links).
-PAGE_OF = {"demo": "/layers", "ast-probe": "/ast-probe", "dark-matter": "/dark-matter", "linearscope": "/linearscope",
-           "safety": "/safety"}
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+def model_text(model: str) -> str:
+    """A run's model as the table shows it; a folder that no longer exists (an older run's temporary copy) says so
+    rather than passing for a model name."""
+    from pathlib import Path
+
+    p = Path(model)
+    if p.is_absolute() and not p.exists():
+        return f"{p.name} (folder gone: {model[-48:]})"
+    return model[-48:]
 
 
 def runs_table(runs: list[dict]) -> html.Div:
@@ -35,7 +43,7 @@ def runs_table(runs: list[dict]) -> html.Div:
         hook_text = ", ".join(hooks[:4]) + (f" … (+{len(hooks) - 4})" if len(hooks) > 4 else "")
         body.append(html.Tr([
             html.Td(html.Code(rid[:12], title=rid)),
-            html.Td(r["model"][-48:], title=r["model"]),
+            html.Td(model_text(r["model"]), title=r["model"]),
             html.Td(hook_text, title="\n".join(hooks)) if not r["error"] else html.Td(error(r["error"])),
             html.Td(f"{r['rows']:,}"), html.Td(_mib(r["bytes"])), html.Td(r["dtype"] or ""),
             html.Td("yes" if r["complete"] else "partial"),
@@ -75,22 +83,54 @@ def delete_run(run_id: str) -> object:
     return info(f"Deleted run {run_id} ({removed.name}).")
 
 
+#: Index kind -> what the probe column calls it.
+PROBE_NAMES = {"demo": "layer probes", "ast-probe": "AST-Probe", "dark-matter": "dark matter",
+               "linearscope-lm": "LinearScope (prompt)", "linearscope-digits": "LinearScope (digit)",
+               "safety-activation": "safety (activation)", "safety-weight": "safety (weight)"}
+#: Index kind -> the page that shows it and the query key naming the set.
+SET_PAGE = {"demo": ("/layers", "model"), "ast-probe": ("/ast-probe", "model"),
+            "dark-matter": ("/dark-matter", "model"), "linearscope-lm": ("/linearscope", "model"),
+            "linearscope-digits": ("/linearscope", "digit"), "safety-activation": ("/safety", "model"),
+            "safety-weight": ("/safety", "model")}
+
+
+def _config_text(cfg: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("out", "progress") and v not in (None, "", [], {}))
+
+
 def results_list() -> html.Div:
-    """Result sets found under ``results/``: a link to the page and to each standalone file."""
-    files = data.result_files()
-    if not files:
+    """The result index: every result set of the cache's ``results/`` and of the report folders, with its
+    model, probe, source, date and config, a link to the page that shows it and (cache sets) its files."""
+    from urllib.parse import urlencode
+
+    sets = data.result_index()
+    if not sets:
         return missing("results", data.cli_command("probekit demo"), "Every probe writes its JSON and HTML under "
-                       "results/; the pages here read them.")
+                       "results/ (and `probekit report CONFIG` under reports/<name>/, shown here with "
+                       "`probekit app --reports reports`); the pages here read them.")
+    files = {f["rel"]: f for f in data.result_files()}
+    root_results = data.get_root() / "results"
     rows = []
-    for f in files:
-        page = PAGE_OF.get(f["kind"])
-        model = f["id"].split("/digits-cnn")[0]
-        href = f"{page}?model={model}" if page and f["id"] and f["kind"] != "linearscope" else page
-        rows.append(html.Tr([html.Td(f["kind"]), html.Td(f["id"]),
-                             html.Td(html.A(f["file"], href=f"/files/results/{f['rel']}", target="_blank")),
-                             html.Td(_mib(f["bytes"])), html.Td(dcc.Link("open page", href=href) if href else "")]))
-    head = html.Tr([html.Th(h) for h in ("kind", "set", "file", "size", "")])
-    return html.Div(html.Table([html.Thead(head), html.Tbody(rows)], className="table"), className="table-wrap")
+    for st in sets:
+        page, key = SET_PAGE[st.kind]
+        href = f"{page}?{urlencode({key: st.id})}"
+        rel = None
+        if st.source == "cache" and st.path.resolve().is_relative_to(root_results.resolve()):
+            rel = str(st.path.resolve().relative_to(root_results.resolve()))
+        html_rel = rel[:-5] + ".html" if rel else None
+        links = ([html.A(st.path.name, href=f"/files/results/{rel}", target="_blank")] if rel in files
+                 else [st.path.name])
+        if html_rel in files:
+            links += [" · ", html.A("page", href=f"/files/results/{html_rel}", target="_blank")]
+        cfg = _config_text(st.config)
+        short = cfg[:40] + ("…" if len(cfg) > 40 else "")
+        rows.append(html.Tr([html.Td(PROBE_NAMES[st.kind]), html.Td(st.id), html.Td(st.model), html.Td(st.source),
+                             html.Td(st.date),
+                             html.Td(html.Details([html.Summary(short), html.Code(cfg)]) if cfg else ""),
+                             html.Td(links), html.Td(dcc.Link("open", href=href))]))
+    head = html.Tr([html.Th(h) for h in ("probe", "set", "model", "source", "date", "config", "file", "")])
+    return html.Div(html.Table([html.Thead(head), html.Tbody(rows)], className="table", id="result-index"),
+                    className="table-wrap")
 
 
 def models_list() -> html.Div:
@@ -105,7 +145,9 @@ def layout(params: dict) -> html.Div:
         html.H2("Cache"),
         html.P(["Cache root: ", html.Code(str(data.get_root()))]),
         card("Capture runs", html.Div(id="home-status"), html.Div(runs_table(data.list_runs()), id="home-runs")),
-        card("Results", results_list()),
+        html.P(["Report folders: ", html.Code(", ".join(str(r) for r in data.get_reports()) or "none "
+                                                "(probekit app --reports DIR)")]),
+        card("Result sets", results_list()),
         card("Models", models_list()),
         dcc.ConfirmDialog(id="home-confirm"),
         dcc.Store(id="home-pending"),

@@ -12,7 +12,7 @@ from probekit import results as pr
 from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
 from ..security import UnsafePathError, check_index, choice_or
-from ..urlstate import encode_query
+from ..urlstate import PageState
 
 PATH = "/layers"
 TITLE = "Layers"
@@ -70,7 +70,7 @@ def token_choices(run_id: str | None, hook: str | None, doc: int | None) -> tupl
         return [], None, [], None
     try:
         run = data.open_run(run_id)
-        hooks = sorted(run.hooks, key=data.natural_key)
+        hooks = sorted(run.hooks, key=data.hook_order_key)
         docs = data.run_documents(run_id)
     except Exception:
         return [], None, [], None
@@ -103,26 +103,49 @@ def token_view(run_id: str | None, hook: str | None, doc: int | None) -> list:
 # --------------------------------------------------------------------------------------------- layout
 
 
-def layout(params: dict) -> html.Div:
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
     models = data.list_results("demo")
     model = params.get("model") or (models[0] if models else data.DEFAULT_MODEL)
+    show = [s for s in params.get("show", ["controls"]) if s in SHOW]
+    runs = [r["value"] for r in run_options()]
+    run = params.get("run") if params.get("run") in runs else (runs[0] if runs else None)
+    stat = params.get("stat") if params.get("stat") in STATS else "mean_norm"
+    _, hook, _, doc = token_choices(run, params.get("hook"), params.get("doc"))
+    return [model, show, run, stat, hook, doc]
+
+
+def _query(model, show, run, stat, hook, doc) -> dict:
+    # an empty checklist is written as "none" so that it does not read back as the default
+    return dict(model=model, show=list(show or []) or ["none"], run=run, stat=stat, hook=hook, doc=doc)
+
+
+STATE = PageState(PATH, SCHEMA, [("layers-model", "value"), ("layers-show", "value"), ("layers-run", "value"),
+                                 ("layers-stat", "value"), ("layers-hook", "value"), ("layers-doc", "value")],
+                  controls, _query)
+
+
+def layout(params: dict) -> html.Div:
+    models = data.list_results("demo")
     runs = run_options()
-    run = params.get("run") if params.get("run") in {r["value"] for r in runs} else (runs[0]["value"] if runs else None)
-    hook_opts, hook, doc_opts, doc = token_choices(run, params.get("hook"), params.get("doc"))
+    model, show, run, stat, hook, doc = controls(params)
+    hook_opts, _, doc_opts, _ = token_choices(run, hook, doc)
     return html.Div([
+        STATE.location(),
         html.H2("Layers"),
         card("Linear-probe accuracy per layer",
              html.Div(className="controls", children=[
-                 dcc.Dropdown(id="layers-model", options=options(models + [model] if model not in models else models), value=model, clearable=False),
+                 dcc.Dropdown(id="layers-model", options=data.result_options("demo", models, model),
+                              value=model, clearable=False),
                  dcc.Checklist(id="layers-show", options=[{"label": v, "value": k} for k, v in SHOW.items()],
-                               value=[s for s in params.get("show", ["controls"]) if s in SHOW], inline=True),
+                               value=show, inline=True),
              ]),
              html.Div(id="layers-acc-msg"), graph("layers-acc-fig")),
         card("Activation statistics per hook",
              html.Div(className="controls", children=[
                  dcc.Dropdown(id="layers-run", options=runs, value=run, placeholder="run"),
                  dcc.RadioItems(id="layers-stat", options=[{"label": v, "value": k} for k, v in STATS.items()],
-                                value=params.get("stat") if params.get("stat") in STATS else "mean_norm", inline=True),
+                                value=stat, inline=True),
              ]),
              html.Div(id="layers-stats-msg"), graph("layers-stats-fig")),
         card("Token view",
@@ -146,8 +169,4 @@ def register(app) -> None:
     app.callback(Output("layers-tokens", "children"), Input("layers-run", "value"), Input("layers-hook", "value"),
                  Input("layers-doc", "value"))(token_view)
 
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("layers-model", "value"),
-                  Input("layers-show", "value"), Input("layers-run", "value"), Input("layers-stat", "value"),
-                  Input("layers-hook", "value"), Input("layers-doc", "value"), prevent_initial_call=True)
-    def _url(model, show, run, stat, hook, doc):
-        return encode_query(dict(model=model, show=show, run=run, stat=stat, hook=hook, doc=doc))
+    STATE.register(app)

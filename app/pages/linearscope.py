@@ -10,20 +10,38 @@ from probekit import results as pr
 from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
 from ..security import UnsafePathError, check_index, choice_or
-from ..urlstate import encode_query
+from ..urlstate import PageState
 
 PATH = "/linearscope"
 TITLE = "LinearScope"
-SCHEMA = {"digit": int, "model": str, "view": str}
+
+
+def _digit(v: str):
+    """A digit choice: a test index of the cache's digits (int) or a report's digit set (``report:<name>/<i>``)."""
+    if v.isdigit():
+        return int(v)
+    if v.startswith(data.REPORT_PREFIX):
+        return v
+    raise ValueError(v)
+
+
+SCHEMA = {"digit": _digit, "model": str, "view": str}
 VIEWS = {"bars": "bars", "heatmap": "heatmap"}
 
 
-def digit_view(digit: int | None) -> tuple[dict, dict, object]:
-    """Input + class-row images of A, and the bias share per class, for ``digits-cnn/digit-<i>.json``."""
+def digit_view(digit: int | str | None) -> tuple[dict, dict, object]:
+    """Input + class-row images of A, and the bias share per class, for ``digits-cnn/digit-<i>.json`` (an int
+    ``digit``) or a report's digit (``report:<name>/<i>``)."""
+    i = None
     try:
-        i = check_index(0 if digit is None else digit, "digit")
-        p = data.load_result("linearscope-digits", "digits-cnn", index=i)
-        stamp = data.result_stamp("linearscope-digits", "digits-cnn", index=i)
+        if isinstance(digit, str) and digit.startswith(data.REPORT_PREFIX):
+            tail = digit.rsplit("/", 1)[-1]
+            rid, idx, i = digit, None, int(tail) if tail.isdigit() else None
+        else:
+            i = check_index(0 if digit is None else digit, "digit")
+            rid, idx = "digits-cnn", i
+        p = data.load_result("linearscope-digits", rid, index=idx)
+        stamp = data.result_stamp("linearscope-digits", rid, index=idx)
     except data.ResultMissing as e:
         return EMPTY_FIGURE, EMPTY_FIGURE, missing(f"LinearScope result for test digit {i}", e.command)
     except (UnsafePathError, ValueError) as e:
@@ -66,28 +84,45 @@ def digit_label(i: int) -> str:
     return f"#{i} (class {label})" if isinstance(label, int) and not isinstance(label, bool) else f"#{i}"
 
 
-def digit_options(selected: int | None = None) -> tuple[list[dict], int]:
-    """The picker's options (every computed digit, plus ``selected`` when it is not one) and its value."""
-    digits = [int(d) for d in data.list_results("linearscope-digits")]
-    digit = selected if selected is not None else (digits[0] if digits else 0)
-    values = digits if digit in digits else digits + [digit]
-    return options(values, [digit_label(d) for d in values]), digit
+def digit_options(selected: int | str | None = None) -> tuple[list[dict], int | str]:
+    """The picker's options (every computed digit of the cache, plus ``selected`` when it is not one, then every
+    report's digits) and its value."""
+    digits = [int(d) for d in data.list_cache_results("linearscope-digits")]
+    reports = [d for d in data.list_results("linearscope-digits") if d.startswith(data.REPORT_PREFIX)]
+    digit = selected if selected is not None else (digits[0] if digits else (reports[0] if reports else 0))
+    values = digits if digit in digits or digit in reports else digits + [digit]
+    labels = [digit_label(d) for d in values] + [data.result_label("linearscope-digits", r) for r in reports]
+    return options(values + reports, labels), digit
+
+
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
+    lms = data.list_results("linearscope-lm")
+    _, digit = digit_options(params.get("digit"))
+    return [digit, params.get("model") or (lms[0] if lms else data.DEFAULT_MODEL),
+            params.get("view") if params.get("view") in VIEWS else "bars"]
+
+
+STATE = PageState(PATH, SCHEMA, [("ls-digit", "value"), ("ls-model", "value"), ("ls-view", "value")], controls,
+                  lambda digit, model, view: dict(digit=digit, model=model, view=view))
 
 
 def layout(params: dict) -> html.Div:
     lms = data.list_results("linearscope-lm")
-    digit_opts, digit = digit_options(params.get("digit"))
-    model = params.get("model") or (lms[0] if lms else data.DEFAULT_MODEL)
+    digit, model, view = controls(params)
+    digit_opts, _ = digit_options(digit)
     return html.Div([
+        STATE.location(),
         html.H2("LinearScope"),
         card("Digits CNN",
              dcc.Dropdown(id="ls-digit", options=digit_opts, value=digit, clearable=False),
              html.Div(id="ls-digit-msg"), graph("ls-rows-fig"), graph("ls-share-fig")),
         card("Token contributions to a logit",
              html.Div(className="controls", children=[
-                 dcc.Dropdown(id="ls-model", options=options(lms + [model] if model not in lms else lms), value=model, clearable=False),
+                 dcc.Dropdown(id="ls-model", options=data.result_options("linearscope-lm", lms, model),
+                              value=model, clearable=False),
                  dcc.RadioItems(id="ls-view", options=[{"label": v, "value": k} for k, v in VIEWS.items()],
-                                value=params.get("view") if params.get("view") in VIEWS else "bars", inline=True),
+                                value=view, inline=True),
              ]),
              html.Div(id="ls-prompt-msg"), graph("ls-prompt-fig")),
     ])
@@ -98,8 +133,4 @@ def register(app) -> None:
                  Input("ls-digit", "value"))(digit_view)
     app.callback(Output("ls-prompt-fig", "figure"), Output("ls-prompt-msg", "children"), Input("ls-model", "value"),
                  Input("ls-view", "value"))(prompt_view)
-
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("ls-digit", "value"), Input("ls-model", "value"),
-                  Input("ls-view", "value"), prevent_initial_call=True)
-    def _url(digit, model, view):
-        return encode_query(dict(digit=digit, model=model, view=view))
+    STATE.register(app)

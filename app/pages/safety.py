@@ -20,7 +20,7 @@ from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
 from ..jobs import MAX_PROMPT_CHARS, build_safety_spec, run_safety_prompt_job
 from ..security import UnsafePathError, choice_or
-from ..urlstate import encode_query
+from ..urlstate import PageState
 
 PATH = "/safety"
 TITLE = "Safety"
@@ -62,8 +62,17 @@ def _load(kind: str, result_id: str | None) -> tuple[dict | None, tuple | None, 
 
 
 def result_choices() -> list[str]:
-    """Result folders under ``results/safety/`` with ``activation.json`` and/or ``weight.json``."""
-    return data.list_safety_results()
+    """Result folders under ``results/safety/`` with ``activation.json`` and/or ``weight.json``, then the report
+    folders' safety sets."""
+    reports = [i for k in ("safety-activation", "safety-weight") for i in data.list_results(k)
+               if i.startswith(data.REPORT_PREFIX)]
+    return data.list_safety_results() + sorted(set(reports))
+
+
+def result_label(result_id: str) -> str:
+    """Dropdown label of a safety result set (model, source, date of its activation part, else its weight part)."""
+    kind = "safety-activation" if result_id in data.list_results("safety-activation") else "safety-weight"
+    return data.result_label(kind, result_id)
 
 
 # --------------------------------------------------------------------------------------------- pure views
@@ -117,16 +126,9 @@ def activation_view(result_id: str | None, pair: str | None, heat: str | None, e
         eta = DEFAULT_ETA
 
     def build():
-        from probekit.probes.safety import ActivationOverlapResult, RefusalResult
-
-        heat_fig = pr.build_result(ActivationOverlapResult, overlap[pair]).figures(excess=heat == "excess")[0]
+        heat_fig = pr.overlap_heatmap_figure(p, pair=pair, excess=heat == "excess")
         lines = pr.overlap_lines_figure(overlap, eta)
-        if refusal == "actadd":
-            bars = pr.build_result(RefusalResult, p["induce"]).figures()[0]
-            bars.update_layout(title=f"Harmless prompts with the layer-{p['layer']} direction added (and a random one)")
-        else:
-            bars = pr.build_result(RefusalResult, p["refusal"]).figures()[0 if refusal == "rate" else 1]
-            bars.update_layout(title=f"{bars.layout.title.text} (layer {p['layer']} direction, test prompts)")
+        bars = pr.refusal_figure(p, view=refusal)
         return heat_fig.to_dict(), lines.to_dict(), bars.to_dict()
 
     if pair is None:
@@ -201,35 +203,51 @@ def prompt_result_view(final: dict) -> object:
 # --------------------------------------------------------------------------------------------- layout
 
 
-def layout(params: dict) -> html.Div:
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
     ids = result_choices()
     model = params.get("model") or (ids[0] if ids else None)
-    if model is None:
-        return html.Div([html.H2("Safety"), html.Div(safety_message(), id="safety-msg")])
-    eta_opts, eta = eta_choices(model)
+    eta_opts, eta = eta_choices(model) if model else ([], None)
     if params.get("eta") in [o["value"] for o in eta_opts]:
         eta = params["eta"]
+    pick = lambda key, choices, default: params.get(key) if params.get(key) in choices else default  # noqa: E731
+    return [model, pick("pair", PAIRS, "harmful_vs_useful"), pick("heat", HEAT, "excess"), eta,
+            pick("refusal", REFUSAL, "rate"), pick("metric", METRIC_LABELS, "refusal_rate")]
+
+
+STATE = PageState(PATH, SCHEMA, [("safety-model", "value"), ("safety-pair", "value"), ("safety-heat", "value"),
+                                 ("safety-eta", "value"), ("safety-refusal", "value"), ("safety-metric", "value")],
+                  controls, lambda model, pair, heat, eta, refusal, metric: dict(
+                      model=model, pair=pair, heat=heat, eta=eta, refusal=refusal, metric=metric))
+
+
+def layout(params: dict) -> html.Div:
+    ids = result_choices()
+    model, pair, heat, eta, refusal, metric = controls(params)
+    if model is None:
+        return html.Div([html.H2("Safety"), html.Div(safety_message(), id="safety-msg")])
+    eta_opts, _ = eta_choices(model)
     layer_opts, layer = layer_choices(model)
-    radio = lambda id, choices, value, default: dcc.RadioItems(  # noqa: E731
-        id=id, options=[{"label": v, "value": k} for k, v in choices.items()],
-        value=value if value in choices else default, inline=True)
+    radio = lambda id, choices, value: dcc.RadioItems(  # noqa: E731
+        id=id, options=[{"label": v, "value": k} for k, v in choices.items()], value=value, inline=True)
     return html.Div([
+        STATE.location(),
         html.H2("Safety"),
         html.Div(className="controls", children=[
             html.Label("result folder"),
-            dcc.Dropdown(id="safety-model", options=options(ids + [model] if model not in ids else ids), value=model,
-                         clearable=False),
+            dcc.Dropdown(id="safety-model", options=[{"label": result_label(i), "value": i}
+                                                     for i in (ids + [model] if model not in ids else ids)],
+                         value=model, clearable=False),
         ]),
         html.Div(id="safety-msg"),
         card("Headline numbers", html.Div(id="safety-headline")),
         card("Activation-subspace overlap (layer × η)",
              html.Div(className="controls", children=[
                  dcc.Dropdown(id="safety-pair", options=[{"label": v, "value": k} for k, v in PAIRS.items()],
-                              value=params.get("pair") if params.get("pair") in PAIRS else "harmful_vs_useful",
-                              clearable=False),
-                 radio("safety-heat", HEAT, params.get("heat"), "excess"),
+                              value=pair, clearable=False),
+                 radio("safety-heat", HEAT, heat),
              ]),
-             html.Div(id="safety-act-msg"), graph("safety-heatmap-fig", 460)),
+             html.Div(id="safety-act-msg"), graph("safety-heatmap-fig")),
         card("MSO per layer with random baselines",
              html.Div(className="controls", children=[
                  html.Label("η"),
@@ -237,9 +255,9 @@ def layout(params: dict) -> html.Div:
              ]),
              graph("safety-lines-fig")),
         card("Refusal with and without ablating the refusal direction",
-             radio("safety-refusal", REFUSAL, params.get("refusal"), "rate"), graph("safety-refusal-fig")),
+             radio("safety-refusal", REFUSAL, refusal), graph("safety-refusal-fig")),
         card("Projected fine-tuning update",
-             radio("safety-metric", METRIC_LABELS, params.get("metric"), "refusal_rate"),
+             radio("safety-metric", METRIC_LABELS, metric),
              html.Div(id="safety-weight-msg"), graph("safety-curves-fig"), graph("safety-table-fig")),
         card("Try a prompt",
              html.P("Scores the prompt on the result's model, clean and with the refusal direction projected out "
@@ -298,9 +316,4 @@ def register(app) -> None:
     def _cancelled(n):
         return "cancelled" if n else no_update
 
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("safety-model", "value"),
-                  Input("safety-pair", "value"), Input("safety-heat", "value"), Input("safety-eta", "value"),
-                  Input("safety-refusal", "value"), Input("safety-metric", "value"), prevent_initial_call=True)
-    def _url(model, pair, heat, eta, refusal, metric):
-        return encode_query(dict(model=model, pair=pair, heat=heat, eta=eta, refusal=refusal, metric=metric))
-
+    STATE.register(app)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from probekit.figure_layout import fit_figure
 from probekit.probes.ast_tree import EMPTY, Node, constituents, tree_f1, tuple_to_tree
 
 __all__ = [
@@ -63,11 +64,16 @@ _EDGE_COLOR = "#b0b0b0"
 _LEAF_COLOR = "#555555"
 _TEMPLATE = "plotly_white"
 
-# Pixel budget of a tree diagram; chosen so ~150 leaves stay readable.
-_PX_PER_LEAF = 16
+# Pixel budget of a tree diagram. The x axis is in pixels: leaves at least _PX_PER_LEAF apart (vertical tick
+# labels, 10 px font), widened wherever two nodes of one height would overlap their labels (see _spread).
+_PX_PER_LEAF = 18
 _PX_PER_LEVEL = 26
-_TICK_PX = 110  # room for rotated leaf labels under each diagram
+_TICK_PX = 110  # room for the vertical leaf labels under each diagram
 _LEAF_CHARS = 14  # longer leaf texts (string literals) are cut in tick labels
+_NODE_FONT = 9
+_CHAR_PX = 0.62 * _NODE_FONT  # upper estimate of a glyph's width in the node-label font
+_LABEL_GAP = 16  # marker radius + text offset + a clear gap between one label and the next node
+_MARGIN_L, _MARGIN_R = 60, 30
 
 
 # ---------------------------------------------------------------------------
@@ -93,7 +99,8 @@ class _Layout:
 
 
 def _layout(tree: Node) -> _Layout:
-    """Place leaf ``i`` at ``(i, 0)`` and a node at (mean leaf x, its height).
+    """Place leaf ``i`` at ``(i, 0)`` and a node at (mean leaf index, its height); :func:`_place` then maps
+    leaf indices to pixel positions.
 
     Iterative post-order (predicted trees can be deep chains); leaves are
     numbered left to right as :func:`constituents` numbers them.
@@ -118,6 +125,55 @@ def _layout(tree: Node) -> _Layout:
             out.nodes.append((node.label, ids, x, y))
             out.edges.extend(((x, y), (kx, ky)) for _, kx, ky in kids)
             placed[id(node)] = (ids, x, y)
+    return out
+
+
+def _label_px(label: str) -> float:
+    return _CHAR_PX * len(_shown_label(label).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+
+
+def _spread(n: int, lays: Sequence[_Layout]) -> np.ndarray:
+    """Pixel x of each of ``n`` leaves such that no two node labels of one height in any of ``lays`` overlap.
+
+    A node's label is drawn right of it (``middle right``), so two nodes ``A`` left of ``B`` at one height need
+    ``x_B - x_A >= width(label_A) + _LABEL_GAP``. Nodes of one height cover disjoint leaf ranges, so widening
+    the gap just before ``B``'s first leaf moves ``B`` (and everything right of it) without moving ``A``, and
+    never brings two other nodes closer: one pass from the lowest height up, repeated until nothing moves,
+    ends with every pair apart. Returns shape ``(n,)``, increasing, first leaf at 0.
+    """
+    gaps = np.full(max(n - 1, 0), float(_PX_PER_LEAF))
+    rows: dict[tuple[int, int], list[tuple[tuple[int, ...], str]]] = {}
+    for t, lay in enumerate(lays):
+        for label, ids, _, y in lay.nodes:
+            rows.setdefault((y, t), []).append((ids, label))
+    for _ in range(100):
+        moved = False
+        for key in sorted(rows):
+            pos = np.concatenate([[0.0], np.cumsum(gaps)])
+            row = sorted(rows[key], key=lambda r: r[0][0])
+            for (a_ids, a_lab), (b_ids, _) in zip(row, row[1:]):
+                xa, xb = pos[list(a_ids)].mean(), pos[list(b_ids)].mean()
+                need = _label_px(a_lab) + _LABEL_GAP - (xb - xa)
+                if need > 1e-9:
+                    gaps[b_ids[0] - 1] += need
+                    pos[b_ids[0]:] += need
+                    moved = True
+        if not moved:
+            break
+    return np.concatenate([[0.0], np.cumsum(gaps)])
+
+
+def _place(lay: _Layout, pos: np.ndarray) -> _Layout:
+    """``lay`` with leaf indices mapped to the pixel positions ``pos`` (a node at the mean of its leaves)."""
+    out = _Layout(leaves=list(lay.leaves))
+    xs = {}
+    for label, ids, x, y in lay.nodes:
+        px = float(pos[list(ids)].mean())
+        xs[(x, y)] = px
+        out.nodes.append((label, ids, px, y))
+    for (x0, y0), (x1, y1) in lay.edges:
+        x1p = float(pos[int(x1)]) if y1 == 0 else xs[(x1, y1)]
+        out.edges.append(((xs[(x0, y0)], y0), (x1p, y1)))
     return out
 
 
@@ -155,7 +211,7 @@ _STATUS_COLOR = {"matched": MATCH_COLOR, "missed": MISMATCH_COLOR,
 
 
 def _tree_traces(which: str, lay: _Layout, leaves: Sequence[str],
-                 other: set, miss_word: str) -> list[Any]:
+                 other: set, miss_word: str, pos: np.ndarray) -> list[Any]:
     """Edges, leaves and nodes of one tree as three Scatter traces."""
     import plotly.graph_objects as go
 
@@ -168,7 +224,7 @@ def _tree_traces(which: str, lay: _Layout, leaves: Sequence[str],
                        line={"color": _EDGE_COLOR, "width": 1}, showlegend=False)
 
     leaf_pts = go.Scatter(
-        x=[i for i, _ in lay.leaves], y=[0] * len(lay.leaves), mode="markers",
+        x=[float(pos[i]) for i, _ in lay.leaves], y=[0] * len(lay.leaves), mode="markers",
         name=f"{which} leaves", showlegend=False,
         marker={"size": 5, "color": _LEAF_COLOR},
         text=[f"leaf {i}: {_esc(t)}" for i, t in lay.leaves], hoverinfo="text",
@@ -187,7 +243,7 @@ def _tree_traces(which: str, lay: _Layout, leaves: Sequence[str],
         marker={"size": 9, "color": [_STATUS_COLOR[s] for s in status],
                 "line": {"width": 0.5, "color": "white"}},
         text=[_shown_label(lab) for lab, *_ in lay.nodes],
-        textposition="middle right", textfont={"size": 9},
+        textposition="middle right", textfont={"size": _NODE_FONT},
         customdata=[[lab, list(ids), st] for (lab, ids, _, _), st in zip(lay.nodes, status)],
         hovertext=hover, hoverinfo="text",
     )
@@ -204,8 +260,10 @@ def tree_comparison_figure(
     """Gold and predicted trees of one snippet, mismatches in red.
 
     Both trees are rebuilt with :func:`~probekit.probes.ast_tree.tuple_to_tree`
-    and drawn in two rows sharing the x axis: leaf ``i`` at ``x = i`` (its
-    text as the tick label), an internal node at the mean x of its leaves and
+    and drawn in two rows sharing the x axis, in pixels: leaf ``i`` at
+    increasing ``x_i`` (its text as a vertical tick label; neighbours at least
+    18 px apart, further wherever two node labels of one height would
+    otherwise overlap), an internal node at the mean x of its leaves and
     ``y`` = its height in the rebuilt tree (leaves 0, a node 1 + its tallest
     child; for the prediction this is *not* ``d̂``). Node colours: a gold
     constituent missing from the prediction is :data:`MISMATCH_COLOR` on the
@@ -250,36 +308,44 @@ def tree_comparison_figure(
         f"predicted: {len(p_set)} constituents, {len(p_set - g_set)} spurious (red) | {scores}",
     )
 
-    lays = (_layout(gold_tree), _layout(pred_tree))
     n = len(leaves)
+    lays = (_layout(gold_tree), _layout(pred_tree))
+    pos = _spread(n, lays)
+    lays = tuple(_place(lay, pos) for lay in lays)
     plot_px = [_PX_PER_LEVEL * (lay.height + 1) + 40 for lay in lays]
-    total_px = sum(plot_px) + 2 * _TICK_PX + 140  # + title and subplot titles
+    total_px = sum(plot_px) + 2 * _TICK_PX + 150  # + title and subplot titles
     fig = make_subplots(
         rows=2, cols=1, shared_xaxes=True, subplot_titles=titles,
-        row_heights=plot_px, vertical_spacing=(_TICK_PX + 30) / total_px,
+        row_heights=plot_px, vertical_spacing=(_TICK_PX + 40) / total_px,
     )
     for row, (which, lay, other, word) in enumerate(
         (("gold", lays[0], p_set, "missed"), ("pred", lays[1], g_set, "spurious")), start=1
     ):
-        for trace in _tree_traces(which, lay, leaves, other, word):
+        for trace in _tree_traces(which, lay, leaves, other, word, pos):
             fig.add_trace(trace, row=row, col=1)
         fig.update_yaxes(range=[-0.5, lay.height + 0.8], title_text="height",
                          dtick=1 if lay.height <= 12 else None, zeroline=False,
                          row=row, col=1)
 
     ticks = [t if len(t) <= _LEAF_CHARS else t[: _LEAF_CHARS - 1] + "…" for t in leaves]
+    # one x pixel per axis unit: the plot is exactly as wide as the spread-out leaves and the last labels
+    right = max([float(pos[-1]) if n else 0.0]
+                + [x + _label_px(lab) + _LABEL_GAP for lay in lays for lab, _, x, _ in lay.nodes])
+    x_range = [-_PX_PER_LEAF, right + _PX_PER_LEAF]
     # Both rows show the leaf texts (make_subplots hides the upper row's).
     fig.update_xaxes(
-        tickmode="array", tickvals=list(range(n)), ticktext=[_esc(t) for t in ticks],
-        tickangle=-45 if n <= 40 else -90, tickfont={"size": 10}, showticklabels=True,
-        range=[-0.8, n - 0.2 + 2.5], showgrid=False, zeroline=False,
+        tickmode="array", tickvals=[float(v) for v in pos], ticktext=[_esc(t) for t in ticks],
+        tickangle=-90, tickfont={"size": 10}, showticklabels=True,
+        range=x_range, showgrid=False, zeroline=False,
     )
+    # subplot titles at the left edge: a long tree scrolls, and a centred title would start off screen
+    fig.update_annotations(x=0, xanchor="left")
     fig.update_layout(
         title=title or f"AST-Probe tree, gold vs predicted ({n} leaves)",
         template=_TEMPLATE,
-        width=max(700, _PX_PER_LEAF * n + 200),
+        width=max(700, int(math.ceil(x_range[1] - x_range[0])) + _MARGIN_L + _MARGIN_R),
         height=total_px,
-        margin={"l": 60, "r": 30, "t": 90, "b": _TICK_PX},
+        margin={"l": _MARGIN_L, "r": _MARGIN_R, "t": 90, "b": _TICK_PX},
         showlegend=False,
     )
     return fig
@@ -375,7 +441,7 @@ def f1_vs_k_figure(
     fig.update_yaxes(title_text="constituent F1", range=[0, 1.02])
     fig.update_layout(title=title or "AST-Probe F1 against subspace size k",
                       template=_TEMPLATE)
-    return fig
+    return fit_figure(fig)
 
 
 def _as_number(v: float) -> int | float:
@@ -457,12 +523,11 @@ def per_label_recall_figure(
     ))
     order = "support" if support is not None else "recall"
     fig.update_yaxes(autorange="reversed", type="category",
-                     ticktext=[_esc(lab) for lab in labels], tickvals=labels)
+                     ticktext=[_esc(lab) for lab in labels], tickvals=labels, title_text="non-terminal")
     fig.update_xaxes(range=[0, 1.02], title_text="recall")
     fig.update_layout(
         title=title or f"Recall per label (top {len(labels)} by {order})",
         template=_TEMPLATE,
-        height=max(300, 22 * len(labels) + 140),
         margin={"l": 220},
     )
-    return fig
+    return fit_figure(fig)

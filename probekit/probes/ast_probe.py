@@ -509,12 +509,13 @@ class ASTProbeResult:
                 ys = list(ys) * (len(x) if len(ys) == 1 else 1)  # one value: a constant control
                 fig.add_trace(go.Scatter(x=x, y=ys, mode="lines", name=name, line={"dash": "dash"}))
         if published and metric == "f1":
+            # as legend entries, not line annotations: two close published values would print on each other
             for name, v in published.items():
-                fig.add_hline(y=float(v), line={"dash": "dot", "color": "grey"}, annotation_text=f"published {name}")
+                fig.add_trace(go.Scatter(x=x, y=[float(v)] * len(x), mode="lines", name=f"published {name}",
+                                         line={"dash": "dot", "color": "grey"}))
         extra = "" if best_layer is None else f"; best by validation: {best_layer}"
         fig.update_layout(title=f"AST-Probe {label} per layer (k={self.k}, n={self.n_snippets}{extra})",
-                          xaxis_title="layer", yaxis_title=label, template="plotly_white",
-                          legend={"orientation": "h", "y": -0.25})
+                          xaxis_title="layer", yaxis_title=label, template="plotly_white")
         fig.update_xaxes(type="category")
         fig.update_yaxes(range=[0, 1.02])
         return [fig]

@@ -438,6 +438,7 @@ class PerTokenScalingResult:
             if m is None:
                 continue
             fig = go.Figure(go.Heatmap(z=m, x=labels, y=labels, zmin=0, zmax=1, colorscale="Viridis",
+                                       colorbar={"title": "R²"},
                                        text=np.round(m, 3), texttemplate="%{text}",
                                        hovertemplate="from %{y} to %{x}: R² %{z:.4f}<extra></extra>"))
             fig.update_layout(title=f"R² of ‖e_j‖ predicted from {name} per token", template="plotly_white",

@@ -1086,12 +1086,14 @@ class LinearScopeResult:
         for k in range(n_cls):
             r, c = divmod(k + 1, cols)
             fig.add_trace(go.Heatmap(z=self._image(self.matrix[k])[::-1].tolist(), zmin=-lim, zmax=lim,
-                                     colorscale="RdBu", showscale=k == 0, name=f"class {k}"), row=r + 1, col=c + 1)
+                                     colorscale="RdBu", showscale=k == 0, name=f"class {k}",
+                                     colorbar={"title": "A(x) entry"}), row=r + 1, col=c + 1)
         fig.update_xaxes(visible=False)
         fig.update_yaxes(visible=False, scaleanchor="x")
         which = "Test digit" if index is None else f"Digit {index}"
         fig.update_layout(title=f"{which}: label {self.label}, predicted {self.predicted} — class rows of A(x) "
-                                "(y = A x + b exactly)", template="plotly_white", height=210 * rows)
+                                "(y = A x + b exactly)", template="plotly_white", height=120 + 250 * rows,
+                          margin={"t": 90, "b": 30})  # the image grid fills ≥ 60 % of the figure
         return fig
 
     def figures(self, *, test_mean_share: float | None = None) -> list[Any]:

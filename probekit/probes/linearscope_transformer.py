@@ -112,7 +112,7 @@ class TokenContributions:
             z = [list(self.linearscope), list(self.grad_x_input)]
             lim = float(np.nanmax(np.abs(np.asarray(z, dtype=float)), initial=0.0)) or 1.0
             fig = go.Figure(go.Heatmap(z=z, x=toks, y=["LinearScope", "gradient × input"], colorscale="RdBu",
-                                       zmin=-lim, zmax=lim))
+                                       zmin=-lim, zmax=lim, colorbar={"title": "contribution"}))
         head = f"{prompt!r} → {self.target!r}" if prompt is not None else f"{self.target!r}"
         fig.update_layout(title=f"{head}: logit {self.logit:.2f} = Σ LinearScope + b ({self.bias:.2f})",
                           template="plotly_white", xaxis_title="token")

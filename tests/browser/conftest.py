@@ -52,9 +52,13 @@ def _free_port() -> int:
 def app_cache(tmp_path_factory):
     from tests.browser.fixture_cache import populate
 
+    from tests.browser.fixture_cache import write_report
+
     root = tmp_path_factory.mktemp("app-cache")
     info = populate(root, tiny_model=True, safety=True)
-    return dict(root=root, **info)
+    reports = tmp_path_factory.mktemp("reports")  # outside the cache root, as ./reports is
+    write_report(reports)
+    return dict(root=root, reports=reports, **info)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +69,8 @@ def server(app_cache):
     log = open(app_cache["root"] / "server.log", "w")
     env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "probekit", "app", "--port", str(port), "--cache-root",
-                             str(app_cache["root"])], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(repo))
+                             str(app_cache["root"]), "--reports", str(app_cache["reports"])],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(repo))
     url = f"http://127.0.0.1:{port}"
     import requests
 

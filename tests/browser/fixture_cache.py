@@ -10,7 +10,12 @@ import numpy as np
 import torch
 
 RUN_TEXTS = ["def f(x):\n    return x + 1", "import os", "x = {'a': 1}"]
-TREE_SNIPPETS = ["def f(x):\n    return x + 1", "def g(a, b):\n    y = a * b\n    return y", "x = f(1, 2)"]
+TREE_SNIPPETS = ["def f(x):\n    return x + 1", "def g(a, b):\n    y = a * b\n    return y", "x = f(1, 2)",
+                 # long enough that labels collide unless the layout spaces them (the browser figure test)
+                 "def load_items(path, limit=10):\n    items = [parse_line(line.strip()) for line in open(path)]\n"
+                 "    if len(items) > limit and not items[0].startswith('#'):\n"
+                 "        return sorted(items[:limit], key=lambda item: (item.name, item.size))\n"
+                 "    return {'items': items, 'count': len(items) + offset(path, limit * 2)}"]
 
 
 def _write(root: Path, rel: str, obj: dict) -> Path:
@@ -54,8 +59,10 @@ def ast_result(model: str = "smollm2-135m", snippets: bool = True) -> dict:
             leaves, d, c, u = code_to_tuple(src)
             pred_c = list(c)
             pred_c[-1] = "call" if pred_c[-1] != "call" else "<empty>"  # one wrong label: a visible mismatch
-            p["test_snippets"].append(dict(doc_id=f"m.py::s{i}", leaves=leaves, f1=0.8,
-                                           gold=[d, c, u], pred=[[float(v) for v in d][::-1] if i == 2 else d, pred_c, u]))
+            pred = [[float(v) for v in d][::-1] if i >= 2 else d, pred_c, u]
+            flat = [[0.0] * len(d), ["<empty>"] * len(c), u]  # layer "embed": one flat node, nothing recovered
+            p["test_snippets"].append(dict(doc_id=f"m.py::s{i}", leaves=leaves, f1=0.8, gold=[d, c, u], pred=pred,
+                                           pred_by_layer={"embed": flat, "2": [d, c, u], "5": pred}))
     return p
 
 
@@ -176,3 +183,18 @@ def populate(root: Path, *, tiny_model: bool = False, safety: bool = False) -> d
         write_safety(root, mdir)
     run = write_run(root)
     return dict(run_id=run.run_id, model_dir=mdir)
+
+
+REPORT_MODEL = "tiny-report-model"
+
+
+def write_report(reports: Path, name: str = "demo") -> Path:
+    """A report folder as ``probekit report`` lays it out (``<reports>/<name>/<probe>/<file>.json``) with a layer-probe
+    and an AST-Probe result of a model the cache's results do not have, so a page showing it came from the report."""
+    folder = Path(reports) / name
+    for probe, file, payload in (("layer_probes", "layer_probes.json", demo_result(REPORT_MODEL, n_layers=4)),
+                                 ("ast_probe", "ast_probe.json", ast_result(REPORT_MODEL))):
+        (folder / probe).mkdir(parents=True, exist_ok=True)
+        (folder / probe / file).write_text(json.dumps(payload))
+    (folder / "metrics.json").write_text(json.dumps({"name": name, "model": REPORT_MODEL}))
+    return folder

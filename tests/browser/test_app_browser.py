@@ -88,9 +88,16 @@ def test_ast_probe_state_from_url_and_snippet_picker(page, server):
     page.click("text=/^0: m.py::s0/")
     page.wait_for_function(f"() => ({leaves})() === {n0}")
     tree0 = _fig_data(page, "ast-tree-fig")
-    # mismatches are marked red on the tree
-    assert any("#d62728" in json.dumps(t.get("marker", {})) for t in tree0)
+    # the layer picker drives the tree: the fixture's layer-2 prediction is the gold tree (nothing red) ...
+    assert not any("#d62728" in json.dumps(t.get("marker", {})) for t in tree0)
     page.wait_for_function("() => location.search.includes('snippet=0')")
+    # ... and layer 5's has a wrong label: mismatches are marked red on the tree
+    page.click("#ast-layer")
+    page.get_by_role("option", name="5", exact=True).click()
+    title = "() => document.querySelector('#ast-tree-fig .js-plotly-plot').layout.title.text"
+    page.wait_for_function(f"() => ({title})().endsWith('layer 5')")
+    tree5 = _fig_data(page, "ast-tree-fig")
+    assert any("#d62728" in json.dumps(t.get("marker", {})) for t in tree5)
     # switch the metric: the per-layer curve changes
     f1 = _fig_data(page, "ast-layer-fig")[0]["y"]
     page.click("#ast-metric")

@@ -95,7 +95,8 @@ def test_run_stats_and_token_view(root):
 def test_ast_views(root):
     f1, _ = ast_probe.layer_view("smollm2-135m", "f1", ["on"])
     c, _ = ast_probe.layer_view("smollm2-135m", "c_accuracy", ["on"])
-    assert len(f1["data"]) == 3 and len(c["data"]) == 1 and f1["data"][0]["y"] != c["data"][0]["y"]
+    # F1, its two controls and the published line (a legend entry); other metrics have neither
+    assert len(f1["data"]) == 4 and len(c["data"]) == 1 and f1["data"][0]["y"] != c["data"][0]["y"]
     both, _ = ast_probe.k_view("smollm2-135m", "both")
     sep, _ = ast_probe.k_view("smollm2-135m", "separate")
     mat, _ = ast_probe.k_view("smollm2-135m", "matryoshka")
@@ -104,10 +105,16 @@ def test_ast_views(root):
     assert layer == "5" and [o["value"] for o in opts] == ["embed", "2", "5"]
     fig2, *_ = ast_probe.recall_view("smollm2-135m", "2")
     assert fig2["data"][0]["x"] != fig["data"][0]["x"]
-    assert len(ast_probe.snippet_options("smollm2-135m")) == 3
+    assert len(ast_probe.snippet_options("smollm2-135m")) == 4
     t0, m0 = ast_probe.tree_view("smollm2-135m", 0)
-    assert m0 is None and len(t0["data"]) == 6
-    assert "outside the 3 test snippets" in dash_text(ast_probe.tree_view("smollm2-135m", 9)[1])
+    assert m0 is None and len(t0["data"]) == 6 and "layer 5" in t0["layout"]["title"]["text"]
+    # the chosen layer drives the predicted tree: layer 2's is the gold tree, the embeddings' a flat ∅ root
+    t2, _ = ast_probe.tree_view("smollm2-135m", 0, "2")
+    te, _ = ast_probe.tree_view("smollm2-135m", 0, "embed")
+    assert "layer 2" in t2["layout"]["title"]["text"] and "layer embed" in te["layout"]["title"]["text"]
+    red = lambda t: sum(c == "#d62728" for c in t["data"][5]["marker"]["color"])  # noqa: E731  spurious nodes
+    assert red(t0) == 1 and red(t2) == 0 and len(te["data"][5]["x"]) == 1
+    assert "outside the 4 test snippets" in dash_text(ast_probe.tree_view("smollm2-135m", 9)[1])
     _, msg = ast_probe.tree_view("old-run", 0)
     assert "test_snippets" in dash_text(msg) and "--out" in dash_text(msg) and "probekit ast-probe --model smollm2-135m" in dash_text(msg)
 

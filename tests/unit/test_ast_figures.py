@@ -126,7 +126,7 @@ def test_unary_labels_are_single_leaf_nodes_and_can_mismatch():
     gold = _trace(fig, "gold nodes")
     (k,) = [i for i, cd in enumerate(gold.customdata) if cd[1] == [j]]
     assert gold.customdata[k][0] == "pass_statement"
-    assert (gold.x[k], gold.y[k]) == (j, 1)  # directly above its leaf
+    assert (gold.x[k], gold.y[k]) == (_trace(fig, "gold leaves").x[j], 1)  # directly above its leaf
     assert _coloured(fig, "gold", MISMATCH_COLOR) == {("pass_statement", frozenset({j}))}
     assert _coloured(fig, "pred", MISMATCH_COLOR) == set()
 
@@ -142,9 +142,10 @@ def test_edge_count_and_node_positions(src):
         assert len(edges.x) == 3 * _links(tree)
         assert all(v is None for v in edges.x[2::3])
         nodes = _trace(fig, f"{which} nodes")
+        leaf_x = list(_trace(fig, f"{which} leaves").x)
+        assert len(leaf_x) == len(leaves) and all(b - a >= 18 - 1e-6 for a, b in zip(leaf_x, leaf_x[1:]))
         for cd, x in zip(nodes.customdata, nodes.x):
-            assert math.isclose(x, sum(cd[1]) / len(cd[1]))
-        assert list(_trace(fig, f"{which} leaves").x) == list(range(len(leaves)))
+            assert math.isclose(x, sum(leaf_x[i] for i in cd[1]) / len(cd[1]))
         # every node is a constituent, or the ∅ root
         drawn = {(cd[0], frozenset(cd[1])) for cd in nodes.customdata if cd[0] != EMPTY}
         assert drawn == constituents(tree)
@@ -170,7 +171,7 @@ def test_long_snippet_scales_and_rotates():
     assert fig.layout.width > small.layout.width
     assert fig.layout.width >= 10 * len(leaves)
     assert fig.layout.xaxis.tickangle == -90 and fig.layout.xaxis2.tickangle == -90
-    assert list(fig.layout.xaxis.tickvals) == list(range(len(leaves)))
+    assert list(fig.layout.xaxis.tickvals) == list(_trace(fig, "gold leaves").x)
     assert fig.layout.xaxis.showticklabels and fig.layout.xaxis2.showticklabels
     _roundtrip(fig)
 
@@ -265,3 +266,22 @@ def test_recall_errors():
         per_label_recall_figure(RECALL, top=0)
     with pytest.raises(ValueError, match="empty"):
         per_label_recall_figure({})
+
+
+@pytest.mark.parametrize("src", [SMALL, FUNC])
+def test_same_height_node_labels_are_spaced_by_their_widths(src):
+    # labels sit right of their node: a node's label must end before the next node of its height (per tree)
+    leaves, d, c, u = code_to_tuple(src)
+    d2, c2 = _perturbed(d, c)
+    fig = tree_comparison_figure(leaves, (d, c, u), (d2, c2, u))
+    for which in ("gold", "pred"):
+        nodes = _trace(fig, f"{which} nodes")
+        by_height: dict = {}
+        for x, y, text in zip(nodes.x, nodes.y, nodes.text):
+            by_height.setdefault(y, []).append((x, text))
+        for row in by_height.values():
+            row.sort()
+            for (xa, ta), (xb, _) in zip(row, row[1:]):
+                assert xb - xa >= 0.6 * 9 * len(ta) + 10, (which, ta, xa, xb)
+    rng = fig.layout.xaxis.range
+    assert fig.layout.width >= rng[1] - rng[0] + fig.layout.margin.l + fig.layout.margin.r - 1

@@ -238,11 +238,12 @@ def _hand_ast_result() -> ASTProbeResult:
 def test_figure_metric_controls_published_and_best_layer():
     res = _hand_ast_result()
     (fig,) = res.figures(controls={"layer 0": [0.35]}, published={"codebert": 0.75}, best_layer="3")
-    assert [t.name for t in fig.data] == ["AST-Probe constituent F1", "random-init model", "layer 0"]
+    assert [t.name for t in fig.data] == ["AST-Probe constituent F1", "random-init model", "layer 0",
+                                          "published codebert"]
     assert list(fig.data[0].y) == [0.35, 0.55] and list(fig.data[2].y) == [0.35, 0.35]  # one value: constant
-    assert [s.y0 for s in fig.layout.shapes] == [0.75] and "best by validation: 3" in fig.layout.title.text
+    assert list(fig.data[3].y) == [0.75, 0.75] and "best by validation: 3" in fig.layout.title.text
     (c,) = res.figures(metric="c_accuracy", published={"codebert": 0.75})
-    assert len(c.data) == 1 and list(c.data[0].y) == [0.7, 0.9] and not c.layout.shapes  # F1 lines only with F1
+    assert len(c.data) == 1 and list(c.data[0].y) == [0.7, 0.9]  # control and published lines only with F1
     assert c.layout.yaxis.title.text == "c accuracy" and "best by validation" not in c.layout.title.text
     (bare,) = res.figures(show_controls=False)
     assert len(bare.data) == 1

@@ -40,9 +40,20 @@ def test_ast_probe_command_writes_results_with_both_controls(tiny_dir, tmp_path,
     # the activations went through the cache: a second run reuses the same cache run
     runs = list((tmp_path / "cache" / "runs").iterdir())
     assert payload["cache_run"] in {r.name for r in runs}
-    assert main(args + ["--no-random-control"]) == 0
+    # the random-init control's run is keyed by its weights and a durable name, never by its temp folder
+    from probekit.cache import Run
+
+    keys = [Run(r).config["key"] for r in runs]
+    assert len(runs) == 2 and not any("probekit-random-init" in k["model"] for k in keys), [k["model"] for k in keys]
+    assert sorted(k["model"] for k in keys) == sorted([str(tiny_dir["llama"]), f"random-init:{tiny_dir['llama']}"])
+    # every test snippet carries its predicted tree at every layer (the app's layer picker drives the tree)
+    assert all(set(s["pred_by_layer"]) == set(res["layers"]) for s in snips)
+    best = payload["best_layer_by_validation"]
+    assert all(s["pred_by_layer"][best] == s["pred"] for s in snips)
+    # a rerun reuses both cache runs: the model's and the random-init control's
+    assert main(args) == 0
     assert json.loads((out / "ast_probe.json").read_text())["cache_run"] == payload["cache_run"]
-    assert len(list((tmp_path / "cache" / "runs").iterdir())) == len(runs)
+    assert sorted(r.name for r in (tmp_path / "cache" / "runs").iterdir()) == sorted(r.name for r in runs)
 
 
 def test_ast_probe_command_javascript(tiny_dir, tmp_path, monkeypatch):

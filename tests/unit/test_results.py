@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from probekit import results
+from probekit.figure_layout import fit_figure
 from probekit.cli import main
 from tests.browser.fixture_cache import ast_result, dark_matter_result, demo_result, linearscope_digit, linearscope_lm
 
@@ -124,7 +125,7 @@ def test_ast_layer_figure_selects_the_metric_controls_and_published_lines():
     assert len(c.data) == 1 and list(c.data[0].y) == r["c_accuracy"] and c.layout.yaxis.title.text == "c accuracy"
     assert len(results.ast_layer_figure(p, controls=False).data) == 1
     pub = results.ast_layer_figure(p, published=True)
-    assert [s.y0 for s in pub.layout.shapes] == [0.751]
+    assert _names(pub)[-1] == "published codebert_best" and list(pub.data[-1].y) == [0.751] * 3  # a legend entry
     one = results.ast_layer_figure({**p, "result": {**r, "controls": {"constant": [0.2]}}})
     assert list(one.data[1].y) == [0.2, 0.2, 0.2]  # a one-value control is drawn as a constant
     with pytest.raises(ValueError, match="metric must be one of"):
@@ -199,8 +200,8 @@ def test_token_contributions_figure_heatmap_or_bars():
 
 
 # ------------------------------------------------------------------ one drawing: builders call the probe figures
-# Each builder must give exactly the figure the probe module draws for the same result, so a notebook's figure
-# and the report's or app's cannot drift apart.
+# Each builder must give exactly the figure the probe module draws for the same result, sized by
+# figure_layout.fit_figure, so a notebook's figure and the report's or app's cannot drift apart.
 
 
 def test_layer_accuracy_builder_is_the_probe_figure():
@@ -210,7 +211,7 @@ def test_layer_accuracy_builder_is_the_probe_figure():
     res = LayerProbeResult(**p["result"])
     for show in (("train", "controls"), [], ["controls"]):
         (want,) = res.figures(show=show, model=p["model"])
-        assert results.layer_accuracy_figure(p, show=show).to_plotly_json() == want.to_plotly_json()
+        assert results.layer_accuracy_figure(p, show=show).to_plotly_json() == fit_figure(want).to_plotly_json()
 
 
 def test_ast_builder_is_the_probe_figure():
@@ -219,9 +220,9 @@ def test_ast_builder_is_the_probe_figure():
     p = ast_result(snippets=False)
     res = ASTProbeResult(**p["result"])
     (want,) = res.figures(metric="f1", published=p["published"], best_layer="5")
-    assert results.ast_layer_figure(p, published=True).to_plotly_json() == want.to_plotly_json()
+    assert results.ast_layer_figure(p, published=True).to_plotly_json() == fit_figure(want).to_plotly_json()
     (want,) = res.figures(metric="recall", best_layer="5")
-    assert results.ast_layer_figure(p, metric="recall").to_plotly_json() == want.to_plotly_json()
+    assert results.ast_layer_figure(p, metric="recall").to_plotly_json() == fit_figure(want).to_plotly_json()
 
 
 def test_dark_matter_builders_are_the_probe_figures():
@@ -231,11 +232,11 @@ def test_dark_matter_builders_are_the_probe_figures():
     split = FVUSplitAcrossWidths(**p["fvu_split"])
     for mode in ("stacked", "total"):
         (want,) = split.figures(mode=mode, hook=p["hook"])
-        assert results.fvu_split_figure(p, mode=mode).to_plotly_json() == want.to_plotly_json()
+        assert results.fvu_split_figure(p, mode=mode).to_plotly_json() == fit_figure(want).to_plotly_json()
     sc = p["scatter"]
     want = error_norm_scatter(sc["actual"], sc["predicted"], hover_text=sc["hover"], diagonal=False,
                               title="Per-token ‖e‖ predicted from x, SAE width 512 (held-out tokens)")
-    assert results.error_scatter_figure(p, diagonal=False).to_plotly_json() == want.to_plotly_json()
+    assert results.error_scatter_figure(p, diagonal=False).to_plotly_json() == fit_figure(want).to_plotly_json()
 
 
 def test_linearscope_builders_are_the_probe_figures():
@@ -245,7 +246,7 @@ def test_linearscope_builders_are_the_probe_figures():
     tc = TokenContributions(**lm["contributions"])
     for view in ("heatmap", "bars"):
         (want,) = tc.figures(view=view, prompt=lm["prompt"])
-        assert results.token_contributions_figure(lm, view=view).to_plotly_json() == want.to_plotly_json()
+        assert results.token_contributions_figure(lm, view=view).to_plotly_json() == fit_figure(want).to_plotly_json()
     digit = linearscope_digit()
     from probekit.probes.linearscope import LinearScopeResult
 
@@ -255,4 +256,4 @@ def test_linearscope_builders_are_the_probe_figures():
                             label=o["label"], singular_values=np.zeros(0), left_singular_vectors=np.zeros((10, 0)),
                             right_singular_vectors=np.zeros((0, 64)), reconstruction_rel_error=0.0)
     assert results.digit_rows_figure(digit, index=4).to_plotly_json() == one.digit_rows_figure(index=4).to_plotly_json()
-    assert results.bias_share_figure(digit).to_plotly_json() == one.bias_share_figure(test_mean=-0.02).to_plotly_json()
+    assert results.bias_share_figure(digit).to_plotly_json() == fit_figure(one.bias_share_figure(test_mean=-0.02)).to_plotly_json()
