@@ -79,7 +79,7 @@ def test_token_contributions_add_up_to_the_logit(scope_and_ids):
 
 def test_unsupported_layout_is_named():
     net = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    with pytest.raises(LinearScopeError, match="model.embed_tokens"):
+    with pytest.raises(LinearScopeError, match="Sequential.*no config.model_type"):
         TransformerLinearScope(net)
 
 
