@@ -536,7 +536,8 @@ class TransformerLinearScope:
 
     def _attention(self, rec: _Rec, key: str, a: _Attn, x: torch.Tensor) -> torch.Tensor:
         pattern = rec(key + ".pattern", lambda z: self._pattern(a, z), x)
-        v = self._heads(self._qkv(a, x)[2], a.n_kv, a.head_dim).repeat_interleave(a.n_heads // a.n_kv, dim=-3)
+        v = a.proj[2](x) if a.layout == "separate" else self._qkv(a, x)[2]  # fused layouts: one projection
+        v = self._heads(v, a.n_kv, a.head_dim).repeat_interleave(a.n_heads // a.n_kv, dim=-3)
         return a.out((pattern @ v).transpose(-2, -3).flatten(-2))
 
     def _mlp(self, rec: _Rec, key: str, m: _Mlp, x: torch.Tensor) -> torch.Tensor:
@@ -575,9 +576,22 @@ class TransformerLinearScope:
         logits = self._stream(x0, rec)
         return dict(decisions=rec.d, logits=logits)
 
+    def _hf(self, **inputs) -> torch.Tensor:
+        """The model's own logits ``(T, V)``, run with eager attention (the arithmetic the rules follow; SDPA
+        drops Gemma 2's attention soft-cap). The attention setting is restored after the call."""
+        cfg = self.model.config
+        impl = getattr(cfg, "_attn_implementation", None)
+        try:
+            if impl not in (None, "eager"):
+                cfg._attn_implementation = "eager"
+            with torch.no_grad():
+                return self.model(**inputs).logits[0].to(self.dtype)
+        finally:
+            if impl not in (None, "eager"):
+                cfg._attn_implementation = impl
+
     def _hf_logits(self, x0: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(inputs_embeds=x0.detach().to(self.dtype).unsqueeze(0)).logits[0].to(self.dtype)
+        return self._hf(inputs_embeds=x0.detach().to(self.dtype).unsqueeze(0))
 
     def _check(self, x0: torch.Tensor, dec: dict) -> None:
         """The reconstruction check run on every call: raise rather than return a wrong map."""
@@ -592,8 +606,8 @@ class TransformerLinearScope:
                 f"{self.family}: the interpreter differs from the model's own forward (relative error {err_hf:.1e} "
                 f"against the HF logits, {err_lin:.1e} between the probe stream at x¹ = x⁰ and the real stream; "
                 f"tolerance {self.tolerance:.0e}); its map would be wrong. A module or config field of this model "
-                "is not what its family's rules assume (e.g. attn_implementation other than eager/sdpa, a patched "
-                "module); SUPPORTED_FAMILIES lists what is exact")
+                "is not what its family's rules assume (e.g. a patched module or an attention kernel with other "
+                "arithmetic); SUPPORTED_FAMILIES lists what is exact")
 
     def decisions(self, x0: torch.Tensor) -> dict:
         """Run the real stream x⁰ ``(T, D)``; record every decision the probe stream will reuse.
@@ -626,7 +640,7 @@ class TransformerLinearScope:
             x0 = self.embed(ids)
             dec = self.decisions(x0)
             y1 = self.linear_stream(dec, x0)
-            hf = self.model(input_ids=ids.to(self.device).unsqueeze(0)).logits[0].to(self.dtype)
+            hf = self._hf(input_ids=ids.to(self.device).unsqueeze(0))
         f = dec["logits"]
         return dict(relative_error=((y1 - f).norm() / f.norm()).item(),
                     hf_relative_error=((f - hf).norm() / hf.norm()).item(), dtype=str(self.dtype).removeprefix("torch."),

@@ -234,3 +234,16 @@ def test_sliding_window_longer_prompt_still_exact_and_masked():
     A = s.matrix(IDS).reshape(-1, len(IDS), 16)
     reach = A.abs().amax(dim=(0, 2))
     assert (reach[:2] == 0).all() and (reach[2:] > 0).all()
+
+
+def test_sdpa_loaded_model_is_exact_and_keeps_its_attention_setting():
+    """Mistral loaded with SDPA: the reference forward runs eager (the arithmetic the rules follow), the map is
+    exact, and the model's attention setting is left as it was."""
+    m = tiny("mistral")
+    m.set_attn_implementation("sdpa")
+    s = TransformerLinearScope(m)
+    assert s.reconstruction(IDS)["hf_relative_error"] <= 1e-6
+    assert m.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa = m(input_ids=IDS[None]).logits[0]
+        assert ((s.decisions(s.embed(IDS))["logits"] - sdpa).norm() / sdpa.norm()).item() <= 1e-6
