@@ -643,8 +643,8 @@ class TransformerLinearScope:
             hf = self._hf(input_ids=ids.to(self.device).unsqueeze(0))
         f = dec["logits"]
         return dict(relative_error=((y1 - f).norm() / f.norm()).item(),
-                    hf_relative_error=((f - hf).norm() / hf.norm()).item(), dtype=str(self.dtype).removeprefix("torch."),
-                    tokens=int(len(ids)))
+                    hf_relative_error=((f - hf).norm() / hf.norm()).item(),
+                    dtype=str(self.dtype).removeprefix("torch."), tokens=int(len(ids)))
 
     def bias(self, dec: dict, x0: torch.Tensor) -> torch.Tensor:
         """b(x⁰): logits ``(T, V)`` of the probe stream at x¹ = 0."""
