@@ -81,13 +81,14 @@ def _unwrap(model) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------- resolved modules
 @dataclass
 class _Norm:
-    """A LayerNorm/RMSNorm resolved to its formula: ``(x − c) · r · weight + bias``."""
+    """A LayerNorm/RMSNorm resolved to its formula: ``(x − c) · r · (offset + weight) + bias``."""
 
     path: str
-    weight: torch.Tensor | None  # the effective multiplier (Gemma: 1 + w)
+    weight: torch.Tensor | None  # the module's own parameter (read at each call, so later edits count)
     bias: torch.Tensor | None
     eps: float
     center: bool
+    offset: float = 0.0  # Gemma: the multiplier is 1 + w
 
     def rscale(self, x: torch.Tensor) -> torch.Tensor:
         """``1 / sqrt(var + ε)`` over the last dim ``(..., 1)`` (the decision)."""
@@ -95,7 +96,8 @@ class _Norm:
         return torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def affine(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self.weight if self.weight is not None else x
+        if self.weight is not None:
+            x = x * (self.weight + self.offset if self.offset else self.weight)
         return x + self.bias if self.bias is not None else x
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,16 +179,16 @@ def _resolve_norm(module: torch.nn.Module | None, path: str) -> _Norm | None:
     extra = [n for n, _ in module.named_parameters() if n != "weight"]
     if not isinstance(w, torch.Tensor) or w.dim() != 1 or extra:
         raise LinearScopeError(f"{path} is {type(module).__name__}: not a LayerNorm/RMSNorm with one weight vector")
-    eps = float(torch.finfo(w.dtype).eps if eps is None else eps)
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(5, w.shape[0], generator=g, dtype=torch.float64) * 3).to(w.dtype)
-    with torch.no_grad():
-        out = module(x).to(torch.float64)
-        r = torch.rsqrt(x.to(torch.float64).pow(2).mean(-1, keepdim=True) + eps)
-        base = x.to(torch.float64) * r
-        for eff in (w, 1.0 + w):
-            if torch.allclose(out, base * eff.to(torch.float64), rtol=1e-5, atol=1e-6):
-                return _Norm(path, eff.detach() if eff is not w else w, None, eps, center=False)
+    eps_used = float(torch.finfo(torch.float64).eps if eps is None else eps)
+    x = torch.randn(5, w.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    with torch.no_grad():  # on a float64 copy, so that a bf16 model is judged by its formula, not its rounding
+        out = copy.deepcopy(module).to(torch.float64)(x).to(torch.float64)
+        base = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps_used)
+        w64 = w.detach().to(torch.float64)
+        for offset in (0.0, 1.0):
+            if torch.allclose(out, base * (w64 + offset), rtol=1e-5, atol=1e-6):
+                eps_run = float(torch.finfo(w.dtype).eps if eps is None else eps)
+                return _Norm(path, w, None, eps_run, center=False, offset=offset)
     raise LinearScopeError(f"{path} is {type(module).__name__}: its output is neither w·x/rms(x) nor "
                            "(1+w)·x/rms(x); no rule for this norm")
 

@@ -247,3 +247,29 @@ def test_sdpa_loaded_model_is_exact_and_keeps_its_attention_setting():
     with torch.no_grad():
         sdpa = m(input_ids=IDS[None]).logits[0]
         assert ((s.decisions(s.embed(IDS))["logits"] - sdpa).norm() / sdpa.norm()).item() <= 1e-6
+
+
+@pytest.mark.parametrize("family,rope", [
+    ("llama", dict(rope_type="llama3", factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8)),
+    ("llama", dict(rope_type="linear", factor=3.0)),
+    ("qwen2", dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=16)),
+])
+def test_static_rope_scalings_are_exact(family, rope):
+    m = tiny(family, rope_parameters=dict(rope_theta=10000.0, **rope))
+    s = TransformerLinearScope(m)
+    assert s.reconstruction(IDS)["hf_relative_error"] <= 1e-6
+
+
+def test_gemma3_scaled_global_rope_is_exact():
+    """Gemma 3's global layers use another base and a linear scaling (as the released models do)."""
+    m = tiny("gemma3", rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                        "full_attention": dict(rope_type="linear", rope_theta=1e6, factor=8.0)})
+    assert TransformerLinearScope(m).reconstruction(IDS)["hf_relative_error"] <= 1e-6
+
+
+def test_bfloat16_model_is_accepted_and_interpreted_in_float64():
+    m = tiny("gemma2").to(torch.bfloat16)
+    s = TransformerLinearScope(m, dtype=torch.float64)
+    assert next(m.parameters()).dtype == torch.bfloat16  # the caller's model is not converted
+    assert s.reconstruction(IDS)["hf_relative_error"] <= 1e-6  # against the float64 copy's own forward
