@@ -1,4 +1,4 @@
-"""LinearScope for decoder LMs: the exact input-dependent linear map from input embeddings to logits.
+"""LinearScope for transformer LMs: the exact input-dependent linear map from input embeddings to logits.
 
 METHODS.md §4, transformer extension. Two streams run through the model: x⁰ (the real input embeddings, the output
 of the model's input-embedding module, so Gemma's √d scale is in x⁰) and x¹ (a probe input). Every nonlinearity
@@ -17,9 +17,10 @@ takes its decision from x⁰ and applies it to x¹:
   ``½(1 + tanh(√(2/π)(z⁰ + 0.044715 z⁰³)))``; SiLU: ``σ(z⁰)``; ReLU: ``1[z⁰ > 0]``), so the map is exact at x¹ = x⁰;
 - final logit soft-cap (Gemma 2/3): ``cap·tanh(z/cap) ↦ (cap·tanh(z⁰/cap)/z⁰) · z¹`` (1 where ``z⁰ = 0``).
 
-Post-attention / post-feedforward norms (Gemma 2/3, OLMo 2) are norms like any other; parallel blocks (GPT-NeoX
-``use_parallel_residual``, GPT-J) add both branches to the residual; GPT-2's learned positions are an additive
-constant (they land in b).
+Post-attention / post-feedforward norms (Gemma 2/3, OLMo 2) and BERT/RoBERTa's post-residual LayerNorms are
+norms like any other; parallel blocks (GPT-NeoX ``use_parallel_residual``, GPT-J) add both branches to the
+residual; learned positions (GPT-2, BERT, RoBERTa) and BERT's token type 0 are additive constants (they land in
+b); the encoders attend both ways and their masked-LM transform (dense → GELU → LayerNorm) follows the same rules.
 
 So ``y¹ = A(x⁰) x¹ + b(x⁰)`` exactly, and ``y¹(x⁰) = f(x⁰)``: the real logits. ``b`` is ``y¹`` at ``x¹ = 0``.
 A token's contribution to a logit is its block of A applied to its own embedding; the contributions and b add up
@@ -30,7 +31,8 @@ recorded, in the probe stream it is read back, so nothing nonlinear in x¹ can s
 family, module or config field has no rule is refused in the constructor (:func:`check_support`, naming it);
 on every call the real stream is compared with the model's own forward (and the probe stream at x¹ = x⁰ with the
 real stream), and a mismatch raises :class:`LinearScopeError` — a wrong map is never returned.
-:data:`SUPPORTED_FAMILIES` lists the outcome per ``config.model_type``. Single sequences without padding.
+:data:`SUPPORTED_FAMILIES` lists the outcome per ``config.model_type``. Single sequences without padding (for
+RoBERTa: no pad token inside the prompt, whose positions HF would skip).
 
 Example
 -------
@@ -56,14 +58,13 @@ from .linearscope import LinearScopeError
 __all__ = ["LinearScopeError", "SUPPORTED_FAMILIES", "TokenContributions", "TransformerLinearScope",
            "check_support"]
 
-_ENCODER = "refused: an encoder (bidirectional attention, masked-LM head); TransformerLinearScope covers decoder LMs"
 #: Outcome per HF ``config.model_type``: "exact" (rebuilds the HF forward to ≤ 1e-6 relative in float64, A equal to
 #: the Jacobian with decisions detached; tests/unit/test_linearscope_families.py) or "refused: why".
 SUPPORTED_FAMILIES: dict[str, str] = {
     "gpt2": "exact", "gpt_neox": "exact", "gptj": "exact", "llama": "exact", "mistral": "exact", "qwen2": "exact",
     "qwen3": "exact", "gemma": "exact", "gemma2": "exact", "gemma3_text": "exact", "phi3": "exact", "olmo2": "exact",
+    "bert": "exact", "roberta": "exact",
     "gemma3": "refused: the multimodal Gemma3ForConditionalGeneration; load the text model (Gemma3ForCausalLM)",
-    "bert": _ENCODER, "roberta": _ENCODER,
 }
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"}
 _ROPE_TYPES = {"default", "linear", "llama3", "yarn"}  # static tables; "dynamic"/"longrope" depend on the length
@@ -121,6 +122,7 @@ class _Attn:
     qk_norm_per_head: bool
     rope: tuple | None  # (inv_freq (rd/2,), attention_scaling, style "half"|"interleaved") or None
     window: int | None
+    causal: bool = True  # False: BERT/RoBERTa encoders attend both ways
 
 
 @dataclass
@@ -140,6 +142,8 @@ class _Block:
     mlp: _Mlp
     mlp_out: _Norm | None
     parallel: bool
+    attn_resid: _Norm | None = None  # post-LN (BERT/RoBERTa): the norm of h + attention
+    mlp_resid: _Norm | None = None  # and of h + MLP
 
 
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # m(z) = f(z)/z in closed form
@@ -260,20 +264,35 @@ class _Builder:
                                        "model; refusing rather than skipping it")
 
 
-def _build(model: torch.nn.Module):
-    """(embedding module, position embedding or None, blocks, final norm, lm_head, final soft-cap) or refuse."""
+@dataclass
+class _Net:
+    embed: torch.nn.Module  # x⁰ = embed(ids)
+    const: Callable | None  # (T, device) → (T, D) added to x (learned positions, token type 0): lands in b
+    emb_norm: _Norm | None  # BERT/RoBERTa: LayerNorm on the embeddings
+    blocks: list
+    final_norm: _Norm | None
+    head_mlp: tuple | None  # BERT/RoBERTa MLM transform: (dense, activation, norm)
+    head: torch.nn.Module  # → logits
+    cap: float | None  # final logit soft-cap
+
+
+def _build(model: torch.nn.Module) -> _Net:
+    """The model resolved into rules, or :class:`LinearScopeError` naming what has none."""
     cfg = getattr(model, "config", None)
     family = getattr(cfg, "model_type", None)
     if family is None:
         raise LinearScopeError(f"{type(model).__name__}: not a transformers model (no config.model_type); "
-                               "TransformerLinearScope interprets HF decoder LMs, LinearScope any nn.Module CNN")
+                               "TransformerLinearScope interprets HF transformer LMs, LinearScope any nn.Module")
     why = SUPPORTED_FAMILIES.get(family)
     if why is None or why != "exact":
         raise LinearScopeError(f"{type(model).__name__} (model_type {family!r}): "
                                f"{why or 'no TransformerLinearScope rules for this family'}; exact families: "
                                f"{sorted(k for k, v in SUPPORTED_FAMILIES.items() if v == 'exact')}")
-    if getattr(model, "lm_head", None) is None:
-        raise LinearScopeError(f"{type(model).__name__}: no lm_head; load the causal-LM class of {family}")
+    head_of = {"bert": ("cls", "BertForMaskedLM"), "roberta": ("lm_head", "RobertaForMaskedLM")}
+    head_attr, head_cls = head_of.get(family, ("lm_head", f"the causal-LM class of {family}"))
+    if getattr(model, head_attr, None) is None:
+        raise LinearScopeError(f"{type(model).__name__}: no {head_attr} (an output head to read logits from); "
+                               f"load {head_cls}")
     if getattr(cfg, "add_cross_attention", False):
         raise LinearScopeError(f"{family}: config.add_cross_attention=True; cross-attention has no rule")
     b = _Builder(model)
@@ -281,6 +300,7 @@ def _build(model: torch.nn.Module):
     Hkv = getattr(cfg, "num_key_value_heads", None) or H
     cap = getattr(cfg, "attn_logit_softcapping", None)
     blocks = []
+    const, emb_norm, head_mlp = None, None, None  # additive embedding constant, embedding norm, MLM transform
     if family in _LLAMA_LIKE:
         base, layers, final = model.model, model.model.layers, model.model.norm
         for i, layer in enumerate(layers):
@@ -310,7 +330,7 @@ def _build(model: torch.nn.Module):
                 norms = (layer.input_layernorm, None, layer.post_attention_layernorm, None)
             n = [b.norm(x) for x in norms]
             blocks.append(_Block(n[0], a, n[1], n[2], m, n[3], parallel=False))
-        embed, pos = base.embed_tokens, None
+        embed = base.embed_tokens
     elif family == "gpt2":
         base, final = model.transformer, model.transformer.ln_f
         for layer in base.h:
@@ -319,7 +339,8 @@ def _build(model: torch.nn.Module):
                       None, None, None, False, None, None)
             m = _Mlp("plain", (b.take(mlp.c_fc), b.take(mlp.c_proj)), b.act(mlp.act), mlp.act)
             blocks.append(_Block(b.norm(layer.ln_1), a, None, b.norm(layer.ln_2), m, None, parallel=False))
-        embed, pos = base.wte, b.take(base.wpe)
+        embed, wpe = base.wte, b.take(base.wpe)
+        const = lambda T, dev: wpe(torch.arange(T, device=dev))  # noqa: E731 - learned positions
     elif family == "gpt_neox":
         base, final = model.gpt_neox, model.gpt_neox.final_layer_norm
         for layer in base.layers:
@@ -330,7 +351,7 @@ def _build(model: torch.nn.Module):
             m = _Mlp("plain", (b.take(mlp.dense_h_to_4h), b.take(mlp.dense_4h_to_h)), b.act(mlp.act), mlp.act)
             blocks.append(_Block(b.norm(layer.input_layernorm), a, None, b.norm(layer.post_attention_layernorm), m,
                                  None, parallel=bool(layer.use_parallel_residual)))
-        embed, pos = base.embed_in, None
+        embed = base.embed_in
     elif family == "gptj":
         base, final = model.transformer, model.transformer.ln_f
         for layer in base.h:
@@ -341,14 +362,43 @@ def _build(model: torch.nn.Module):
             m = _Mlp("plain", (b.take(mlp.fc_in), b.take(mlp.fc_out)), b.act(mlp.act), mlp.act)
             ln = b.norm(layer.ln_1)
             blocks.append(_Block(ln, a, None, ln, m, None, parallel=True))  # one norm feeds both branches
-        embed, pos = base.wte, None
+        embed = base.wte
+    elif family in ("bert", "roberta"):
+        base = getattr(model, family)
+        emb = base.embeddings
+        embed, wpe, tte = emb.word_embeddings, b.take(emb.position_embeddings), b.take(emb.token_type_embeddings)
+        offset = emb.padding_idx + 1 if family == "roberta" else 0  # RoBERTa counts positions from pad + 1
+        const = lambda T, dev: (wpe(torch.arange(T, device=dev) + offset)  # noqa: E731 - positions, type 0
+                                + tte(torch.zeros(T, dtype=torch.long, device=dev)))
+        emb_norm = b.norm(emb.LayerNorm)
+        for layer in base.encoder.layer:
+            sa, so = layer.attention.self, layer.attention.output
+            a = _Attn("separate", (b.take(sa.query), b.take(sa.key), b.take(sa.value)), b.take(so.dense), H, H,
+                      sa.attention_head_size, float(sa.scaling), None, None, None, False, None, None,
+                      causal=bool(getattr(cfg, "is_decoder", False)))
+            m = _Mlp("plain", (b.take(layer.intermediate.dense), b.take(layer.output.dense)),
+                     b.act(layer.intermediate.intermediate_act_fn), layer.intermediate.intermediate_act_fn)
+            blocks.append(_Block(None, a, None, None, m, None, parallel=False, attn_resid=b.norm(so.LayerNorm),
+                                 mlp_resid=b.norm(layer.output.LayerNorm)))
+        final = None
+        if family == "bert":
+            t = model.cls.predictions.transform
+            head_mlp = (b.take(t.dense), b.act(t.transform_act_fn), b.norm(t.LayerNorm))
+            b.take(model.cls.predictions)  # its output bias is the decoder's (tied)
+            model_head = model.cls.predictions.decoder
+        else:  # RobertaLMHead: dense → exact GELU (a function, not a module) → layer_norm → decoder
+            h = model.lm_head
+            head_mlp = (b.take(h.dense), "gelu", b.norm(h.layer_norm))
+            b.take(h)
+            model_head = h.decoder
     else:  # pragma: no cover - SUPPORTED_FAMILIES and the branches above list the same families
         raise LinearScopeError(f"model_type {family!r}: no rules")
     b.take(embed)
     final_norm = b.norm(final)
-    head = b.take(model.lm_head)
+    head = b.take(model_head if family in ("bert", "roberta") else model.lm_head)
     b.check_all_used()
-    return embed, pos, blocks, final_norm, head, getattr(cfg, "final_logit_softcapping", None)
+    return _Net(embed, const, emb_norm, blocks, final_norm, head_mlp, head,
+                getattr(cfg, "final_logit_softcapping", None))
 
 
 def check_support(model) -> None:
@@ -445,11 +495,12 @@ class TokenContributions:
 
 
 class TransformerLinearScope:
-    """Exact linear interpreter of a decoder LM at one input (see module docstring).
+    """Exact linear interpreter of a transformer LM at one input (see module docstring).
 
     Parameters
     ----------
-    model : TransformerBridge from ``load_model`` or an HF causal LM of a family in :data:`SUPPORTED_FAMILIES`.
+    model : TransformerBridge from ``load_model``, or an HF causal LM (BERT/RoBERTa: masked LM) of a family marked
+        "exact" in :data:`SUPPORTED_FAMILIES`.
     dtype : computation dtype; float64 for exact reconstructions (a private copy is made when it differs).
     norm_centering : {"probe", "decision"}
         LayerNorm centring of the probe stream: ``mean(x¹)`` (linear, default) or the frozen ``mean(x⁰)``.
@@ -478,12 +529,13 @@ class TransformerLinearScope:
         self.family = m.config.model_type
         self.norm_centering = norm_centering
         self.tolerance = tolerance if tolerance is not None else _TOL.get(dtype, 5e-2)
-        self._embed, self._pos, self.blocks, self._final, self._head, self._cap = _build(m)
+        self.net = _build(m)
+        self.blocks = self.net.blocks
 
     # ------------------------------------------------------------------ the two-stream forward
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``(T, D)`` of token ids ``(T,)``: the model's input-embedding module (Gemma: scaled)."""
-        return self._embed(ids.to(self.device)).to(self.dtype)
+        return self.net.embed(ids.to(self.device)).to(self.dtype)
 
     def _norm(self, rec: _Rec, key: str, n: _Norm | None, x: torch.Tensor) -> torch.Tensor:
         if n is None:
@@ -531,7 +583,7 @@ class TransformerLinearScope:
         if a.softcap is not None:
             s = a.softcap * torch.tanh(s / a.softcap)
         i = torch.arange(T, device=x.device)
-        allowed = i[None, :] <= i[:, None]
+        allowed = i[None, :] <= i[:, None] if a.causal else torch.ones(T, T, dtype=torch.bool, device=x.device)
         if a.window is not None:
             allowed &= i[None, :] > i[:, None] - a.window
         return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
@@ -556,21 +608,27 @@ class TransformerLinearScope:
 
     def _stream(self, x: torch.Tensor, rec: _Rec) -> torch.Tensor:
         """Logits ``(..., T, V)`` of ``x (..., T, D)``; decisions recorded (real stream) or replayed (probe)."""
-        h = x
-        if self._pos is not None:  # GPT-2 learned positions: an additive constant
-            h = h + self._pos(torch.arange(x.shape[-2], device=x.device)).to(self.dtype)
-        for i, blk in enumerate(self.blocks):
+        net, h = self.net, x
+        if net.const is not None:  # learned positions (and BERT's token type 0): an additive constant
+            h = h + net.const(x.shape[-2], x.device).to(self.dtype)
+        h = self._norm(rec, "embed", net.emb_norm, h)
+        for i, blk in enumerate(net.blocks):
             a = self._attention(rec, f"{i}.attn", blk.attn, self._norm(rec, f"{i}.attn_in", blk.attn_in, h))
             a = self._norm(rec, f"{i}.attn_out", blk.attn_out, a)
             if blk.parallel:
                 h = h + a + self._mlp(rec, f"{i}.mlp", blk.mlp, self._norm(rec, f"{i}.mlp_in", blk.mlp_in, h))
                 continue
-            h = h + a
+            h = self._norm(rec, f"{i}.attn_resid", blk.attn_resid, h + a)
             f = self._mlp(rec, f"{i}.mlp", blk.mlp, self._norm(rec, f"{i}.mlp_in", blk.mlp_in, h))
-            h = h + self._norm(rec, f"{i}.mlp_out", blk.mlp_out, f)
-        y = self._head(self._norm(rec, "final", self._final, h))
-        if self._cap is not None:
-            y = rec("logit_cap", _softcap_ratio(float(self._cap)), y) * y
+            h = self._norm(rec, f"{i}.mlp_resid", blk.mlp_resid, h + self._norm(rec, f"{i}.mlp_out", blk.mlp_out, f))
+        h = self._norm(rec, "final", net.final_norm, h)
+        if net.head_mlp is not None:
+            dense, act, norm = net.head_mlp
+            z = dense(h)
+            h = self._norm(rec, "head", norm, rec("head.act", _ACTS[act], z) * z)
+        y = net.head(h)
+        if net.cap is not None:
+            y = rec("logit_cap", _softcap_ratio(float(net.cap)), y) * y
         return y
 
     def _record(self, x0: torch.Tensor, *, detach: bool = False) -> dict:

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 _COMMON = dict(vocab_size=53, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
                max_position_embeddings=32)
 WINDOW = 4  # shorter than the prompt: sliding-window layers must mask
+ENCODERS = ("bert", "roberta")
+ADDITIVE = ("bias", "wpe.weight", "position_embeddings.weight", "token_type_embeddings.weight")  # constants → b
 
 
 def _config(family: str):
@@ -58,6 +60,10 @@ def _config(family: str):
                             eos_token_id=0)
     if family == "olmo2":
         return T.Olmo2Config(**c, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if family == "bert":
+        return T.BertConfig(**c, pad_token_id=0)
+    if family == "roberta":
+        return T.RobertaConfig(**c, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     raise KeyError(family)
 
 
@@ -66,7 +72,8 @@ def tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
-    m = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(torch.float64).eval()
+    auto = T.AutoModelForMaskedLM if family in ENCODERS else T.AutoModelForCausalLM
+    m = auto.from_config(cfg, attn_implementation="eager").to(torch.float64).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in m.parameters():  # every norm weight off 1 (Gemma: off 0), every bias off 0
@@ -76,7 +83,7 @@ def tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 IDS = torch.tensor([3, 17, 5, 40, 22, 9, 31, 3, 12])  # 9 tokens > WINDOW
 EXACT = ["gpt2", "gpt_neox", "gpt_neox_sequential", "gptj", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-         "gemma3", "phi3", "olmo2"]
+         "gemma3", "phi3", "olmo2", "bert", "roberta"]
 
 
 @pytest.fixture(scope="module", params=EXACT)
@@ -118,7 +125,7 @@ def test_linear_in_x1_with_biases_zeroed(family_scope):
     m = tiny(family)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if name.endswith("bias") or name.endswith("wpe.weight"):  # GPT-2's positions are an additive constant
+            if name.endswith(ADDITIVE):  # GPT-2's and BERT's positions are additive constants
                 p.zero_()
     s = TransformerLinearScope(m, dtype=torch.float64)
     x0 = s.embed(IDS)
@@ -143,7 +150,7 @@ def test_decision_centering_freezes_the_layernorm_mean():
     m = tiny("gpt2")
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if name.endswith("bias") or name.endswith("wpe.weight"):
+            if name.endswith(ADDITIVE):
                 p.zero_()
     probe = TransformerLinearScope(m, dtype=torch.float64)
     frozen = TransformerLinearScope(m, dtype=torch.float64, norm_centering="decision")
@@ -160,19 +167,27 @@ def test_decision_centering_freezes_the_layernorm_mean():
 
 def test_supported_families_table_matches_the_tests():
     for fam in ("gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                "phi3", "olmo2"):
+                "phi3", "olmo2", "bert", "roberta"):
         assert SUPPORTED_FAMILIES[fam] == "exact", fam
-    assert SUPPORTED_FAMILIES["bert"].startswith("refused")
+    assert SUPPORTED_FAMILIES["gemma3"].startswith("refused")
     assert check_support(tiny("gemma2")) is None
 
 
-def test_encoder_is_refused_before_any_computation():
-    cfg = T.BertConfig(vocab_size=53, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=24)
-    with pytest.raises(LinearScopeError, match="bert.*encoder"):
-        TransformerLinearScope(T.BertForMaskedLM(cfg))
+def test_unsupported_models_are_refused_before_any_computation():
+    with pytest.raises(LinearScopeError, match="model_type 't5'.*no TransformerLinearScope rules"):
+        TransformerLinearScope(T.T5ForConditionalGeneration(T.T5Config(vocab_size=53, d_model=16, d_kv=4,
+                                                                           d_ff=24, num_layers=1, num_heads=2)))
+    with pytest.raises(LinearScopeError, match="no cls.*BertForMaskedLM"):  # a bare encoder has no logits
+        check_support(T.BertModel(_config("bert")))
     with pytest.raises(LinearScopeError, match="Sequential"):
         check_support(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_encoder_attends_both_ways():
+    """BERT's first token reads the last one (no causal mask): its row of A has a nonzero block there."""
+    s = TransformerLinearScope(tiny("bert"))
+    A = s.matrix(IDS[:5], position=0).reshape(-1, 5, 16)
+    assert A[:, 4].abs().max() > 1e-3
 
 
 def test_unknown_activation_is_refused_naming_the_module():
