@@ -276,6 +276,125 @@ class _Net:
     cap: float | None  # final logit soft-cap
 
 
+def _llama_like(b: _Builder, model, cfg) -> _Net:
+    """Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2: ``model.model.layers`` of self_attn + gated mlp."""
+    family, H = cfg.model_type, cfg.num_attention_heads
+    Hkv = getattr(cfg, "num_key_value_heads", None) or H
+    blocks = []
+    for i, layer in enumerate(model.model.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        hd = att.head_dim
+        if hasattr(att, "qkv_proj"):  # Phi-3
+            layout, proj = "phi3", (b.take(att.qkv_proj),)
+        else:
+            layout, proj = "separate", (b.take(att.q_proj), b.take(att.k_proj), b.take(att.v_proj))
+        qn, kn = b.norm(getattr(att, "q_norm", None)), b.norm(getattr(att, "k_norm", None))
+        per_head = qn is not None and qn.weight.shape[0] == hd  # Qwen3, Gemma 3; OLMo 2 norms all heads at once
+        ltype = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else None
+        a = _Attn(layout, proj, b.take(att.o_proj), H, Hkv, hd, float(att.scaling),
+                  getattr(cfg, "attn_logit_softcapping", None), qn, kn, per_head, _rope(model, family, cfg, hd, ltype),
+                  _window(cfg, i))
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: [gate | up]
+            m = _Mlp("gate_up", (b.take(mlp.gate_up_proj), b.take(mlp.down_proj)), b.act(mlp.activation_fn),
+                     mlp.activation_fn)
+        else:
+            m = _Mlp("gated", (b.take(mlp.gate_proj), b.take(mlp.up_proj), b.take(mlp.down_proj)), b.act(mlp.act_fn),
+                     mlp.act_fn)
+        if family in ("gemma2", "gemma3_text"):  # (attn in, attn out, mlp in, mlp out)
+            norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                     layer.post_feedforward_layernorm)
+        elif family == "olmo2":
+            norms = (None, layer.post_attention_layernorm, None, layer.post_feedforward_layernorm)
+        else:
+            norms = (layer.input_layernorm, None, layer.post_attention_layernorm, None)
+        n = [b.norm(x) for x in norms]
+        blocks.append(_Block(n[0], a, n[1], n[2], m, n[3], parallel=False))
+    return _Net(b.take(model.model.embed_tokens), None, None, blocks, b.norm(model.model.norm), None,
+                b.take(model.lm_head), getattr(cfg, "final_logit_softcapping", None))
+
+
+def _gpt2(b: _Builder, model, cfg) -> _Net:
+    """GPT-2: fused Conv1D qkv, LayerNorms, plain MLP, learned positions."""
+    H, base, blocks = cfg.num_attention_heads, model.transformer, []
+    for layer in base.h:
+        att, mlp = layer.attn, layer.mlp
+        a = _Attn("gpt2", (b.take(att.c_attn),), b.take(att.c_proj), H, H, att.head_dim, float(att.scaling), None,
+                  None, None, False, None, None)
+        m = _Mlp("plain", (b.take(mlp.c_fc), b.take(mlp.c_proj)), b.act(mlp.act), mlp.act)
+        blocks.append(_Block(b.norm(layer.ln_1), a, None, b.norm(layer.ln_2), m, None, parallel=False))
+    wpe = b.take(base.wpe)
+    return _Net(b.take(base.wte), lambda T, dev: wpe(torch.arange(T, device=dev)), None, blocks, b.norm(base.ln_f),
+                None, b.take(model.lm_head), None)
+
+
+def _gpt_neox(b: _Builder, model, cfg) -> _Net:
+    """GPT-NeoX / Pythia: per-head fused qkv, partial rotary, parallel or sequential residual."""
+    H, base, blocks = cfg.num_attention_heads, model.gpt_neox, []
+    for layer in base.layers:
+        att, mlp = layer.attention, layer.mlp
+        hd = att.head_size
+        a = _Attn("neox", (b.take(att.query_key_value),), b.take(att.dense), H, H, hd, float(att.scaling), None, None,
+                  None, False, _rope(model, "gpt_neox", cfg, hd, None), None)
+        m = _Mlp("plain", (b.take(mlp.dense_h_to_4h), b.take(mlp.dense_4h_to_h)), b.act(mlp.act), mlp.act)
+        blocks.append(_Block(b.norm(layer.input_layernorm), a, None, b.norm(layer.post_attention_layernorm), m, None,
+                             parallel=bool(layer.use_parallel_residual)))
+    return _Net(b.take(base.embed_in), None, None, blocks, b.norm(base.final_layer_norm), None,
+                b.take(model.lm_head), None)
+
+
+def _gptj(b: _Builder, model, cfg) -> _Net:
+    """GPT-J: interleaved rotary on ``rotary_dim``, one LayerNorm feeding parallel attention and MLP."""
+    H, base, blocks = cfg.num_attention_heads, model.transformer, []
+    for layer in base.h:
+        att, mlp = layer.attn, layer.mlp
+        hd = att.head_dim
+        a = _Attn("separate", (b.take(att.q_proj), b.take(att.k_proj), b.take(att.v_proj)), b.take(att.out_proj), H,
+                  H, hd, float(att.scaling), None, None, None, False, _rope(model, "gptj", cfg, hd, None), None)
+        m = _Mlp("plain", (b.take(mlp.fc_in), b.take(mlp.fc_out)), b.act(mlp.act), mlp.act)
+        ln = b.norm(layer.ln_1)
+        blocks.append(_Block(ln, a, None, ln, m, None, parallel=True))
+    return _Net(b.take(base.wte), None, None, blocks, b.norm(base.ln_f), None, b.take(model.lm_head), None)
+
+
+def _encoder(b: _Builder, model, cfg) -> _Net:
+    """BERT / RoBERTa masked LMs: embedding LayerNorm, post-residual LayerNorms, both-way attention, MLM head."""
+    family, H = cfg.model_type, cfg.num_attention_heads
+    emb = getattr(model, family).embeddings
+    wpe, tte = b.take(emb.position_embeddings), b.take(emb.token_type_embeddings)
+    offset = emb.padding_idx + 1 if family == "roberta" else 0  # RoBERTa counts positions from pad + 1
+
+    def const(T, dev):  # positions and token type 0: an additive constant
+        return wpe(torch.arange(T, device=dev) + offset) + tte(torch.zeros(T, dtype=torch.long, device=dev))
+
+    blocks = []
+    for layer in getattr(model, family).encoder.layer:
+        sa, so = layer.attention.self, layer.attention.output
+        a = _Attn("separate", (b.take(sa.query), b.take(sa.key), b.take(sa.value)), b.take(so.dense), H, H,
+                  sa.attention_head_size, float(sa.scaling), None, None, None, False, None, None,
+                  causal=bool(getattr(cfg, "is_decoder", False)))
+        act = layer.intermediate.intermediate_act_fn
+        m = _Mlp("plain", (b.take(layer.intermediate.dense), b.take(layer.output.dense)), b.act(act), act)
+        blocks.append(_Block(None, a, None, None, m, None, parallel=False, attn_resid=b.norm(so.LayerNorm),
+                             mlp_resid=b.norm(layer.output.LayerNorm)))
+    if family == "bert":
+        t = model.cls.predictions.transform
+        head_mlp = (b.take(t.dense), b.act(t.transform_act_fn), b.norm(t.LayerNorm))
+        b.take(model.cls.predictions)  # its output bias is the decoder's (tied)
+        head = model.cls.predictions.decoder
+    else:  # RobertaLMHead: dense → exact GELU (a function, not a module) → layer_norm → decoder
+        h = model.lm_head
+        head_mlp = (b.take(h.dense), "gelu", b.norm(h.layer_norm))
+        b.take(h)
+        head = h.decoder
+    return _Net(b.take(emb.word_embeddings), const, b.norm(emb.LayerNorm), blocks, None, head_mlp, head, None)
+
+
+_FAMILY_RULES: dict[str, Callable[[_Builder, Any, Any], _Net]] = {
+    **{f: _llama_like for f in _LLAMA_LIKE}, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj,
+    "bert": _encoder, "roberta": _encoder,
+}
+
+
 def _build(model: torch.nn.Module) -> _Net:
     """The model resolved into rules, or :class:`LinearScopeError` naming what has none."""
     cfg = getattr(model, "config", None)
@@ -284,121 +403,21 @@ def _build(model: torch.nn.Module) -> _Net:
         raise LinearScopeError(f"{type(model).__name__}: not a transformers model (no config.model_type); "
                                "TransformerLinearScope interprets HF transformer LMs, LinearScope any nn.Module")
     why = SUPPORTED_FAMILIES.get(family)
-    if why is None or why != "exact":
+    if why != "exact" or family not in _FAMILY_RULES:
         raise LinearScopeError(f"{type(model).__name__} (model_type {family!r}): "
                                f"{why or 'no TransformerLinearScope rules for this family'}; exact families: "
                                f"{sorted(k for k, v in SUPPORTED_FAMILIES.items() if v == 'exact')}")
-    head_of = {"bert": ("cls", "BertForMaskedLM"), "roberta": ("lm_head", "RobertaForMaskedLM")}
-    head_attr, head_cls = head_of.get(family, ("lm_head", f"the causal-LM class of {family}"))
+    head_attr, head_cls = {"bert": ("cls", "BertForMaskedLM"), "roberta": ("lm_head", "RobertaForMaskedLM")}.get(
+        family, ("lm_head", f"the causal-LM class of {family}"))
     if getattr(model, head_attr, None) is None:
         raise LinearScopeError(f"{type(model).__name__}: no {head_attr} (an output head to read logits from); "
                                f"load {head_cls}")
     if getattr(cfg, "add_cross_attention", False):
         raise LinearScopeError(f"{family}: config.add_cross_attention=True; cross-attention has no rule")
     b = _Builder(model)
-    H = cfg.num_attention_heads
-    Hkv = getattr(cfg, "num_key_value_heads", None) or H
-    cap = getattr(cfg, "attn_logit_softcapping", None)
-    blocks = []
-    const, emb_norm, head_mlp = None, None, None  # additive embedding constant, embedding norm, MLM transform
-    if family in _LLAMA_LIKE:
-        base, layers, final = model.model, model.model.layers, model.model.norm
-        for i, layer in enumerate(layers):
-            att, mlp = layer.self_attn, layer.mlp
-            hd = att.head_dim
-            if hasattr(att, "qkv_proj"):
-                attn_layout, proj = "phi3", (b.take(att.qkv_proj),)
-            else:
-                attn_layout, proj = "separate", (b.take(att.q_proj), b.take(att.k_proj), b.take(att.v_proj))
-            qn, kn = b.norm(getattr(att, "q_norm", None)), b.norm(getattr(att, "k_norm", None))
-            per_head = qn is not None and qn.weight is not None and qn.weight.shape[0] == hd
-            ltype = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else None
-            a = _Attn(attn_layout, proj, b.take(att.o_proj), H, Hkv, hd, float(att.scaling), cap, qn, kn, per_head,
-                      _rope(model, family, cfg, hd, ltype), _window(cfg, i))
-            if hasattr(mlp, "gate_up_proj"):
-                m = _Mlp("gate_up", (b.take(mlp.gate_up_proj), b.take(mlp.down_proj)), b.act(mlp.activation_fn),
-                         mlp.activation_fn)
-            else:
-                m = _Mlp("gated", (b.take(mlp.gate_proj), b.take(mlp.up_proj), b.take(mlp.down_proj)),
-                         b.act(mlp.act_fn), mlp.act_fn)
-            if family in ("gemma2", "gemma3_text"):
-                norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
-                         layer.post_feedforward_layernorm)
-            elif family == "olmo2":
-                norms = (None, layer.post_attention_layernorm, None, layer.post_feedforward_layernorm)
-            else:
-                norms = (layer.input_layernorm, None, layer.post_attention_layernorm, None)
-            n = [b.norm(x) for x in norms]
-            blocks.append(_Block(n[0], a, n[1], n[2], m, n[3], parallel=False))
-        embed = base.embed_tokens
-    elif family == "gpt2":
-        base, final = model.transformer, model.transformer.ln_f
-        for layer in base.h:
-            att, mlp = layer.attn, layer.mlp
-            a = _Attn("gpt2", (b.take(att.c_attn),), b.take(att.c_proj), H, H, att.head_dim, float(att.scaling),
-                      None, None, None, False, None, None)
-            m = _Mlp("plain", (b.take(mlp.c_fc), b.take(mlp.c_proj)), b.act(mlp.act), mlp.act)
-            blocks.append(_Block(b.norm(layer.ln_1), a, None, b.norm(layer.ln_2), m, None, parallel=False))
-        embed, wpe = base.wte, b.take(base.wpe)
-        const = lambda T, dev: wpe(torch.arange(T, device=dev))  # noqa: E731 - learned positions
-    elif family == "gpt_neox":
-        base, final = model.gpt_neox, model.gpt_neox.final_layer_norm
-        for layer in base.layers:
-            att, mlp = layer.attention, layer.mlp
-            hd = att.head_size
-            a = _Attn("neox", (b.take(att.query_key_value),), b.take(att.dense), H, H, hd, float(att.scaling), None,
-                      None, None, False, _rope(model, family, cfg, hd, None), None)
-            m = _Mlp("plain", (b.take(mlp.dense_h_to_4h), b.take(mlp.dense_4h_to_h)), b.act(mlp.act), mlp.act)
-            blocks.append(_Block(b.norm(layer.input_layernorm), a, None, b.norm(layer.post_attention_layernorm), m,
-                                 None, parallel=bool(layer.use_parallel_residual)))
-        embed = base.embed_in
-    elif family == "gptj":
-        base, final = model.transformer, model.transformer.ln_f
-        for layer in base.h:
-            att, mlp = layer.attn, layer.mlp
-            hd = att.head_dim
-            a = _Attn("separate", (b.take(att.q_proj), b.take(att.k_proj), b.take(att.v_proj)), b.take(att.out_proj),
-                      H, H, hd, float(att.scaling), None, None, None, False, _rope(model, family, cfg, hd, None), None)
-            m = _Mlp("plain", (b.take(mlp.fc_in), b.take(mlp.fc_out)), b.act(mlp.act), mlp.act)
-            ln = b.norm(layer.ln_1)
-            blocks.append(_Block(ln, a, None, ln, m, None, parallel=True))  # one norm feeds both branches
-        embed = base.wte
-    elif family in ("bert", "roberta"):
-        base = getattr(model, family)
-        emb = base.embeddings
-        embed, wpe, tte = emb.word_embeddings, b.take(emb.position_embeddings), b.take(emb.token_type_embeddings)
-        offset = emb.padding_idx + 1 if family == "roberta" else 0  # RoBERTa counts positions from pad + 1
-        const = lambda T, dev: (wpe(torch.arange(T, device=dev) + offset)  # noqa: E731 - positions, type 0
-                                + tte(torch.zeros(T, dtype=torch.long, device=dev)))
-        emb_norm = b.norm(emb.LayerNorm)
-        for layer in base.encoder.layer:
-            sa, so = layer.attention.self, layer.attention.output
-            a = _Attn("separate", (b.take(sa.query), b.take(sa.key), b.take(sa.value)), b.take(so.dense), H, H,
-                      sa.attention_head_size, float(sa.scaling), None, None, None, False, None, None,
-                      causal=bool(getattr(cfg, "is_decoder", False)))
-            m = _Mlp("plain", (b.take(layer.intermediate.dense), b.take(layer.output.dense)),
-                     b.act(layer.intermediate.intermediate_act_fn), layer.intermediate.intermediate_act_fn)
-            blocks.append(_Block(None, a, None, None, m, None, parallel=False, attn_resid=b.norm(so.LayerNorm),
-                                 mlp_resid=b.norm(layer.output.LayerNorm)))
-        final = None
-        if family == "bert":
-            t = model.cls.predictions.transform
-            head_mlp = (b.take(t.dense), b.act(t.transform_act_fn), b.norm(t.LayerNorm))
-            b.take(model.cls.predictions)  # its output bias is the decoder's (tied)
-            model_head = model.cls.predictions.decoder
-        else:  # RobertaLMHead: dense → exact GELU (a function, not a module) → layer_norm → decoder
-            h = model.lm_head
-            head_mlp = (b.take(h.dense), "gelu", b.norm(h.layer_norm))
-            b.take(h)
-            model_head = h.decoder
-    else:  # pragma: no cover - SUPPORTED_FAMILIES and the branches above list the same families
-        raise LinearScopeError(f"model_type {family!r}: no rules")
-    b.take(embed)
-    final_norm = b.norm(final)
-    head = b.take(model_head if family in ("bert", "roberta") else model.lm_head)
+    net = _FAMILY_RULES[family](b, model, cfg)
     b.check_all_used()
-    return _Net(embed, const, emb_norm, blocks, final_norm, head_mlp, head,
-                getattr(cfg, "final_logit_softcapping", None))
+    return net
 
 
 def check_support(model) -> None:
