@@ -19,7 +19,7 @@ takes its decision from x⁰ and applies it to x¹:
 
 Post-attention / post-feedforward norms (Gemma 2/3, OLMo 2) and BERT/RoBERTa's post-residual LayerNorms are
 norms like any other; parallel blocks (GPT-NeoX ``use_parallel_residual``, GPT-J) add both branches to the
-residual; learned positions (GPT-2, BERT, RoBERTa) and BERT's token type 0 are additive constants (they land in
+residual (and Phi-2's); learned positions (GPT-2, BERT, RoBERTa) and BERT's token type 0 are additive constants (they land in
 b); the encoders attend both ways and their masked-LM transform (dense → GELU → LayerNorm) follows the same rules.
 
 So ``y¹ = A(x⁰) x¹ + b(x⁰)`` exactly, and ``y¹(x⁰) = f(x⁰)``: the real logits. ``b`` is ``y¹`` at ``x¹ = 0``.
@@ -63,7 +63,7 @@ __all__ = ["LinearScopeError", "SUPPORTED_FAMILIES", "TokenContributions", "Tran
 SUPPORTED_FAMILIES: dict[str, str] = {
     "gpt2": "exact", "gpt_neox": "exact", "gptj": "exact", "llama": "exact", "mistral": "exact", "qwen2": "exact",
     "qwen3": "exact", "gemma": "exact", "gemma2": "exact", "gemma3_text": "exact", "phi3": "exact", "olmo2": "exact",
-    "bert": "exact", "roberta": "exact",
+    "phi": "exact", "bert": "exact", "roberta": "exact",
     "gemma3": "refused: the multimodal Gemma3ForConditionalGeneration; load the text model (Gemma3ForCausalLM)",
 }
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"}
@@ -356,6 +356,25 @@ def _gptj(b: _Builder, model, cfg) -> _Net:
     return _Net(b.take(base.wte), None, None, blocks, b.norm(base.ln_f), None, b.take(model.lm_head), None)
 
 
+def _phi(b: _Builder, model, cfg) -> _Net:
+    """Phi-1/Phi-2: one LayerNorm feeding parallel attention and MLP, partial rotary, optional per-head q/k
+    LayerNorm (``qk_layernorm``), biased lm_head."""
+    H = cfg.num_attention_heads
+    Hkv = getattr(cfg, "num_key_value_heads", None) or H
+    blocks = []
+    for layer in model.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        hd = att.head_dim
+        qn, kn = b.norm(getattr(att, "q_layernorm", None)), b.norm(getattr(att, "k_layernorm", None))
+        a = _Attn("separate", (b.take(att.q_proj), b.take(att.k_proj), b.take(att.v_proj)), b.take(att.dense), H,
+                  Hkv, hd, float(att.scaling), None, qn, kn, True, _rope(model, "phi", cfg, hd, None), None)
+        m = _Mlp("plain", (b.take(mlp.fc1), b.take(mlp.fc2)), b.act(mlp.activation_fn), mlp.activation_fn)
+        ln = b.norm(layer.input_layernorm)
+        blocks.append(_Block(ln, a, None, ln, m, None, parallel=True))
+    return _Net(b.take(model.model.embed_tokens), None, None, blocks, b.norm(model.model.final_layernorm), None,
+                b.take(model.lm_head), None)
+
+
 def _encoder(b: _Builder, model, cfg) -> _Net:
     """BERT / RoBERTa masked LMs: embedding LayerNorm, post-residual LayerNorms, both-way attention, MLM head."""
     family, H = cfg.model_type, cfg.num_attention_heads
@@ -390,7 +409,7 @@ def _encoder(b: _Builder, model, cfg) -> _Net:
 
 
 _FAMILY_RULES: dict[str, Callable[[_Builder, Any, Any], _Net]] = {
-    **{f: _llama_like for f in _LLAMA_LIKE}, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj,
+    **{f: _llama_like for f in _LLAMA_LIKE}, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj, "phi": _phi,
     "bert": _encoder, "roberta": _encoder,
 }
 
@@ -593,7 +612,7 @@ class TransformerLinearScope:
             q, k = a.q_norm.full(q), a.k_norm.full(k)
         if a.rope is not None:
             inv, scale, style = a.rope
-            freqs = torch.arange(T, dtype=torch.float64, device=inv.device)[:, None] * inv.to(x.device)[None, :]
+            freqs = torch.arange(T, dtype=torch.float64, device=x.device)[:, None] * inv.to(x.device)[None, :]
             emb = torch.cat((freqs, freqs), -1) if style == "half" else freqs.repeat_interleave(2, -1)
             cos, sin = (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
             q, k = _rotate(q, cos, sin, style), _rotate(k, cos, sin, style)

@@ -60,6 +60,9 @@ def _config(family: str):
                             eos_token_id=0)
     if family == "olmo2":
         return T.Olmo2Config(**c, num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if family == "phi":
+        return T.PhiConfig(**c, partial_rotary_factor=0.5, qk_layernorm=True, pad_token_id=0, bos_token_id=0,
+                           eos_token_id=0)
     if family == "bert":
         return T.BertConfig(**c, pad_token_id=0)
     if family == "roberta":
@@ -83,7 +86,7 @@ def tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 IDS = torch.tensor([3, 17, 5, 40, 22, 9, 31, 3, 12])  # 9 tokens > WINDOW
 EXACT = ["gpt2", "gpt_neox", "gpt_neox_sequential", "gptj", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-         "gemma3", "phi3", "olmo2", "bert", "roberta"]
+         "gemma3", "phi3", "olmo2", "phi", "bert", "roberta"]
 
 
 @pytest.fixture(scope="module", params=EXACT)
@@ -167,7 +170,7 @@ def test_decision_centering_freezes_the_layernorm_mean():
 
 def test_supported_families_table_matches_the_tests():
     for fam in ("gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                "phi3", "olmo2", "bert", "roberta"):
+                "phi3", "olmo2", "phi", "bert", "roberta"):
         assert SUPPORTED_FAMILIES[fam] == "exact", fam
     assert SUPPORTED_FAMILIES["gemma3"].startswith("refused")
     assert check_support(tiny("gemma2")) is None
