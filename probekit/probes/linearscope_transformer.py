@@ -18,9 +18,10 @@ takes its decision from x⁰ and applies it to x¹:
 - final logit soft-cap (Gemma 2/3): ``cap·tanh(z/cap) ↦ (cap·tanh(z⁰/cap)/z⁰) · z¹`` (1 where ``z⁰ = 0``).
 
 Post-attention / post-feedforward norms (Gemma 2/3, OLMo 2) and BERT/RoBERTa's post-residual LayerNorms are
-norms like any other; parallel blocks (GPT-NeoX ``use_parallel_residual``, GPT-J) add both branches to the
-residual (and Phi-2's); learned positions (GPT-2, BERT, RoBERTa) and BERT's token type 0 are additive constants (they land in
-b); the encoders attend both ways and their masked-LM transform (dense → GELU → LayerNorm) follows the same rules.
+norms like any other; parallel blocks (GPT-NeoX ``use_parallel_residual``, GPT-J, Phi-2) add both branches to
+the residual; learned positions (GPT-2, BERT, RoBERTa) and BERT's token type 0 are additive constants (they land
+in b); the encoders attend both ways and their masked-LM transform (dense → GELU → LayerNorm) follows the same
+rules.
 
 So ``y¹ = A(x⁰) x¹ + b(x⁰)`` exactly, and ``y¹(x⁰) = f(x⁰)``: the real logits. ``b`` is ``y¹`` at ``x¹ = 0``.
 A token's contribution to a logit is its block of A applied to its own embedding; the contributions and b add up
@@ -441,7 +442,8 @@ def _build(model: torch.nn.Module) -> _Net:
 
 def check_support(model) -> None:
     """Raise :class:`LinearScopeError` naming the family, module or config field TransformerLinearScope cannot
-    interpret exactly; return None when it can. Runs no forward pass (for ``probekit models check``)."""
+    interpret exactly; return None when it can (for ``probekit models check``). Runs no model forward: only
+    tiny probes of the norm and activation modules, to tell their formulas apart."""
     _build(_unwrap(model))
 
 
