@@ -243,9 +243,8 @@ def test_reconstruction_check_runs_on_every_call_and_raises():
 
 
 def test_sliding_window_longer_prompt_still_exact_and_masked():
-    """Mistral with a 4-token window on a 9-token prompt: the last position sees 4 positions only, so its row of A
-    has zero blocks for the tokens outside the window in the first layer's reach... through two layers the reach is
-    2·(window−1)+1 = 7 positions: positions 0–1 contribute nothing to the last logit."""
+    """Mistral, a 4-token window, a 9-token prompt: each layer reaches 3 positions back, two layers 6, so the last
+    logit's row of A is zero on positions 0–1 and nonzero on 2–8 (a full causal mask would reach all 9)."""
     m = tiny("mistral")
     s = TransformerLinearScope(m, dtype=torch.float64)
     assert s.reconstruction(IDS)["hf_relative_error"] <= 1e-6
