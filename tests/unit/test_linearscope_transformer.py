@@ -79,7 +79,7 @@ def test_token_contributions_add_up_to_the_logit(scope_and_ids):
 
 def test_unsupported_layout_is_named():
     net = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    with pytest.raises(LinearScopeError, match="model.embed_tokens"):
+    with pytest.raises(LinearScopeError, match="Sequential.*no config.model_type"):
         TransformerLinearScope(net)
 
 
@@ -141,3 +141,10 @@ def test_token_contributions_figure_views():
     assert bars.layout.title.text.startswith("'a b a' → 'c'")
     with pytest.raises(ValueError, match="view must be one of"):
         tc.figures(view="lines")
+
+
+def test_check_support_reads_a_bridge(tiny_llama, tiny_bert):
+    from probekit.probes.linearscope_transformer import check_support
+
+    assert check_support(tiny_llama[0]) is None  # the bridge's HF model is what is checked
+    assert check_support(tiny_bert[0]) is None
