@@ -44,6 +44,11 @@ COLUMNS: dict[str, str] = {
     "stop_early": "stop early",
     "padding": "padding",
     "no_pad_token": "no pad token",
+    "linearscope": "LinearScope",
+    "ablation": "directional ablation",
+    "addition": "activation addition",
+    "patching": "activation patching",
+    "generation": "generation under interventions (KV cache)",
 }
 # Known rows in display order; others are appended sorted.
 FAMILY_NAMES: dict[str, str] = {

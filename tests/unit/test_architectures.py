@@ -344,7 +344,7 @@ def test_table_rendering_and_records(tmp_path):
     data = load_records(rec)
     assert set(data["gpt2"]) == {"load", "resid_mid"}
     table = render_table(data).splitlines()
-    assert table[0] == "| architecture | load (folder) | resid_mid | linearscope |"  # known columns first
+    assert table[0] == "| architecture | load (folder) | resid_mid | LinearScope |"  # known columns first
     assert table[2] == "| GPT-2 | ✓ | — |  |" and table[3] == "| resnet |  |  | ✓ (cnn) |"
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{START}\nstale row\n{END}\ntail\n")

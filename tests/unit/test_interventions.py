@@ -28,6 +28,7 @@ from probekit.interventions import (
     resolve_sites,
     splice,
 )
+from probekit.testing import FAMILIES as _TABLE
 from probekit.testing import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,6 +130,8 @@ def _direction(seed=1):
 
 
 FAMS = list(FAMILIES)
+# the families of the README architecture table (probekit.testing.FAMILIES) get interventions cells
+TABLE_FAMILIES = set(_TABLE)
 
 
 def test_layouts_cover_the_families():
@@ -153,9 +156,11 @@ def test_residual_sites_match_the_bridge(models, family):
 
 @pytest.mark.parametrize("mechanism", ["hf", "bridge"])
 @pytest.mark.parametrize("family", FAMS)
-def test_directional_ablation_equals_the_hand_edited_model(models, family, mechanism):
+def test_directional_ablation_equals_the_hand_edited_model(models, record_capability, family, mechanism):
     """Ablating r at every resid_pre / attn_out / mlp_out equals projecting r out of each term written into the
     residual stream (embeddings and every attention and MLP output) and running the edited model unhooked."""
+    if family in TABLE_FAMILIES:
+        record_capability(family, "ablation")
     hf, bridge = models(family)
     r, ids = _direction(), _ids()
     hand = copy.deepcopy(hf)
@@ -175,9 +180,11 @@ def test_directional_ablation_equals_the_hand_edited_model(models, family, mecha
 
 @pytest.mark.parametrize("mechanism", ["hf", "bridge"])
 @pytest.mark.parametrize("family", FAMS)
-def test_activation_addition_equals_the_hand_edited_model(models, family, mechanism):
+def test_activation_addition_equals_the_hand_edited_model(models, record_capability, family, mechanism):
     """alpha r added at blocks.1.hook_resid_pre (every position, then only columns 2 and 5) equals adding it to
     block 0's MLP term by hand (the residual input of block 1 is block 0's output)."""
+    if family in TABLE_FAMILIES:
+        record_capability(family, "addition")
     hf, bridge = models(family)
     r, ids, alpha = _direction(), _ids(), -3.0
     model = hf if mechanism == "hf" else bridge
@@ -201,9 +208,11 @@ def test_activation_addition_equals_the_hand_edited_model(models, family, mechan
 
 
 @pytest.mark.parametrize("family", FAMS)
-def test_activation_patching(models, family):
+def test_activation_patching(models, record_capability, family):
     """Patching clean activations at every position reproduces the clean logits; at one column, the run with that
     column of block 1's residual input set to the clean one by hand; at no column, the corrupted logits."""
+    if family in TABLE_FAMILIES:
+        record_capability(family, "patching")
     hf, _ = models(family)
     clean, corrupt = _ids(0), _ids(0).clone()
     corrupt[:, 3] = (corrupt[:, 3] + 7) % V  # corrupted at column 3 only
@@ -255,9 +264,11 @@ def test_activation_patching(models, family):
 
 
 @pytest.mark.parametrize("family", FAMS)
-def test_generation_with_kv_cache_equals_recompute_under_positioned_interventions(models, family):
+def test_generation_with_kv_cache_equals_recompute_under_positioned_interventions(models, record_capability, family):
     """Greedy decoding with a KV cache under an intervention limited to columns (the last prompt column on, or one
     generated column only) equals step-by-step decoding without a cache under the same intervention."""
+    if family in TABLE_FAMILIES:
+        record_capability(family, "generation")
     hf, _ = models(family)
     ids = _ids(3, B=2, P=6)
     mask = torch.ones_like(ids)
@@ -401,10 +412,14 @@ ENCODERS = {
 
 
 @pytest.mark.parametrize("family", list(ENCODERS))
-def test_encoders_addition_and_patching_by_hand(family):
+def test_encoders_addition_and_patching_by_hand(family, record_capability):
     """Post-LN encoders: residual sites equal output_hidden_states; activation addition and per-column patching at
     block 1's input equal editing block 0's final LayerNorm output by hand; patching all columns gives the clean
     masked-LM logits; hook_attn_out has no plain equivalent and says where to go instead."""
+    for cap in ("addition", "patching"):
+        record_capability(family, cap)
+    for cap in ("ablation", "generation"):  # post-LN encoders: Arditi ablation is not defined; no generation
+        record_capability(family, cap, status="n/a")
     cfg, cls = ENCODERS[family]()
     torch.manual_seed(0)
     hf = cls(cfg).eval()

@@ -15,6 +15,7 @@ import transformers as T
 
 from probekit.probes.linearscope import LinearScopeError
 from probekit.probes.linearscope_transformer import SUPPORTED_FAMILIES, TransformerLinearScope, check_support
+from probekit.testing import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,15 +90,21 @@ EXACT = ["gpt2", "gpt_neox", "gpt_neox_sequential", "gptj", "llama", "mistral", 
          "gemma3", "phi3", "olmo2", "phi", "bert", "roberta"]
 
 
+# the families of the README's architecture table (probekit.testing.FAMILIES) get a "linearscope" cell
+TABLE_FAMILIES = set(FAMILIES)
+
+
 @pytest.fixture(scope="module", params=EXACT)
 def family_scope(request):
     m = tiny(request.param)
     return request.param, m, TransformerLinearScope(m, dtype=torch.float64)
 
 
-def test_real_stream_is_the_hf_forward(family_scope):
+def test_real_stream_is_the_hf_forward(family_scope, record_capability):
     """Fails on the Llama-only interpreter for Gemma (relative error ≈ 1), Gemma 2 and Qwen3 (silently wrong maps)."""
     family, m, s = family_scope
+    if family in TABLE_FAMILIES:
+        record_capability(family, "linearscope", note="exact")
     rec = s.reconstruction(IDS)
     assert rec["hf_relative_error"] <= 1e-6, (family, rec)
     assert rec["relative_error"] <= 1e-12, (family, rec)
@@ -107,8 +114,10 @@ def test_real_stream_is_the_hf_forward(family_scope):
     assert ((y1 - hf).norm() / hf.norm()).item() <= 1e-6
 
 
-def test_matrix_is_the_jacobian_with_decisions_detached(family_scope):
+def test_matrix_is_the_jacobian_with_decisions_detached(family_scope, record_capability):
     family, m, s = family_scope
+    if family in TABLE_FAMILIES:
+        record_capability(family, "linearscope", note="exact")
     ids = IDS[:6]
     x0 = s.embed(ids).detach()
     A = s.matrix(ids, position=-1, chunk_size=40)  # (V, T·D) from probe-stream columns
