@@ -301,8 +301,8 @@ def test_models_check_prints_the_row(arch_dirs, capsys):
     assert cli.main(["models", "check", str(path)]) == 0
     out = capsys.readouterr().out
     row = [ln for ln in out.splitlines() if ln.startswith("| gpt2 [gpt2]")]
-    assert len(row) == 1 and "✗" not in row[0] and row[0].count("✓") == 11  # 11 checks; no load_hub here
-    assert "attn.hook_pattern" in out and "✓ (bridge)" in row[0] and "✓ (plain)" in row[0]
+    assert len(row) == 1 and "✗" not in row[0] and row[0].count("✓") == 12  # 12 checks (LinearScope support included); no load_hub here
+    assert "attn.hook_pattern" in out and "LinearScope" in out and "✓ (bridge)" in row[0] and "✓ (plain)" in row[0]
 
 
 def test_models_check_finds_a_wrong_site(arch_dirs, monkeypatch):
