@@ -36,6 +36,10 @@ def run(spec: dict, root: str) -> dict:
                 head = model.get_output_embeddings()
                 unembed = head.weight.detach().float().T.contiguous() if head is not None else None
                 del model
+                if unembed is not None and unembed.shape[0] != int(sae.cfg.d_in):
+                    emit(event="status", message=f"the model's unembedding reads {unembed.shape[0]} features, the SAE "
+                                                 f"{sae.cfg.d_in}: logit effects skipped")
+                    unembed = None
             except Exception as e:  # statistics without logit effects rather than nothing
                 emit(event="status", message=f"no unembedding ({type(e).__name__}: {e}); logit effects skipped")
         if tok is None and spec.get("tokenizer_path"):
@@ -43,7 +47,8 @@ def run(spec: dict, root: str) -> dict:
 
             tok = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
         cfg = LatentStatsConfig(out=str(safe_path(root, "results", "latents", spec["name"])),
-                                top_k=int(spec.get("top_k", 20)), context=int(spec.get("context", 8)))
+                                top_k=int(spec.get("top_k", 20)), context=int(spec.get("context", 8)),
+                                exclude_positions=(0,) if spec.get("exclude_bos", True) else ())
         emit(event="status", message=f"encoding {run_.n_rows:,} rows of {spec['hook']}")
         compute_latent_stats(run_, sae, spec["hook"], cfg, tokenizer=tok, unembed=unembed, progress=False,
                              on_progress=lambda d, n: emit(event="progress", done=int(d), total=int(n)),

@@ -87,6 +87,7 @@ class LatentJobSpec:
     tokenizer_path: str | None = None
     top_k: int = 20
     context: int = 8
+    exclude_bos: bool = True  # position 0 left out of the statistics (see LatentStatsConfig.exclude_positions)
 
     def to_dict(self) -> dict:
         return asdict(self)

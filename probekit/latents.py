@@ -76,6 +76,9 @@ class LatentStatsConfig:
     n_logits : most positive / most negative logit effects kept.
     n_neighbours : nearest latents by decoder cosine.
     top_latents_per_token : latents kept per token id in the search index.
+    exclude_positions : positions left out of every statistic (``(0,)``: the BOS token, whose activations are
+        often orders of magnitude larger and would dominate top examples and colour scales). Excluded rows still
+        show in the context windows, with activation 0. Firing rates and means are over the kept rows.
     chunk_rows : rows encoded at once.
     max_nonzero : the most non-zero activations kept in memory (12 bytes each); more raises ``MemoryError``.
     """
@@ -89,6 +92,7 @@ class LatentStatsConfig:
     n_logits: int = 10
     n_neighbours: int = 8
     top_latents_per_token: int = 10
+    exclude_positions: tuple[int, ...] = ()
     chunk_rows: int = 4096
     max_nonzero: int = 200_000_000
 
@@ -100,6 +104,9 @@ class LatentStatsConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"LatentStatsConfig.{name} must be a positive integer, got {v!r}")
+        self.exclude_positions = tuple(int(p) for p in self.exclude_positions)
+        if any(p < 0 for p in self.exclude_positions):
+            raise ValueError(f"LatentStatsConfig.exclude_positions must be positions >= 0, got {self.exclude_positions}")
         if not isinstance(self.context, int) or not 0 <= self.context <= 256:
             raise ValueError(f"LatentStatsConfig.context must be an integer in [0, 256], got {self.context!r}")
 
@@ -111,8 +118,9 @@ class LatentStatsConfig:
 
 
 def encode_nonzero(run, sae, hook: str, *, chunk_rows: int = 4096, max_nonzero: int = 200_000_000,
-                   progress: bool = False, on_progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Stream the run's rows at ``hook`` through ``sae.encode`` once; keep the non-zero activations.
+                   progress: bool = False, on_progress=None, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stream the run's rows at ``hook`` through ``sae.encode`` once; keep the non-zero activations of the rows
+    where ``keep`` (``(n_rows,)`` bool, default all) is true.
 
     Returns
     -------
@@ -135,6 +143,8 @@ def encode_nonzero(run, sae, hook: str, *, chunk_rows: int = 4096, max_nonzero: 
             stop = min(n, start + chunk_rows)
             x = run.load(hook, slice(start, stop)).float().flatten(1)
             f = sae.encode(x.to(sae.W_dec.device)).float().cpu()
+            if keep is not None:
+                f[torch.from_numpy(~keep[start:stop])] = 0.0
             row_sum += f.sum(0, dtype=torch.float64).numpy()
             r, c = torch.nonzero(f > 0, as_tuple=True)
             total += len(r)
@@ -283,9 +293,10 @@ def compute_latent_stats(run, sae, hook: str, cfg: LatentStatsConfig, *, tokeniz
         raise ValueError(f"unembed has shape {tuple(unembed.shape)}; expected ({d_in}, vocab)")
     meta = run.meta_tensors(["doc_index", "position", "token_id"])
     doc, pos, tok = (meta[k].numpy().astype(np.int64) for k in ("doc_index", "position", "token_id"))
-    n = run.n_rows
+    keep = ~np.isin(pos, np.asarray(cfg.exclude_positions, np.int64)) if cfg.exclude_positions else None
+    n = run.n_rows if keep is None else int(keep.sum())
     lat, rows, vals, row_sum = encode_nonzero(run, sae, hook, chunk_rows=cfg.chunk_rows, max_nonzero=cfg.max_nonzero,
-                                              progress=progress, on_progress=on_progress)
+                                              progress=progress, on_progress=on_progress, keep=keep)
     ctx = _Context(doc, pos, tok, cfg.context)
     C, K, Q = 2 * cfg.context + 1, cfg.top_k, cfg.n_quantiles * cfg.per_quantile
     a: dict[str, np.ndarray] = {
@@ -334,7 +345,12 @@ def compute_latent_stats(run, sae, hook: str, cfg: LatentStatsConfig, *, tokeniz
         (a["logit_pos_ids"], a["logit_pos_vals"], a["logit_neg_ids"],
          a["logit_neg_vals"]) = logit_effects(w_dec, unembed.detach().cpu(), cfg.n_logits)
     (a["token_ids"], a["token_count"], a["token_top_latents"],
-     a["token_top_mean"]) = token_index(lat, rows, vals, tok, d_sae, cfg.top_latents_per_token)
+     a["token_top_mean"]) = token_index(lat, rows, vals, tok if keep is None else np.where(keep, tok, -1), d_sae,
+                                        cfg.top_latents_per_token)
+    if keep is not None and (a["token_ids"] == -1).any():  # the excluded rows' pseudo-token
+        sel = a["token_ids"] != -1
+        for k in ("token_ids", "token_count", "token_top_latents", "token_top_mean"):
+            a[k] = a[k][sel]
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +368,8 @@ def compute_latent_stats(run, sae, hook: str, cfg: LatentStatsConfig, *, tokeniz
         _write_json(out / TOKENS_FILE, names)
     index: dict[str, Any] = dict(
         kind="latent_stats", run_id=run.run_id, hook=hook, model=str(run.config.get("key", {}).get("model", "")),
-        d_sae=d_sae, d_in=d_in, n_rows=int(n), n_docs=int(len(np.unique(doc))), nonzero=int(len(lat)),
+        d_sae=d_sae, d_in=d_in, n_rows=int(n), n_rows_run=int(run.n_rows), n_docs=int(len(np.unique(doc))),
+        nonzero=int(len(lat)),
         config=cfg.to_dict(), logit_effects=unembed is not None, logit_note=LOGIT_NOTE,
         tokens_decoded=tokenizer is not None, seconds=round(time.perf_counter() - t0, 3),
         arrays=ARRAYS, **(provenance or {}))

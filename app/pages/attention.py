@@ -58,7 +58,7 @@ def heatmap_view(fid, layer, head) -> tuple[dict, object, object]:
 
     labels = _labels(inf["tokens"])
     n = len(labels)
-    fig = go.Figure(go.Heatmap(z=a, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=float(a.max() or 1),
+    fig = go.Figure(go.Heatmap(z=a.round(4).tolist(), x=labels, y=labels, colorscale="Blues", zmin=0, zmax=float(a.max() or 1),
                                colorbar=dict(title=dict(text="attention weight", side="right")),
                                hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"))
     fig.update_layout(template="plotly_white", height=int(min(1000, 260 + 14 * n)),

@@ -185,7 +185,8 @@ def layout(params: dict) -> html.Div:
              html.H4("Logit effects"), html.Div(id="lat-logits-wrap"),
              html.H4("Nearest latents by decoder cosine"), html.Div(id="lat-neigh-wrap"), id="lat-page"),
         card("Compute latent statistics",
-             html.P("Streams the run's rows at the SAE's hook through the SAE once (a background job).",
+             html.P("Streams the run's rows at the SAE's hook through the SAE once (a background job). Position 0 "
+                    "(the BOS token, an attention sink with outsized activations) is left out of the statistics.",
                     className="hint"),
              html.Div(className="controls", children=[
                  dcc.Dropdown(id="lat-sae", options=sae_opts, value=sae, placeholder="SAE folder"),

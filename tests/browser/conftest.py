@@ -48,10 +48,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def app_cache(tmp_path_factory):
-    from tests.browser.fixture_cache import populate
+    from tests.browser.fixture_cache import populate, write_views
 
     root = tmp_path_factory.mktemp("app-cache")
     info = populate(root, tiny_model=True, safety=True)
+    info.update(write_views(root))  # token, latent and attention views
     return dict(root=root, **info)
 
 

@@ -214,9 +214,11 @@ def write_views(root: Path, *, model: str = "tiny-llama", hook: str = "blocks.1.
     with torch.no_grad():
         sae.b_enc.fill_(-0.8)  # sparse enough that firing rates differ
     sae_dir = save_sae(sae, root / "saes" / "view-sae")
+    save_sae(sae, root / "results" / "dark-matter" / "smollm2-135m" / "saes" / f"{hook}-{d_sae}")  # a width's SAE
     unembed = torch.randn(d, len(tok), generator=g)
     out = compute_latent_stats(run, sae, hook, LatentStatsConfig(out=str(root / "results" / "latents" / "view-sae"),
-                                                                 top_k=5, context=4, n_bins=10),
+                                                                 top_k=5, context=4, n_bins=10,
+                                                                 exclude_positions=(0,)),
                                tokenizer=tok, unembed=unembed, progress=False,
                                provenance=dict(sae_folder="saes/view-sae"))
     (root / "vectors").mkdir(exist_ok=True)

@@ -101,8 +101,9 @@ def test_latent_page_and_token_search(root):
     want = [int(l) for l in a["token_top_latents"][j] if l >= 0]
     assert [h["latent"] for h in hits][:len(want)] == want[:20]
     assert latents.latent_view("view-sae", 10_000)[1].className == "notice error"
-    links = latents.sae_links("smollm2-135m")
-    assert "no saved SAEs" in dash_text(links)
+    links = dash_text(latents.sae_links("smollm2-135m"))
+    assert "compute latent pages" in links and "sae=results%2Fdark-matter%2Fsmollm2-135m%2Fsaes%2F" in links
+    assert "no saved SAEs" in dash_text(latents.sae_links("other-model"))
 
 
 def test_forward_worker_matches_the_model(root):

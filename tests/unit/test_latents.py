@@ -19,7 +19,14 @@ def views(tmp_path_factory):
     from probekit.probes.sae import load_sae
 
     run = Run(root / "runs" / info["view_run_id"])
-    return dict(root=root, run=run, sae=load_sae(info["sae_dir"]), **info)
+    sae = load_sae(info["sae_dir"])
+    g = torch.Generator().manual_seed(5)
+    info["fixture_latents_dir"] = info["latents_dir"]  # written with position 0 excluded
+    info["latents_dir"] = compute_latent_stats(  # every row: what the brute-force tests below compare against
+        run, sae, info["view_hook"], LatentStatsConfig(out=str(root / "plain"), top_k=5, context=4, n_bins=10),
+        tokenizer=__import__("probekit.testing", fromlist=["byte_tokenizer"]).byte_tokenizer(),
+        unembed=torch.randn(sae.cfg.d_in, 40, generator=g), progress=False)
+    return dict(root=root, run=run, sae=sae, **info)
 
 
 def _dense(run, sae, hook):
@@ -129,3 +136,30 @@ def test_bad_inputs_name_the_problem(views, tmp_path):
     with pytest.raises(IndexError):
         index, a, _ = load_latent_stats(views["latents_dir"])
         latent_record(index, a, index["d_sae"])
+
+
+def test_excluded_positions_equal_brute_force(views, tmp_path):
+    run, sae, hook = views["run"], views["sae"], views["view_hook"]
+    out = compute_latent_stats(run, sae, hook, LatentStatsConfig(out=str(tmp_path / "x"), top_k=5, context=4,
+                                                                 n_bins=10, exclude_positions=(0,)), progress=False)
+    index, a, _ = load_latent_stats(out)
+    F = _dense(run, sae, hook)
+    meta = {k: v.numpy() for k, v in run.meta_tensors(["position", "token_id"]).items()}
+    keep = meta["position"] != 0
+    F[~keep] = 0.0
+    assert index["n_rows"] == keep.sum() < index["n_rows_run"]
+    np.testing.assert_array_equal(a["firing_count"], (F > 0).sum(0))
+    np.testing.assert_allclose(a["mean_act"], F[keep].mean(0), rtol=1e-5, atol=1e-6)
+    for i in range(F.shape[1]):
+        nz = F[:, i][F[:, i] > 0]
+        if len(nz):
+            np.testing.assert_array_equal(a["hist_counts"][i], np.histogram(nz, bins=10, range=(0, nz.max()))[0])
+        want = [r for _, r in sorted((-F[r, i], r) for r in range(len(F)) if F[r, i] > 0)[:5]]
+        got = latent_record(index, a, i)["top"]
+        assert [e["row"] for e in got] == want
+        assert all(e["pos"] != 0 for e in got)
+    bos = run.meta_tensors(["token_id"])["token_id"][0].item()  # every document starts with BOS
+    assert bos not in a["token_ids"].tolist()
+    counts = dict(zip(a["token_ids"].tolist(), a["token_count"].tolist()))
+    for t, c in counts.items():
+        assert c == int(((meta["token_id"] == t) & keep).sum())
