@@ -57,6 +57,11 @@ def latents_folder(name: str, root: Path | None = None) -> Path:
     return safe_path(root or data.get_root(), "results", "latents", check_name(name, "latent result"))
 
 
+def latents_stamp(name: str, root: Path | None = None) -> tuple:
+    """``(path, mtime, size)`` of ``latents.json``: identifies one version of a latent-statistics folder."""
+    return _stamp(latents_folder(name, root) / "latents.json")
+
+
 def load_latents(name: str, root: Path | None = None) -> tuple[dict, dict, dict]:
     """``(index, arrays, token_names)`` of ``results/latents/<name>`` (memoised by the index file's stamp)."""
     from probekit.latents import ARRAYS_FILE, INDEX_FILE, load_latent_stats

@@ -54,25 +54,25 @@ def heatmap_view(fid, layer, head) -> tuple[dict, object, object]:
         inf, a, what = pattern(fid, layer, head)
     except Exception as e:
         return EMPTY_FIGURE, None, error(str(e))
-    import plotly.graph_objects as go
-
     labels = _labels(inf["tokens"])
     n = len(labels)
-    fig = go.Figure(go.Heatmap(z=a.round(4).tolist(), x=labels, y=labels, colorscale="Blues", zmin=0, zmax=float(a.max() or 1),
-                               colorbar=dict(title=dict(text="attention weight", side="right")),
-                               hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"))
-    fig.update_layout(template="plotly_white", height=int(min(1000, 260 + 14 * n)),
-                      title=f"Layer {int(layer)}, {what}: attention of each query token to each key token",
-                      xaxis=dict(title="key token (attended to)", tickangle=-60, type="category"),
-                      yaxis=dict(title="query token (attending)", autorange="reversed", type="category"),
-                      margin=dict(t=60, l=120, b=120, r=20))
+    axis = dict(type="category", automargin=True)
+    # a plain plotly dict: graph_objects validation of an n×n heatmap costs more than the rest of the request
+    fig = dict(data=[dict(type="heatmap", z=a.round(4).tolist(), x=labels, y=labels, colorscale="Blues", zmin=0,
+                          zmax=float(a.max() or 1), colorbar=dict(title=dict(text="attention weight", side="right")),
+                          hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>")],
+               layout=dict(height=int(min(1000, 260 + 14 * n)), plot_bgcolor="#fff", paper_bgcolor="#fff",
+                           title=dict(text=f"Layer {int(layer)}, {what}: attention of each query token to each key token"),
+                           xaxis=dict(title=dict(text="key token (attended to)"), tickangle=-60, **axis),
+                           yaxis=dict(title=dict(text="query token (attending)"), autorange="reversed", **axis),
+                           margin=dict(t=60, l=120, b=120, r=20)))
     spans = [html.Span(visible(t), className="attn-tok", title=f"position {i} · {t!r}",
                        **{"data-attn": json.dumps([round(float(v), 4) for v in a[i]]), "data-pos": str(i)})
              for i, t in enumerate(inf["tokens"])]
     t2t = html.Div([html.P("Hover a token: the others are coloured by the attention it pays to them "
                            "(darker = more); the hovered token is outlined.", className="hint"),
                     html.Div(spans, className="token-text attn-text", id="attn-text")])
-    return fig.to_dict(), t2t, None
+    return fig, t2t, None
 
 
 def layer_head_choices(fid: str | None, layer, head):
