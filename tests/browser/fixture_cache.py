@@ -221,6 +221,9 @@ def write_views(root: Path, *, model: str = "tiny-llama", hook: str = "blocks.1.
                                                                  exclude_positions=(0,)),
                                tokenizer=tok, unembed=unembed, progress=False,
                                provenance=dict(sae_folder="saes/view-sae"))
+    other = demo_result("tiny-llama", n_layers=2)  # a second result set of the same probe, for the compare page
+    other["result"]["test_score"] = [0.4, 0.45, 0.42]
+    _write(root, "demo/tiny-llama/layer_probes.json", other)
     (root / "vectors").mkdir(exist_ok=True)
     save_file({"probe": torch.randn(d, generator=g)}, str(root / "vectors" / "probe.safetensors"))
     return dict(view_run_id=run.run_id, view_hook=hook, sae_dir=sae_dir, latents_dir=out)

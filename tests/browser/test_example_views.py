@@ -30,7 +30,7 @@ def _layout(page, graph_id: str) -> dict:
                          ".layout))")
 
 
-@pytest.mark.parametrize("path", ["/tokens", "/latents", "/attention"])
+@pytest.mark.parametrize("path", ["/tokens", "/latents", "/attention", "/compare"])
 def test_view_pages_load_without_console_errors(page, server, path):
     page.goto(server + path)
     _settle(page)
@@ -142,4 +142,18 @@ def test_attention_view_heatmap_and_token_hover(page, server, app_cache):
     assert all(b.endswith(", 0)") or b == "rgba(31, 119, 180, 0)" for b in bgs[10:]), "no attention to the future"
     assert len(set(bgs[:10])) > 2
     _shots(page, "attention")
+    assert page.errors == []
+
+
+def test_compare_two_result_sets(page, server):
+    page.goto(server + "/compare?kind=demo&a=smollm2-135m&b=tiny-llama")
+    _settle(page)
+    data = _wait_fig(page, "cmp-fig", 2)
+    assert [t["name"] for t in data] == ["smollm2-135m", "tiny-llama"]
+    lay = _layout(page, "cmp-fig")
+    assert lay["xaxis"]["title"]["text"] == "layer" and lay["yaxis"]["title"]["text"] == "test accuracy"
+    assert _graph_height(page, "cmp-fig") >= 300
+    cells = page.eval_on_selector_all("#cmp-table tr", "els => els.map(e => e.innerText)")
+    assert any(c.startswith("best test accuracy") and "-0.200" in c for c in cells), cells
+    _shots(page, "compare")
     assert page.errors == []

@@ -140,3 +140,16 @@ def test_forward_worker_matches_the_model(root):
         build_forward_spec(root["root"], model="models/tiny-llama", text="  ", all_resid=True)
     with pytest.raises(ValueError):
         build_forward_spec(root["root"], model="models/../../etc", text="x", all_resid=True)
+
+
+def test_compare_overlays_two_result_sets(root):
+    from app.pages import compare
+
+    fig, table, msg = compare.compare_view("demo", "smollm2-135m", "tiny-llama")
+    assert msg is None and [t["name"] for t in fig["data"]] == ["smollm2-135m", "tiny-llama"]
+    assert fig["data"][1]["y"] == [0.4, 0.45, 0.42] and fig["data"][0]["x"][:2] == ["embed", "0"]
+    assert fig["layout"]["xaxis"]["title"]["text"] == "layer" and fig["layout"]["yaxis"]["title"]["text"]
+    text = dash_text(table)
+    assert "best test accuracy" in text and f"{0.45 - 0.65:+.3f}" in text  # B − A of the best accuracies
+    _, _, msg = compare.compare_view("demo", "smollm2-135m", "nope")
+    assert msg.className == "notice error"
