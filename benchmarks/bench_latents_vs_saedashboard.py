@@ -14,7 +14,8 @@ SAELens format and loaded by sae-lens.
 Ratio printed: SAEDashboard seconds / (probekit forward seconds + job seconds). Both on CPU, 2 threads; note that
 the two venvs carry different torch builds (SAEDashboard's pulls its own).
 
-Run: ``python benchmarks/bench_latents_vs_saedashboard.py --saedash-python /tmp/h15sd/venv/bin/python``
+Run: ``python benchmarks/bench_latents_vs_saedashboard.py --saedash-python /tmp/h15sd/venv/bin/python`` (without
+it, the script says how to make that venv and exits 0, so ``make bench`` runs).
 """
 
 from __future__ import annotations
@@ -67,13 +68,19 @@ print(json.dumps(dict(forward_s=t_fwd, saedash_s=t_dash, n_features=len(data.fea
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--saedash-python", required=True)
+    ap.add_argument("--saedash-python", default=os.environ.get("PROBEKIT_SAEDASH_PYTHON"),
+                    help="python of a venv with sae-dashboard installed (or $PROBEKIT_SAEDASH_PYTHON)")
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--d-sae", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args()
+    if not args.saedash_python or not Path(args.saedash_python).is_file():
+        print("SAEDashboard comparison not run: pass --saedash-python (or set PROBEKIT_SAEDASH_PYTHON) to the python "
+              "of a venv made with `python -m venv V && V/bin/pip install sae-dashboard==0.8.0 'pyarrow<20' sympy "
+              "networkx` (it cannot share probekit's venv: it needs transformer-lens < 3).")
+        return 0
     sys.path.insert(0, str(REPO))
     import torch
     from safetensors.torch import load_file
