@@ -74,7 +74,8 @@ def run(spec: dict, root: str) -> dict:
         try:
             model, tok, _ = load_hf(spec["model_path"], fetch=False)
         except Exception as e:
-            return dict(event="error", message=f"The model {spec['model']} could not be loaded: {type(e).__name__}: {e}")
+            return dict(event="error",
+                        message=f"The model {spec['model']} could not be loaded: {type(e).__name__}: {e}")
         if spec.get("attention"):
             try:
                 model.set_attn_implementation("eager")  # sdpa kernels return no weights

@@ -103,7 +103,8 @@ def legend(scale: Scale, label: str) -> html.Div:
     """A colour bar with its range and what is greyed."""
     if scale.signed:
         m = max(abs(scale.lo), abs(scale.hi))
-        grad, ends = "linear-gradient(90deg, rgba(31,119,180,.85), #fff, rgba(214,39,40,.85))", (f"{-m:.3g}", f"{m:.3g}")
+        grad = "linear-gradient(90deg, rgba(31,119,180,.85), #fff, rgba(214,39,40,.85))"
+        ends = (f"{-m:.3g}", f"{m:.3g}")
     else:
         grad, ends = "linear-gradient(90deg, rgba(214,39,40,.04), rgba(214,39,40,.9))", (f"{scale.lo:.3g}",
                                                                                         f"{scale.hi:.3g}")

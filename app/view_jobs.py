@@ -104,8 +104,8 @@ def build_latent_spec(root: Path, *, sae: str | None, run_id: str | None, hook: 
 
     root = Path(root)
     if not sae or sae not in viewdata.list_sae_folders(root):
-        raise ValueError(f"Choose an SAE folder of this cache (saes/<name> or results/dark-matter/<model>/saes/<name>); "
-                         f"got {str(sae)[:80]!r}.")
+        raise ValueError("Choose an SAE folder of this cache (saes/<name> or "
+                         f"results/dark-matter/<model>/saes/<name>); got {str(sae)[:80]!r}.")
     try:
         check_run_id(run_id)
         run = data.open_run(run_id, root)

@@ -83,8 +83,8 @@ def latent_table(name: str, sort: str = "rate", limit: int = 200) -> list[dict]:
     index, a, names = load_latents(name)
     n = max(int(index["n_rows"]), 1)
     rate = a["firing_count"] / n
-    order = {"rate": np.lexsort((np.arange(len(rate)), -rate)), "max": np.lexsort((np.arange(len(rate)), -a["max_act"])),
-             "id": np.arange(len(rate))}.get(sort, np.arange(len(rate)))
+    ids = np.arange(len(rate))
+    order = {"rate": np.lexsort((ids, -rate)), "max": np.lexsort((ids, -a["max_act"]))}.get(sort, ids)
     rows = []
     for i in order[:limit]:
         t = int(a["top_ctx_tokens"][i, 0, int(index["config"]["context"])]) if a["top_row"][i, 0] >= 0 else -1

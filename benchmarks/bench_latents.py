@@ -67,7 +67,8 @@ def main() -> int:
     med = {k: float(np.median(v)) for k, v in times.items()}
     ratio = med["latent-statistics job"] / med["encode only (floor)"]
     out = dict(rows=run.n_rows, d_in=args.d_in, d_sae=args.d_sae, vocab=args.vocab, seconds=med,
-               rows_per_s_job=round(run.n_rows / med["latent-statistics job"], 1), ratio_job_over_encode=round(ratio, 2),
+               rows_per_s_job=round(run.n_rows / med["latent-statistics job"], 1),
+               ratio_job_over_encode=round(ratio, 2),
                machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads")
     (REPO / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ and ``latents.safetensors`` (the arrays named in :data:`ARRAYS`), plus ``tokens.
 every token id the arrays mention) when a tokenizer is given.
 
 >>> from probekit.latents import LatentStatsConfig, compute_latent_stats   # doctest: +SKIP
->>> compute_latent_stats(run, sae, "blocks.3.hook_resid_post", LatentStatsConfig(out="results/latents/x"))  # doctest: +SKIP
+>>> cfg = LatentStatsConfig(out="results/latents/x")                          # doctest: +SKIP
+>>> compute_latent_stats(run, sae, "blocks.3.hook_resid_post", cfg)              # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class LatentStatsConfig:
                 raise ValueError(f"LatentStatsConfig.{name} must be a positive integer, got {v!r}")
         self.exclude_positions = tuple(int(p) for p in self.exclude_positions)
         if any(p < 0 for p in self.exclude_positions):
-            raise ValueError(f"LatentStatsConfig.exclude_positions must be positions >= 0, got {self.exclude_positions}")
+            raise ValueError("LatentStatsConfig.exclude_positions must be positions >= 0, got "
+                             f"{self.exclude_positions}")
         if not isinstance(self.context, int) or not 0 <= self.context <= 256:
             raise ValueError(f"LatentStatsConfig.context must be an integer in [0, 256], got {self.context!r}")
 
@@ -118,7 +120,8 @@ class LatentStatsConfig:
 
 
 def encode_nonzero(run, sae, hook: str, *, chunk_rows: int = 4096, max_nonzero: int = 200_000_000,
-                   progress: bool = False, on_progress=None, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   progress: bool = False, on_progress=None,
+                   keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Stream the run's rows at ``hook`` through ``sae.encode`` once; keep the non-zero activations of the rows
     where ``keep`` (``(n_rows,)`` bool, default all) is true.
 

@@ -62,7 +62,8 @@ def heatmap_view(fid, layer, head) -> tuple[dict, object, object]:
                           zmax=float(a.max() or 1), colorbar=dict(title=dict(text="attention weight", side="right")),
                           hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>")],
                layout=dict(height=int(min(1000, 260 + 14 * n)), plot_bgcolor="#fff", paper_bgcolor="#fff",
-                           title=dict(text=f"Layer {int(layer)}, {what}: attention of each query token to each key token"),
+                           title=dict(text=f"Layer {int(layer)}, {what}: attention of each query token to "
+                                           "each key token"),
                            xaxis=dict(title=dict(text="key token (attended to)"), tickangle=-60, **axis),
                            yaxis=dict(title=dict(text="query token (attending)"), autorange="reversed", **axis),
                            margin=dict(t=60, l=120, b=120, r=20)))

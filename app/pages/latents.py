@@ -139,7 +139,8 @@ def _latent_view(result: str, latent: int):
                           id="lat-logits")
     else:
         logits = info("No logit effects: the run's model was not found inside the cache root when the job ran.")
-    neigh = html.Div([html.Span([html.A(str(n["latent"]), href=f"{PATH}{encode_query(dict(result=result, latent=n['latent']))}"),
+    neigh = html.Div([html.Span([html.A(str(n["latent"]),
+                                        href=f"{PATH}{encode_query(dict(result=result, latent=n['latent']))}"),
                                  f" ({n['cos']:+.2f})  "]) for n in rec["neighbours"]], id="lat-neigh")
     return histogram_figure(rec, index["hook"]), summary, top, quant, logits, neigh
 

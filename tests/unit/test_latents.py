@@ -63,7 +63,8 @@ def test_firing_rates_histograms_and_top_examples_equal_brute_force(views):
         for e in rec["top"]:
             d, p = int(meta["doc_index"][e["row"]]), int(meta["position"][e["row"]])
             assert (e["doc"], e["pos"]) == (d, p)
-            want_tok = [int(meta["token_id"][where[(d, q)]]) if (d, q) in where else -1 for q in range(p - c, p + c + 1)]
+            window = range(p - c, p + c + 1)
+            want_tok = [int(meta["token_id"][where[(d, q)]]) if (d, q) in where else -1 for q in window]
             want_act = [float(F[where[(d, q)], i]) if (d, q) in where else 0.0 for q in range(p - c, p + c + 1)]
             assert e["tokens"] == want_tok
             np.testing.assert_allclose(e["acts"], want_act, rtol=1e-6, atol=1e-7)
@@ -101,7 +102,8 @@ def test_neighbours_logits_and_token_index_equal_brute_force(views):
         np.testing.assert_allclose(a["token_top_mean"][j][:len(got)], mean[want], rtol=1e-5)
     assert index["logit_effects"] and "final norm" in index["logit_note"]
     assert a["logit_pos_vals"].shape == (W.shape[0], 10)
-    assert (np.diff(a["logit_pos_vals"], axis=1) <= 1e-6).all() and (np.diff(a["logit_neg_vals"], axis=1) >= -1e-6).all()
+    assert (np.diff(a["logit_pos_vals"], axis=1) <= 1e-6).all()
+    assert (np.diff(a["logit_neg_vals"], axis=1) >= -1e-6).all()
 
 
 def test_logit_effects_equal_decoder_times_unembedding(views, tmp_path):
