@@ -153,3 +153,23 @@ def test_compare_overlays_two_result_sets(root):
     assert "best test accuracy" in text and f"{0.45 - 0.65:+.3f}" in text  # B − A of the best accuracies
     _, _, msg = compare.compare_view("demo", "smollm2-135m", "nope")
     assert msg.className == "notice error"
+
+
+def test_new_pages_build_on_an_empty_cache(tmp_path):
+    from app import data
+    from app.pages import attention, compare, latents, tokens
+
+    saved = data.get_root()
+    data.set_root(tmp_path)
+    data.clear_caches()
+    try:
+        for page in (tokens, latents, attention, compare):
+            text = dash_text(page.layout({}))
+            assert page.TITLE in text
+        assert "No latent statistics yet" in dash_text(latents.layout({}))
+        assert tokens.token_view("cached", None, None, None, None, "norm", 0, None, None, None, True)[0].className \
+            == "notice info"
+        assert "press Compute" in dash_text(attention.heatmap_view(None, 0, 0)[2])
+    finally:
+        data.set_root(saved)
+        data.clear_caches()
