@@ -10,6 +10,7 @@ read from the precomputed arrays: a latent page only slices them.
 
 from __future__ import annotations
 
+import numpy as np
 from dash import Input, Output, State, dcc, html
 
 from probekit.latents import latent_record
@@ -145,16 +146,27 @@ def _latent_view(result: str, latent: int):
     return histogram_figure(rec, index["hook"]), summary, top, quant, logits, neigh
 
 
+def _fits(run_id: str, hook: str, d_in: int) -> bool:
+    """Whether the run holds ``hook`` with ``d_in`` features per row (the SAE can read it)."""
+    if not hook:
+        return False
+    try:
+        run = data.open_run(run_id)
+        return hook in run.hooks and int(np.prod(run.shape(hook)[1:])) == int(d_in)
+    except Exception:
+        return False
+
+
 def job_choices(sae: str | None) -> tuple[list, list, str | None]:
     """SAE folder options, and the runs holding the SAE's hook (options, first one)."""
     saes = viewdata.list_sae_folders()
     runs = []
     if sae in saes:
         try:
-            hook = viewdata.load_sae_folder(sae).cfg.hook_name
-        except Exception:
-            hook = None
-        runs = [r for r in data.list_runs() if not r["error"] and (hook is None or not hook or hook in r["hooks"])]
+            cfg = viewdata.load_sae_folder(sae).cfg
+            runs = [r for r in data.list_runs() if not r["error"] and _fits(r["run_id"], cfg.hook_name, cfg.d_in)]
+        except Exception:  # an unreadable SAE folder offers no runs; the job's validation says why
+            runs = []
     ropts = [{"label": f"{r['run_id'][:12]} · {r['model']} · {r['rows']:,} rows", "value": r["run_id"]} for r in runs]
     return options(saes), ropts, (ropts[0]["value"] if ropts else None)
 

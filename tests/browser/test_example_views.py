@@ -104,7 +104,8 @@ def test_dark_matter_links_an_sae_to_its_latent_job(page, server):
     page.wait_for_function("() => document.querySelector('#lat-run') && "
                            "document.querySelector('#lat-run').innerText.includes('tiny-llama')")
     page.click("#lat-launch")
-    page.wait_for_selector("#lat-job-link", timeout=120_000)
+    page.wait_for_selector("#lat-job-link, #lat-job-result .notice", timeout=180_000)
+    assert page.query_selector("#lat-job-result .notice") is None, page.inner_text("#lat-job-result")
     page.click("#lat-job-link")
     _settle(page)
     page.wait_for_selector("#lat-table")

@@ -173,3 +173,16 @@ def test_new_pages_build_on_an_empty_cache(tmp_path):
     finally:
         data.set_root(saved)
         data.clear_caches()
+
+
+def test_latent_job_offers_only_runs_the_sae_can_read(root, tmp_path):
+    from app.pages import latents
+    from tests.browser.fixture_cache import write_run
+
+    other = write_run(root["root"], hooks=("blocks.1.hook_resid_post",), d=32, seed=9)  # same hook, other width
+    _, runs, first = latents.job_choices("saes/view-sae")
+    ids = [r["value"] for r in runs]
+    assert root["view_run_id"] in ids and other.run_id not in ids and first in ids
+    import shutil
+
+    shutil.rmtree(other.path)
