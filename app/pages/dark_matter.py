@@ -11,6 +11,7 @@ from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing
 from ..security import UnsafePathError, choice_or
 from ..urlstate import PageState
+from . import latents
 
 PATH = "/dark-matter"
 TITLE = "Dark matter"
@@ -91,6 +92,7 @@ def layout(params: dict) -> html.Div:
         card("R² of the error from x", graph("dm-r2-fig")),
         card("CE with splices", graph("dm-ce-fig")),
         card("Per-token scatter", html.Div(id="dm-scatter-msg"), graph("dm-scatter-fig")),
+        card("SAE latent pages", latents.sae_links(model)),
     ])
 
 

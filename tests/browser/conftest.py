@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def app_cache(tmp_path_factory):
-    from tests.browser.fixture_cache import populate
+    from tests.browser.fixture_cache import populate, write_views
 
     from tests.browser.fixture_cache import write_report
 
@@ -58,6 +58,7 @@ def app_cache(tmp_path_factory):
     info = populate(root, tiny_model=True, safety=True)
     reports = tmp_path_factory.mktemp("reports")  # outside the cache root, as ./reports is
     write_report(reports)
+    info.update(write_views(root))  # token, latent and attention views
     return dict(root=root, reports=reports, **info)
 
 

@@ -198,3 +198,54 @@ def write_report(reports: Path, name: str = "demo") -> Path:
         (folder / probe / file).write_text(json.dumps(payload))
     (folder / "metrics.json").write_text(json.dumps({"name": name, "model": REPORT_MODEL}))
     return folder
+
+
+VIEW_TEXTS = ["def add(a, b):\n    return a + b", "import os\nprint(os.sep)", "def f(x):\n    return x * 2",
+              "class A:\n    pass", "x = [1, 2, 3]\ny = x[0]"]
+
+
+def write_views(root: Path, *, model: str = "tiny-llama", hook: str = "blocks.1.hook_resid_post", d: int = 16,
+                d_sae: int = 24, seed: int = 3) -> dict:
+    """For the token, latent and attention views: a run of ``VIEW_TEXTS`` (byte tokens, random activations with
+    a large first-token norm like a real BOS), a small random ReLU SAE at ``hook`` under ``saes/view-sae``, its
+    latent statistics under ``results/latents/view-sae``, and a direction file ``vectors/probe.safetensors``."""
+    from safetensors.torch import save_file
+
+    from probekit.cache import ActivationCache, RunKey
+    from probekit.latents import LatentStatsConfig, compute_latent_stats
+    from probekit.probes.sae import SAE, SAEConfig, save_sae
+    from probekit.testing import byte_tokenizer
+
+    root = Path(root)
+    tok = byte_tokenizer()
+    cache = ActivationCache(root)
+    key = RunKey(model=model, weights=f"synthetic-views-{seed}", dataset="fixture-views", hooks=(hook,),
+                 positions="all", dtype="float32", max_length=64, batch_size=8, sort_by_length=False,
+                 batches_per_shard=1)
+    w = cache.writer(key)
+    g = torch.Generator().manual_seed(seed)
+    for i, text in enumerate(VIEW_TEXTS):
+        ids = tok(text)["input_ids"]
+        x = torch.randn(len(ids), d, generator=g)
+        x[0] *= 12.0  # the BOS row: an attention-sink-sized norm
+        w.write({hook: x}, dict(doc_index=torch.full((len(ids),), i), position=torch.arange(len(ids)),
+                                token_id=torch.tensor(ids)))
+    w.close()
+    run = cache.open(key.run_id)
+    sae = SAE(SAEConfig(d_in=d, d_sae=d_sae, architecture="relu", seed=seed, hook_name=hook, model_name=model))
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.8)  # sparse enough that firing rates differ
+    sae_dir = save_sae(sae, root / "saes" / "view-sae")
+    save_sae(sae, root / "results" / "dark-matter" / "smollm2-135m" / "saes" / f"{hook}-{d_sae}")  # a width's SAE
+    unembed = torch.randn(d, len(tok), generator=g)
+    out = compute_latent_stats(run, sae, hook, LatentStatsConfig(out=str(root / "results" / "latents" / "view-sae"),
+                                                                 top_k=5, context=4, n_bins=10,
+                                                                 exclude_positions=(0,)),
+                               tokenizer=tok, unembed=unembed, progress=False,
+                               provenance=dict(sae_folder="saes/view-sae"))
+    other = demo_result("tiny-llama", n_layers=2)  # a second result set of the same probe, for the compare page
+    other["result"]["test_score"] = [0.4, 0.45, 0.42]
+    _write(root, "demo/tiny-llama/layer_probes.json", other)
+    (root / "vectors").mkdir(exist_ok=True)
+    save_file({"probe": torch.randn(d, generator=g)}, str(root / "vectors" / "probe.safetensors"))
+    return dict(view_run_id=run.run_id, view_hook=hook, sae_dir=sae_dir, latents_dir=out)
