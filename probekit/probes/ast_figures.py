@@ -272,7 +272,7 @@ def tree_comparison_figure(
     fig.update_xaxes(
         tickmode="array", tickvals=list(range(n)), ticktext=[_esc(t) for t in ticks],
         tickangle=-45 if n <= 40 else -90, tickfont={"size": 10}, showticklabels=True,
-        range=[-0.8, n - 0.2 + 2.5], showgrid=False, zeroline=False,
+        range=[-0.8, n - 0.2 + 2.5], showgrid=False, zeroline=False, title_text="leaf (code token)",
     )
     fig.update_layout(
         title=title or f"AST-Probe tree, gold vs predicted ({n} leaves)",
@@ -456,7 +456,7 @@ def per_label_recall_figure(
         customdata=counts, hovertext=hover, hoverinfo="text",
     ))
     order = "support" if support is not None else "recall"
-    fig.update_yaxes(autorange="reversed", type="category",
+    fig.update_yaxes(autorange="reversed", type="category", title_text="non-terminal label",
                      ticktext=[_esc(lab) for lab in labels], tickvals=labels)
     fig.update_xaxes(range=[0, 1.02], title_text="recall")
     fig.update_layout(
