@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import MIN_N, Estimate, bootstrap_ci, paired_difference, proportion
+from .stats import MIN_N, Estimate, bootstrap_ci, bootstrap_ratio, paired_difference, proportion
 
 __all__ = ["Claim", "ClaimRow", "CLAIMS", "VERDICTS", "verdict", "claim_rows", "finding"]
 
@@ -103,9 +103,9 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
               "chat models (Arditi et al.)", "large drop (< 0)", "METHODS.md §2 (refusal direction)", "negative"),
     ),
     "dark_matter": (
-        Claim("dm_norm_r2", _DM, "R²(‖e‖² | x): the error norm is linearly predictable", "Gemma 2 / Llama 3.1 SAEs",
+        Claim("dm_norm_r2", _DM, "R²(‖e‖ | x): the error norm is linearly predictable", "Gemma 2 / Llama 3.1 SAEs",
               "> 0.9", "METHODS.md §3", "at_least", (0.9,)),
-        Claim("dm_vector_r2", _DM, "R²(e | x): share of the error vector linearly predictable",
+        Claim("dm_vector_r2", _DM, "share of the error vector linearly predictable, 1 − Σ‖nonlinear‖²/Σ‖e‖²",
               "Gemma 2 / Llama 3.1 SAEs", "about 0.5", "METHODS.md §3", "range", (0.4, 0.6)),
     ),
     "linearscope_digits": (
@@ -207,20 +207,33 @@ def _safety_rows(p: dict) -> list[ClaimRow]:
     return rows
 
 
+def _r2_from_sums(rows: np.ndarray) -> float:
+    """R² from per-document columns [Σ(y − ŷ)², Σy, Σy², n] pooled over the rows."""
+    sse, sy, syy, n = rows.sum(axis=0)
+    sst = syy - sy * sy / n
+    return float(1 - sse / sst) if sst > 0 else float("nan")
+
+
 def _dark_matter_rows(p: dict) -> list[ClaimRow]:
     c = {cl.key: cl for cl in CLAIMS["dark_matter"]}
     model = str(p.get("model", "?"))
-    widths = list(p["decomposition"])
-    w = widths[-1]
-    d = p["decomposition"][w]
-    rows = []
-    for key, field_ in (("dm_norm_r2", "r2_error_norm_sq"), ("dm_vector_r2", "r2_error_vector")):
-        row = _row(c[key], f"{model}, widest SAE ({w})", None,
-                   f"point value {d[field_]:.3f} only: the run does not store per-document error sums yet, so no "
-                   "document-level CI")
-        row.extra["point"] = float(d[field_])
-        rows.append(row)
-    return rows
+    per = p.get("per_document")
+    if not per:
+        w = list(p["decomposition"])[-1]
+        why = "the payload has no per_document sums (rerun dark-matter with this version)"
+        return [_row(c[k], f"{model}, widest SAE ({w})", None, why) for k in ("dm_norm_r2", "dm_vector_r2")]
+    where = f"{model}, widest SAE ({per['width']} latents), held-out documents"
+    unit = "documents"
+    # R² of ‖e‖ from x with documents resampled whole (the fitted map stays fixed: the CI covers the evaluation
+    # sample, not the fit); the point equals the run's pooled r2_error_norm
+    cols = np.column_stack([per["norm_sse"], per["norm"], per["norm_sq"], per["n_tokens"]]).astype(np.float64)
+    norm = bootstrap_ci(cols, _r2_from_sums, unit=unit, n_boot=1000)
+    # share of ‖e‖² not in the nonlinear error, 1 − Σ‖nl‖²/Σ‖e‖² (uncentred: per-document mean vectors are not
+    # stored; the run's r2_error_vector is the centred form)
+    rat = bootstrap_ratio(per["nonlinear_sq"], per["norm_sq"], unit=unit)
+    vec = Estimate(1 - rat.value, 1 - rat.high, 1 - rat.low, rat.n, unit, rat.level, rat.method + ", 1 − ratio",
+                   rat.min_n)
+    return [_row(c["dm_norm_r2"], where, norm), _row(c["dm_vector_r2"], where, vec)]
 
 
 def _linearscope_rows(p: dict) -> list[ClaimRow]:

@@ -99,3 +99,27 @@ def test_refusal_rows_from_completions_match_a_direct_count():
     expected = np.mean(refusal_phrase_match(abl)) - np.mean(refusal_phrase_match(rnd))
     assert d.value == pytest.approx(expected) and d.high < 0
     assert rows["ablation_vs_random"].verdict == "reproduced"
+
+
+def test_dark_matter_rows_match_token_level_r2_and_resample_documents():
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(1)
+    n_docs, per_doc = 40, 25
+    doc = np.repeat(np.arange(n_docs), per_doc)
+    y = rng.gamma(4.0, 1.0, doc.size)                 # ‖e‖ per token
+    y_hat = y + rng.normal(0, 0.3, doc.size)           # its prediction from x
+    nl = y * rng.uniform(0.5, 0.8, doc.size)           # ‖nonlinear error‖ per token
+    sums = lambda v: np.bincount(doc, weights=v).tolist()  # noqa: E731
+    per = dict(width=64, doc=list(range(n_docs)), n_tokens=[per_doc] * n_docs, norm=sums(y), norm_sq=sums(y ** 2),
+               norm_sse=sums((y - y_hat) ** 2), nonlinear_sq=sums(nl ** 2))
+    p = dict(kind="dark_matter", model="m", decomposition={"64": {}}, per_document=per)
+    rows = _by_key(claim_rows(p))
+    norm = rows["dm_norm_r2"].estimate
+    assert norm.value == pytest.approx(r2_score(y, y_hat)) and norm.n == n_docs and norm.unit == "documents"
+    assert norm.low < norm.value < norm.high and rows["dm_norm_r2"].verdict == "reproduced"
+    vec = rows["dm_vector_r2"].estimate
+    assert vec.value == pytest.approx(1 - (nl ** 2).sum() / (y ** 2).sum())
+    assert vec.low < vec.value < vec.high
+    p.pop("per_document")
+    assert {r.verdict for r in claim_rows(p)} == {"not assessed"}

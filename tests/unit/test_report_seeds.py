@@ -113,6 +113,13 @@ def test_seeds_report_tiny_end_to_end(tiny_dir, tmp_path, monkeypatch):
     assert srows["refusal_base"]["ours"]["n"] == 2
     assert srows["refusal_base"]["verdict"] == "too few to conclude"
 
+    # dark matter: per-document sums stored; their pooled R² is the run's own r2_error_norm
+    dm = json.loads(next((folder / "dark_matter").rglob("dark_matter.json")).read_text())
+    drows = {r["key"]: r for r in metrics["stages"]["dark_matter"]["claims"]}
+    w = str(dm["per_document"]["width"])
+    assert abs(drows["dm_norm_r2"]["ours"]["value"] - dm["decomposition"][w]["r2_error_norm"]) < 1e-6
+    assert sum(dm["per_document"]["n_tokens"]) == dm["n_tokens"]["test"]
+
     # every figure on the page: titled axes and colour bars
     figs = page_figures(text)
     assert len(figs) == text.count("Plotly.newPlot") > 5
