@@ -31,7 +31,7 @@ import numpy as np
 
 from .stats import MIN_N, Estimate, bootstrap_ci, bootstrap_ratio, paired_difference, proportion
 
-__all__ = ["Claim", "ClaimRow", "CLAIMS", "VERDICTS", "verdict", "claim_rows", "finding"]
+__all__ = ["Claim", "ClaimRow", "CLAIMS", "VERDICTS", "verdict", "claim_rows", "finding", "refusal_flags"]
 
 VERDICTS = ("reproduced", "partly", "not", "too few to conclude", "not assessed")
 _KINDS = ("range", "positive", "negative", "at_least")
@@ -177,7 +177,7 @@ def _ast_rows(p: dict) -> list[ClaimRow]:
     return rows
 
 
-def _refusals(p: dict, condition: str) -> list[float] | None:
+def refusal_flags(p: dict, condition: str) -> list[float] | None:
     """Per harmful test prompt, 1.0 when its completion under ``condition`` opens with a refusal phrase."""
     from .probes.safety import refusal_phrase_match
 
@@ -194,8 +194,8 @@ def _refusals(p: dict, condition: str) -> list[float] | None:
 def _safety_rows(p: dict) -> list[ClaimRow]:
     c = {cl.key: cl for cl in CLAIMS["safety_activation"]}
     model = str(p.get("model", "?"))
-    base = _refusals(p, "baseline")
-    abl, rnd = _refusals(p, "ablation"), _refusals(p, "random_ablation")
+    base = refusal_flags(p, "baseline")
+    abl, rnd = refusal_flags(p, "ablation"), refusal_flags(p, "random_ablation")
     rows = [_row(c["refusal_base"], model, proportion(base, unit="harmful prompts") if base else None,
                  "no completions under condition 'baseline'")]
     if abl and rnd:

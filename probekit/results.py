@@ -564,6 +564,12 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
         r, rnd = payload["result"], payload.get("random_init")
         i = int(np.nanargmax(r["f1"]))
         out = {"best layer": r["layers"][i], "best F1": r["f1"][i], "layer 0 (embeddings) F1": r["f1"][0]}
+        per = (payload.get("per_snippet_f1") or {}).get("trained")
+        if per:  # 95% CIs over test snippets (the best layer here is chosen on test: optimistic)
+            from .stats import bootstrap_ci
+
+            out["best F1, 95% CI"] = bootstrap_ci(per[i], unit="test snippets").format()
+            out["layer 0 F1, 95% CI"] = bootstrap_ci(per[0], unit="test snippets").format()
         if rnd:
             out["best random-init F1"] = float(np.nanmax(rnd["f1"]))
         if payload.get("k_sweep"):
@@ -592,8 +598,14 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
         L = payload["n_layers"]
         late = [i for i, l in enumerate(o["layers"]) if 0.65 * L <= l < 0.9 * L] or list(range(len(o["layers"])))
         out = {"refusal-direction layer": payload["layer"]}
+        from .claims import refusal_flags
+        from .stats import proportion
+
         for c in rr:
             out[f"harmful refusal rate ({c})"] = rr[c]["harmful"]
+            flags = refusal_flags(payload, c)
+            if flags:  # Wilson 95% interval over the harmful test prompts
+                out[f"harmful refusal rate ({c}), 95% CI"] = proportion(flags, unit="prompts").format()
         if payload.get("induce"):
             out["harmless refusal rate (actadd)"] = payload["induce"]["refusal_rate"]["actadd"]["harmless"]
         def cells(ov: dict, key: str) -> float:  # mean over the late layers at η ≈ 0.9; None (k = 0) skipped

@@ -112,6 +112,8 @@ def test_seeds_report_tiny_end_to_end(tiny_dir, tmp_path, monkeypatch):
     srows = {r["key"]: r for r in metrics["stages"]["safety_activation"]["claims"]}
     assert srows["refusal_base"]["ours"]["n"] == 2
     assert srows["refusal_base"]["verdict"] == "too few to conclude"
+    act = json.loads(next((folder / "safety_activation").rglob("activation.json")).read_text())
+    assert srows["refusal_base"]["ours"]["value"] == act["refusal"]["refusal_rate"]["baseline"]["harmful"]
 
     # dark matter: per-document sums stored; their pooled R² is the run's own r2_error_norm
     dm = json.loads(next((folder / "dark_matter").rglob("dark_matter.json")).read_text())
