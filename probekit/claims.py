@@ -239,7 +239,7 @@ def _dark_matter_rows(p: dict) -> list[ClaimRow]:
 def _linearscope_rows(p: dict) -> list[ClaimRow]:
     (cl,) = CLAIMS["linearscope_digits"]
     t = p["test_set"]
-    per = t.get("per_image_share_predicted")
+    per = p.get("per_image_share_predicted")
     if per:
         return [_row(cl, "digits CNN (probekit)", bootstrap_ci(per, unit="test images"))]
     row = _row(cl, "digits CNN (probekit)", None,

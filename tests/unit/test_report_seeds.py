@@ -122,6 +122,15 @@ def test_seeds_report_tiny_end_to_end(tiny_dir, tmp_path, monkeypatch):
     assert abs(drows["dm_norm_r2"]["ours"]["value"] - dm["decomposition"][w]["r2_error_norm"]) < 1e-6
     assert sum(dm["per_document"]["n_tokens"]) == dm["n_tokens"]["test"]
 
+    # LinearScope: per-image bias shares whose mean is the test-set mean; a CI over test images
+    ls = json.loads(next((folder / "linearscope").rglob("digit-3.json")).read_text())
+    shares = ls["per_image_share_predicted"]
+    assert len(shares) == ls["test_set"]["n"]
+    mean = ls["test_set"]["mean_share_predicted"]
+    assert abs(sum(shares) / len(shares) - mean) <= 1e-6 * max(1.0, abs(mean))
+    (lrow,) = metrics["stages"]["linearscope"]["claims"]
+    assert lrow["ours"]["n"] == len(shares) and lrow["ours"]["unit"] == "test images"
+
     # every figure on the page: titled axes and colour bars
     figs = page_figures(text)
     assert len(figs) == text.count("Plotly.newPlot") > 5
