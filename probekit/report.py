@@ -19,9 +19,16 @@ Each probe's settings are the fields of its typed run config (:class:`~probekit.
 
 Stages run in the config's order under one progress bar. A stage whose ``stage.json`` records the same settings
 is reused; an interrupted stage restarts, and its capture resumes from the activation cache (and SAE training from
-its checkpoints). ``reports/<name>/index.html`` holds a summary table, every probe's figures (plotly.js inlined
-once: it opens offline), the config, versions, timings and the model's source and sha256;
-``reports/<name>/metrics.json`` holds the same numbers for machines.
+its checkpoints). ``reports/<name>/index.html`` holds a summary table (one finding per section), then one
+section per probe, titled in words (:data:`STAGE_TITLES`), that opens with a sentence stating its finding with n
+and a 95% CI and, for the seed papers, a table of their headline claims beside ours with a verdict
+(:mod:`probekit.claims`); then the probe's figures (plotly.js inlined once: it opens offline), the config,
+versions, the model's source and sha256, and the stage timings in a footer. ``reports/<name>/metrics.json`` holds
+the same numbers (claims included) for machines.
+
+A config may name setting overrides per scale (``scales: {paper: {ast_probe: {n_functions: 20000}}}``);
+``probekit report CONFIG --scale paper`` applies them and writes ``reports/<name>-paper/``
+(``configs/seeds.yaml``).
 """
 
 from __future__ import annotations
