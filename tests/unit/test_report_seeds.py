@@ -136,3 +136,25 @@ def test_seeds_report_tiny_end_to_end(tiny_dir, tmp_path, monkeypatch):
     assert len(figs) == text.count("Plotly.newPlot") > 5
     problems = [p for data, layout in figs for p in untitled(data, layout)]
     assert problems == []
+
+
+def test_scales_are_checked_up_front_and_named(tmp_path, capsys):
+    import pytest
+
+    from probekit.report import ReportConfigError, load_config
+
+    cfg = load_config(SEEDS)
+    paper = cfg.with_scale("paper").stage_configs()
+    assert paper["ast_probe"].k == 128 and paper["ast_probe"].out.endswith("seeds-paper/ast_probe")
+    assert cfg.with_scale(None) is cfg
+    with pytest.raises(ReportConfigError, match=r"--scale 'huge': this config defines the scales \['paper', 'tiny'\]"):
+        cfg.with_scale("huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nprobes: {ast_probe: {}}\nscales: {paper: {dark_matter: {epochs: 2}}}\n")
+    with pytest.raises(ReportConfigError, match="scales.paper: probe 'dark_matter' is not in probes"):
+        load_config(bad)
+    bad.write_text("name: x\nprobes: {ast_probe: {}}\nscales: {paper: {ast_probe: {n_function: 2}}}\n")
+    with pytest.raises(ReportConfigError, match="scales.paper: probes.ast_probe: unknown setting 'n_function'"):
+        load_config(bad)
+    assert main(["report", str(SEEDS), "--scale", "huge"]) == 2
+    assert "--scale 'huge'" in capsys.readouterr().err
