@@ -227,7 +227,7 @@ def _dark_matter_rows(p: dict) -> list[ClaimRow]:
     # R² of ‖e‖ from x with documents resampled whole (the fitted map stays fixed: the CI covers the evaluation
     # sample, not the fit); the point equals the run's pooled r2_error_norm
     cols = np.column_stack([per["norm_sse"], per["norm"], per["norm_sq"], per["n_tokens"]]).astype(np.float64)
-    norm = bootstrap_ci(cols, _r2_from_sums, unit=unit, n_boot=1000)
+    norm = bootstrap_ci(cols, _r2_from_sums, unit=unit)
     # share of ‖e‖² not in the nonlinear error, 1 − Σ‖nl‖²/Σ‖e‖² (uncentred: per-document mean vectors are not
     # stored; the run's r2_error_vector is the centred form)
     rat = bootstrap_ratio(per["nonlinear_sq"], per["norm_sq"], unit=unit)
