@@ -174,6 +174,14 @@ def _pick_tree_snippet(result_test_f1: list[float], n_leaves: list[int], want: i
     return min(ok, key=lambda i: (abs(result_test_f1[i] - med), i))
 
 
+def _per_snippet_f1(probe, X, gold) -> list[list[float]]:
+    """Constituent F1 of every test snippet at every layer: (n_layers, n_snippets) as nested lists."""
+    from .probes.ast_probe import score_ast_predictions
+
+    return [[float(score_ast_predictions([pr], [g])["f1"]) for pr, g in zip(preds, gold)]
+            for preds in probe.predict(X)]
+
+
 def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     """Fit and evaluate; write ``ast_probe.json``, ``ast_probe.safetensors`` and ``ast_probe.html``."""
     from safetensors.torch import save_file
@@ -240,7 +248,7 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
     main = fit_eval(bridge, cfg.model)
     trained = main["test"]
     controls = {"layer 0 (embeddings)": [trained.f1[0]] * len(names)}
-    random_res = None
+    random_res = random_per_snippet = None
     if cfg.random_control:
         folder = _random_init_copy(cfg.model)
         try:
@@ -253,6 +261,7 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
         rbridge.probekit_weights = None
         rnd = fit_eval(rbridge, "random-init control")
         random_res = rnd["test"]
+        random_per_snippet = _per_snippet_f1(rnd["probe"], rnd["X"][2], ys[2])
         controls["random-init model"] = random_res.f1
         del rnd, rbridge
     trained.controls = controls
@@ -295,6 +304,8 @@ def run_ast_probe(cfg: ASTProbeRunConfig = ASTProbeRunConfig()) -> dict:
         n_snippets=[n_tr, n_va, n_te], cache_run=main["run"].run_id, best_layer_by_validation=names[best_li],
         validation_f1=main["val"].f1, result=trained.to_dict(),
         random_init=random_res.to_dict() if random_res else None, k_sweep=sweep,
+        # F1 per test snippet (the independent unit of the CIs, METHODS.md §5), per layer, same snippet order
+        per_snippet_f1=dict(trained=_per_snippet_f1(p, main["X"][2], ys[2]), random_init=random_per_snippet),
         tree_snippet=dict(index=si, doc_id=aligned[2][si].doc_id, f1=per_snippet[si]),
         # per test snippet at the best layer (pred) and at every layer (pred_by_layer): what the app's tree draws
         test_snippets=[dict(doc_id=a.doc_id, leaves=list(a.leaves), f1=f,

@@ -237,7 +237,7 @@ def _cmd_report(args) -> int:
     from .report import ReportConfigError, load_config, run_report
 
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config).with_scale(args.scale)
     except ReportConfigError as exc:
         print(f"probekit report: {exc}", file=sys.stderr)
         return 2
@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "metrics.json")
     rp.add_argument("config", help="YAML config (see configs/)")
     rp.add_argument("--out", help="reports folder (default: the config's `out`, else ./reports)")
+    rp.add_argument("--scale", help="apply the config's named `scales` overrides (e.g. `paper`: paper-sized settings "
+                                    "for one GPU); the report goes to <name>-<scale>/")
     rp.set_defaults(func=_cmd_report)
 
     dm = sub.add_parser("dark-matter", help="SAEs of several widths and the dark matter of their error")

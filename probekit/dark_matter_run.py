@@ -155,6 +155,22 @@ def _splices(w: int, sae, W: torch.Tensor, b: torch.Tensor, device) -> dict:
             f"{w}/nonlinear": _keep_first(lambda a: a - a @ W - b, device)}
 
 
+def _per_document(res, doc_of_token: np.ndarray, width: int) -> dict:
+    """Per held-out document sums (the unit of the CIs, METHODS.md §5) for the widest SAE: of ‖e‖, ‖e‖²,
+    (‖e‖ − predicted ‖e‖)², ‖nonlinear error‖² and the token count; the test tokens are in ``doc_of_token`` order."""
+    from .stats import cluster_sums
+
+    e = res.error_norm.double().numpy()
+    cols = dict(norm=e, norm_sq=e ** 2, norm_sse=(e - res.error_norm_pred.double().numpy()) ** 2,
+                nonlinear_sq=res.nonlinear_norm.double().numpy() ** 2)
+    out: dict = dict(width=width)
+    for k, v in cols.items():
+        ids, sums, counts = cluster_sums(v, doc_of_token)
+        out[k] = sums.tolist()
+    out.update(doc=ids.tolist(), n_tokens=counts.astype(int).tolist())
+    return out
+
+
 def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[str, Any]:
     """Train the SAEs and run every analysis; write ``dark_matter.json`` and ``dark_matter.html``."""
     from .cache import ActivationCache
@@ -248,7 +264,7 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
         f"{ {k: round(v, 3) for k, v in earlier.nonlinear_reduction.items()} }")
 
     hover = _hover(tok, token_id, doc, pos, test_rows)
-    payload = dict(
+    payload = dict(per_document=_per_document(decomp[widths[-1]], doc[test_rows], widths[-1]),
         kind="dark_matter", model=cfg.model, layer=layer, hook=hook, previous_hook=prev, config=asdict(cfg),
         device=device, cache_run=run.run_id, n_documents=dict(code=kinds.count("code"), text=kinds.count("text")),
         n_tokens=dict(train=int(len(train_rows)), test=int(len(test_rows))), widths=widths,

@@ -101,10 +101,13 @@ def run_linearscope(cfg: LinearScopeRunConfig = LinearScopeRunConfig()) -> dict:
     indices = digit_indices(cfg, y_test)
     scope = LinearScope(net, dtype=torch.float64)
     dataset = scope.dataset_bias_share(X_test, y_test)  # the same for every digit: computed once
+    # each test image's own share (the unit of the CI, METHODS.md §5): a one-image data set is that image
+    per_image = [scope.dataset_bias_share(X_test[j:j + 1]).mean_share_predicted for j in range(len(X_test))]
     written: dict[int, dict] = {}
     for i in indices:
         one = scope.analyze(X_test[i], k=cfg.k, label=int(y_test[i]))
         written[i] = dict(kind="linearscope_digits", one=one.to_dict(), test_set=dataset.to_dict(),
+                          per_image_share_predicted=per_image,
                           test_accuracy=getattr(net, "test_accuracy", None))
         # one page per digit: they share one plotly.min.js instead of inlining 3.5 MB each
         files += _write(root / "digits-cnn", f"digit-{i}", written[i], figures(written[i]), plotlyjs="directory")

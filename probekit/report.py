@@ -19,9 +19,16 @@ Each probe's settings are the fields of its typed run config (:class:`~probekit.
 
 Stages run in the config's order under one progress bar. A stage whose ``stage.json`` records the same settings
 is reused; an interrupted stage restarts, and its capture resumes from the activation cache (and SAE training from
-its checkpoints). ``reports/<name>/index.html`` holds a summary table, every probe's figures (plotly.js inlined
-once: it opens offline), the config, versions, timings and the model's source and sha256;
-``reports/<name>/metrics.json`` holds the same numbers for machines.
+its checkpoints). ``reports/<name>/index.html`` holds a summary table (one finding per section), then one
+section per probe, titled in words (:data:`STAGE_TITLES`), that opens with a sentence stating its finding with n
+and a 95% CI and, for the seed papers, a table of their headline claims beside ours with a verdict
+(:mod:`probekit.claims`); then the probe's figures (plotly.js inlined once: it opens offline), the config,
+versions, the model's source and sha256, and the stage timings in a footer. ``reports/<name>/metrics.json`` holds
+the same numbers (claims included) for machines.
+
+A config may name setting overrides per scale (``scales: {paper: {ast_probe: {n_functions: 20000}}}``);
+``probekit report CONFIG --scale paper`` applies them and writes ``reports/<name>-paper/``
+(``configs/seeds.yaml``).
 """
 
 from __future__ import annotations
@@ -61,6 +68,13 @@ def _stage_table() -> dict[str, tuple[type, Any]]:
             "safety_activation": (ActivationRunConfig, run_activation_space)}
 
 
+#: Section titles in words (the stage identifiers stay the anchors: ``#ast_probe``).
+STAGE_TITLES = {"layer_probes": "Linear probes per layer (syntax labels)",
+                "ast_probe": "AST-Probe: is the syntax tree readable from a subspace?",
+                "linearscope": "LinearScope: the linear system a network applies to one input",
+                "dark_matter": "SAE dark matter: how much of the SAE error is predictable?",
+                "safety_weight": "Safety subspaces in weight space",
+                "safety_activation": "Safety subspaces in activation space and the refusal direction"}
 STAGES = ("layer_probes", "ast_probe", "linearscope", "dark_matter", "safety_weight", "safety_activation")
 _MANAGED = ("out", "progress")  # set by the report itself
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -113,6 +127,9 @@ class ReportConfig:
     model: str = DEFAULT_MODEL
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     out: str = "reports"
+    #: named setting overrides per probe (``scales: {paper: {ast_probe: {n_functions: 20000}}}``), applied by
+    #: :meth:`with_scale` (``probekit report CONFIG --scale paper``)
+    scales: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("model", "out"):
@@ -129,7 +146,34 @@ class ReportConfig:
                 raise ReportConfigError(f"unknown probe {probe!r}; allowed probes: {list(STAGES)}")
             if settings is not None and not isinstance(settings, dict):
                 raise ReportConfigError(f"probes.{probe} must be a mapping of settings, got {type(settings).__name__}")
+        if not isinstance(self.scales, dict):
+            raise ReportConfigError(f"scales must be a mapping of scale name -> probe overrides, got "
+                                    f"{type(self.scales).__name__}")
+        for scale, over in self.scales.items():
+            if not isinstance(over, dict):
+                raise ReportConfigError(f"scales.{scale} must be a mapping of probe -> settings")
+            for probe in over:
+                if probe not in self.probes:
+                    raise ReportConfigError(f"scales.{scale}: probe {probe!r} is not in probes "
+                                            f"({list(self.probes)})")
         self.stage_configs()  # every probe's settings checked up front, before anything runs
+        for scale in self.scales:
+            try:
+                self.with_scale(scale)
+            except ReportConfigError as exc:
+                raise ReportConfigError(f"scales.{scale}: {exc}") from None
+
+    def with_scale(self, scale: str | None) -> ReportConfig:
+        """This config with the ``scales[scale]`` overrides merged into each probe's settings (None: unchanged).
+
+        The scaled report gets its own folder, ``<name>-<scale>``, so its stages never reuse the small ones.
+        """
+        if scale is None:
+            return self
+        if scale not in self.scales:
+            raise ReportConfigError(f"--scale {scale!r}: this config defines the scales {sorted(self.scales)}")
+        probes = {p: {**(v or {}), **(self.scales[scale].get(p) or {})} for p, v in self.probes.items()}
+        return ReportConfig(name=f"{self.name}-{scale}", model=self.model, probes=probes, out=self.out)
 
     @property
     def folder(self) -> Path:
@@ -228,28 +272,53 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _claims_table(rows: list) -> str:
+    """HTML table of claim rows: published (metric, model, value) beside ours (model, value, CI, n) and a verdict."""
+    out = ["<table class='claims'><tr><th>claim</th><th>published model</th><th>published</th><th>our model</th>"
+           "<th>ours (95% CI)</th><th>n</th><th>verdict</th></tr>"]
+    for r in rows:
+        e = r.estimate
+        ours = "—" if e is None else f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
+        if e is None and "point" in r.extra:
+            ours = f"{r.extra['point']:.3f} (no CI)"
+        n = "—" if e is None else f"{e.n} {e.unit}"
+        out.append(f"<tr><td>{html.escape(r.claim.metric)}</td><td>{html.escape(r.claim.model)}</td>"
+                   f"<td>{html.escape(r.claim.published)}</td><td>{html.escape(r.model)}</td><td>{ours}</td>"
+                   f"<td>{html.escape(n)}</td><td class='verdict'><b>{html.escape(r.verdict)}</b>: "
+                   f"{html.escape(r.reason)}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
 def _write_index(cfg: ReportConfig, stages: dict[str, dict], meta: dict[str, Any]) -> Path:
     from . import results
+    from .claims import finding
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.name)} — probekit report"
              "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
+             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left}pre{background:#f6f6f6;padding:1em;overflow:auto}p.finding{font-size:1.1em}"
+             "footer{color:#666;font-size:0.85em;border-top:1px solid #ccc;margin-top:2em}</style></head><body>",
              f"<h1>probekit report: {html.escape(cfg.name)}</h1>",
-             f"<p>model <code>{html.escape(cfg.model)}</code>; generated {html.escape(meta['generated'])}</p>",
-             "<h2 id='summary'>Summary</h2><table><tr><th>probe</th><th>result</th><th>figure</th><th>value</th>"
-             "</tr>"]
+             f"<p>model <code>{html.escape(cfg.model)}</code>; generated {html.escape(meta['generated'])}. "
+             "Intervals are 95% bootstrap CIs over the independent unit named beside each n; below "
+             f"{_min_n()} units a number is shown as too few to conclude.</p>",
+             "<h2 id='summary'>Summary</h2><table><tr><th>section</th><th>finding</th></tr>"]
     for probe, st in stages.items():
-        for payload in st["payloads"]:
-            for k, v in results.headline(payload).items():
-                parts.append(f"<tr><td>{probe}</td><td>{payload['kind']}</td><td>{html.escape(k)}</td>"
-                             f"<td>{_fmt(v)}</td></tr>")
+        parts.append(f"<tr><td><a href='#{probe}'>{html.escape(STAGE_TITLES[probe])}</a></td>"
+                     f"<td>{html.escape(finding(st['claims']))}</td></tr>")
     parts.append("</table>")
     first = True
     for probe, st in stages.items():
-        parts.append(f"<h2 id='{probe}'>{probe}</h2><p>{st['seconds']:.0f} s"
-                     f"{' (reused)' if st['reused'] else ''}</p>")
+        parts.append(f"<h2 id='{probe}'>{html.escape(STAGE_TITLES[probe])}</h2>"
+                     f"<p class='finding'>{html.escape(finding(st['claims']))}</p>")
+        if st["claims"]:
+            parts.append(_claims_table(st["claims"]))
         for payload in st["payloads"]:
+            rows = results.headline(payload)
+            parts.append("<details><summary>all headline numbers</summary><table><tr><th>figure</th><th>value</th>"
+                         "</tr>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
+                                           for k, v in rows.items()) + "</table></details>")
             for fig in results.figures(payload):
                 if fig.layout.height is None:
                     fig.update_layout(height=500)
@@ -260,11 +329,24 @@ def _write_index(cfg: ReportConfig, stages: dict[str, dict], meta: dict[str, Any
                  + "</pre>")
     parts.append("<h2 id='versions'>Versions</h2><pre>" + html.escape(json.dumps(meta["versions"], indent=2))
                  + "</pre>")
-    parts.append("<h2 id='timings'>Timings</h2><pre>" + html.escape(json.dumps(meta["timings"], indent=2))
-                 + "</pre></body></html>")
+    timing = "; ".join(f"{STAGE_TITLES[p].split(':')[0]} {st['seconds']:.0f} s{' (reused)' if st['reused'] else ''}"
+                       for p, st in stages.items())
+    parts.append(f"<footer id='timings'>Timings: {html.escape(timing)}.</footer></body></html>")
     path = cfg.folder / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _min_n() -> int:
+    from .stats import MIN_N
+
+    return MIN_N
+
+
+def _claims(payloads: list[dict]) -> list:
+    from .claims import claim_rows
+
+    return [row for pl in payloads for row in claim_rows(pl)]
 
 
 def run_report(cfg: ReportConfig) -> dict[str, Any]:
@@ -286,18 +368,21 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         done = json.loads(marker.read_text()) if marker.is_file() else None
         if done is not None and done.get("settings") == settings and _stage_payloads(folder):
             stages[probe] = dict(payloads=_stage_payloads(folder), seconds=done["seconds"], reused=True)
+            stages[probe]["claims"] = _claims(stages[probe]["payloads"])
             continue
         t0 = time.perf_counter()
         table[probe][1](scfg)
         seconds = time.perf_counter() - t0
         marker.write_text(json.dumps(dict(settings=settings, seconds=seconds), indent=2))
         stages[probe] = dict(payloads=_stage_payloads(folder), seconds=seconds, reused=False)
+        stages[probe]["claims"] = _claims(stages[probe]["payloads"])
     meta = dict(generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=_versions(),
                 model_source=_model_source(cfg.model),
                 timings={p: round(s["seconds"], 1) for p, s in stages.items()})
     index = _write_index(cfg, stages, meta)
     metrics = dict(name=cfg.name, model=cfg.model, config=asdict(cfg), **meta,
                    stages={p: dict(seconds=round(s["seconds"], 1), reused=s["reused"],
+                                   title=STAGE_TITLES[p], claims=[r.to_dict() for r in s["claims"]],
                                    results=[dict(kind=pl["kind"], headline=results.headline(pl))
                                             for pl in s["payloads"]]) for p, s in stages.items()})
     (cfg.folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

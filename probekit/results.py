@@ -45,7 +45,7 @@ __all__ = ["RESULT_KINDS", "WEIGHT_METRICS", "HOOK_STATS", "AST_METRICS", "CE_SP
            "projection_table", "tradeoff_figures"]
 
 RESULT_KINDS = ("layer_probes", "ast_probe", "dark_matter", "linearscope_digits", "linearscope_lm",
-                "safety_activation", "safety_weight")
+                "safety_activation", "safety_weight", "linearscope_sr", "linearscope_i2i")
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -579,7 +579,33 @@ def _safety_weight_figures(p: dict) -> list:
     return figs
 
 
-_FIGURES = {"layer_probes": _layer_probe_figures, "ast_probe": _ast_figures, "dark_matter": _dark_matter_figures,
+def _linearscope_sr_figures(p: dict) -> list:
+    from .probes.linearscope_sr import SRAnalysisResult
+
+    return SRAnalysisResult.from_dict(p).figures()
+
+
+def _linearscope_i2i_figures(p: dict) -> list:
+    from .probes.linearscope_i2i import I2IAnalysisResult
+
+    arr = np.asarray
+    return I2IAnalysisResult(shape=tuple(p["shape"]), window=p["window"], max_shift=p["max_shift"],
+                             measures={k: arr(v) for k, v in p["measures"].items()},
+                             psnr={k: arr(v) for k, v in p["psnr"].items()},
+                             jacobian_max_abs_diff=p["jacobian_max_abs_diff"], example=p["example"],
+                             seed=p["seed"], n_boot=p["n_boot"], model_info=p.get("model_info", {})).figures()
+
+
+def _estimates(d: dict) -> dict[str, str]:
+    """Stored :class:`~probekit.stats.Estimate` dicts as ``value [low, high] (n=… unit)`` strings."""
+    from .stats import Estimate
+
+    fields = ("value", "low", "high", "n", "unit", "level", "method", "min_n")
+    return {k: Estimate(**{f: e[f] for f in fields if f in e}).format() for k, e in d.items()}
+
+
+_FIGURES = {"linearscope_sr": _linearscope_sr_figures, "linearscope_i2i": _linearscope_i2i_figures,
+            "layer_probes": _layer_probe_figures, "ast_probe": _ast_figures, "dark_matter": _dark_matter_figures,
             "linearscope_digits": _linearscope_digit_figures, "linearscope_lm": _linearscope_lm_figures,
             "safety_activation": _safety_activation_figures, "safety_weight": _safety_weight_figures}
 
@@ -605,6 +631,12 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
         r, rnd = payload["result"], payload.get("random_init")
         i = int(np.nanargmax(r["f1"]))
         out = {"best layer": r["layers"][i], "best F1": r["f1"][i], "layer 0 (embeddings) F1": r["f1"][0]}
+        per = (payload.get("per_snippet_f1") or {}).get("trained")
+        if per:  # 95% CIs over test snippets (the best layer here is chosen on test: optimistic)
+            from .stats import bootstrap_ci
+
+            out["best F1, 95% CI"] = bootstrap_ci(per[i], unit="test snippets").format()
+            out["layer 0 F1, 95% CI"] = bootstrap_ci(per[0], unit="test snippets").format()
         if rnd:
             out["best random-init F1"] = float(np.nanmax(rnd["f1"]))
         if payload.get("k_sweep"):
@@ -633,8 +665,14 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
         L = payload["n_layers"]
         late = [i for i, l in enumerate(o["layers"]) if 0.65 * L <= l < 0.9 * L] or list(range(len(o["layers"])))
         out = {"refusal-direction layer": payload["layer"]}
+        from .claims import refusal_flags
+        from .stats import proportion
+
         for c in rr:
             out[f"harmful refusal rate ({c})"] = rr[c]["harmful"]
+            flags = refusal_flags(payload, c)
+            if flags:  # Wilson 95% interval over the harmful test prompts
+                out[f"harmful refusal rate ({c}), 95% CI"] = proportion(flags, unit="prompts").format()
         if payload.get("induce"):
             out["harmless refusal rate (actadd)"] = payload["induce"]["refusal_rate"]["actadd"]["harmless"]
         def cells(ov: dict, key: str) -> float:  # mean over the late layers at η ≈ 0.9; None (k = 0) skipped
@@ -660,4 +698,8 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
             out["corr(harmful, harmless refusal score) over models"] = float(np.corrcoef(
                 [q["refusal_score"] for q in pts], [q["harmless_refusal_score"] for q in pts])[0, 1])
         return out
+    if kind == "linearscope_sr":  # every number with its 95% interval over test patches, and the verdict
+        return {**_estimates(payload["headline"]), "verdict": payload["verdict"]["text"]}
+    if kind == "linearscope_i2i":
+        return _estimates(payload["estimates"])
     raise ValueError(f"no headline for result kind {kind!r}; expected one of {RESULT_KINDS}")

@@ -336,7 +336,7 @@ def tree_comparison_figure(
     fig.update_xaxes(
         tickmode="array", tickvals=[float(v) for v in pos], ticktext=[_esc(t) for t in ticks],
         tickangle=-90, tickfont={"size": 10}, showticklabels=True,
-        range=x_range, showgrid=False, zeroline=False,
+        range=x_range, showgrid=False, zeroline=False, title_text="leaf (code token)",
     )
     # subplot titles at the left edge: a long tree scrolls, and a centred title would start off screen
     fig.update_annotations(x=0, xanchor="left")

@@ -438,7 +438,7 @@ class PerTokenScalingResult:
             if m is None:
                 continue
             fig = go.Figure(go.Heatmap(z=m, x=labels, y=labels, zmin=0, zmax=1, colorscale="Viridis",
-                                       colorbar={"title": "R²"},
+                                       colorbar={"title": {"text": "R² (held out)"}},
                                        text=np.round(m, 3), texttemplate="%{text}",
                                        hovertemplate="from %{y} to %{x}: R² %{z:.4f}<extra></extra>"))
             fig.update_layout(title=f"R² of ‖e_j‖ predicted from {name} per token", template="plotly_white",
@@ -656,7 +656,7 @@ class EarlierLayerResult:
         fig.add_trace(go.Bar(x=self.sets, y=[self.nonlinear_reduction[s] for s in self.sets],
                              name="nonlinear error removed"))
         fig.update_layout(barmode="group", template="plotly_white", yaxis_title="fraction",
-                          title="SAE error predicted from earlier-layer regressors")
+                          xaxis_title="regressors", title="SAE error predicted from earlier-layer regressors")
         return [fig]
 
 

@@ -952,7 +952,7 @@ class LinearScope(PairedLinearization):
 # ---------------------------------------------------------------------------
 
 
-def _heatmap(img: np.ndarray, title: str, diverging: bool = True):
+def _heatmap(img: np.ndarray, title: str, diverging: bool = True, colorbar: str = "value"):
     import plotly.graph_objects as go
 
     img = np.asarray(img, dtype=np.float64)
@@ -962,9 +962,10 @@ def _heatmap(img: np.ndarray, title: str, diverging: bool = True):
         img = img[None]
     lim = float(np.abs(img).max()) or 1.0
     kw = {"colorscale": "RdBu", "zmid": 0.0, "zmin": -lim, "zmax": lim} if diverging else {"colorscale": "Greys"}
-    fig = go.Figure(go.Heatmap(z=img, **kw))
+    fig = go.Figure(go.Heatmap(z=img, colorbar={"title": {"text": colorbar}}, **kw))
     fig.update_yaxes(autorange="reversed", scaleanchor="x")
-    fig.update_layout(title=title, template="plotly_white", width=420, height=420)
+    fig.update_layout(title=title, template="plotly_white", width=420, height=420, xaxis_title="pixel column",
+                      yaxis_title="pixel row")
     return fig
 
 
@@ -1110,10 +1111,12 @@ class LinearScopeResult:
         """
         import plotly.graph_objects as go
 
-        figs = [_heatmap(self.input, f"input (label {self.label}, predicted {self.predicted})", diverging=False)]
+        figs = [_heatmap(self.input, f"input (label {self.label}, predicted {self.predicted})", diverging=False,
+                         colorbar="pixel value")]
         votes = self.class_votes()
-        figs.append(_heatmap(votes, f"class {self.target}: row of A (votes per pixel)"))
-        figs.append(_heatmap(votes * self.input, f"class {self.target}: votes x input (sum + b = logit)"))
+        figs.append(_heatmap(votes, f"class {self.target}: row of A (votes per pixel)", colorbar="vote (logit per unit pixel)"))
+        figs.append(_heatmap(votes * self.input, f"class {self.target}: votes x input (sum + b = logit)",
+                             colorbar="contribution to the logit"))
         n = len(self.logits)
         x = [str(k) for k in range(n)]
         bar = go.Figure()
@@ -1121,12 +1124,12 @@ class LinearScopeResult:
         bar.add_trace(go.Bar(x=x, y=list(self.bias), name="b (bias part)"))
         bar.add_trace(go.Scatter(x=x, y=list(self.logits), mode="markers", name="logit", marker={"color": "black"}))
         bar.update_layout(barmode="relative", title="logit = input part + bias part, per class",
-                          xaxis_title="class", template="plotly_white")
+                          xaxis_title="class", yaxis_title="logit", template="plotly_white")
         figs.append(bar)
         figs.append(self.bias_share_figure(test_mean=test_mean_share))
         for i, s in enumerate(self.singular_values):
             figs.append(_heatmap(self.right_singular_vectors[i].reshape(self.in_shape),
-                                 f"right singular vector {i + 1} (sigma = {s:.3g})"))
+                                 f"right singular vector {i + 1} (sigma = {s:.3g})", colorbar="component"))
         return figs
 
 
@@ -1191,5 +1194,5 @@ class DatasetBiasShare:
         fig = go.Figure(go.Bar(x=x, y=self.per_class_mean_share, text=self.per_class_count))
         fig.update_layout(title=f"mean bias share b_c / y_c by predicted class (n={self.n}, "
                                 f"overall {self.mean_share_predicted:.3f})",
-                          xaxis_title="predicted class", template="plotly_white")
+                          xaxis_title="predicted class", yaxis_title="mean b_c / y_c", template="plotly_white")
         return [fig]

@@ -517,7 +517,8 @@ class TokenContributions:
 
         if view not in ("heatmap", "bars"):
             raise ValueError(f"view must be one of ['heatmap', 'bars'], not {view!r}")
-        toks = [f"{i}:{t}" for i, t in enumerate(self.tokens)]  # the position keeps repeated tokens apart
+        # the position keeps repeated tokens apart; newlines and spaces drawn visibly (⏎, ·)
+        toks = [f"{i}:{t}".replace("\n", "⏎").replace(" ", "·") for i, t in enumerate(self.tokens)]
         if view == "bars":
             fig = go.Figure([go.Bar(x=toks, y=list(self.linearscope), name="LinearScope (exact)"),
                              go.Bar(x=toks, y=list(self.grad_x_input), name="gradient × input")])
@@ -526,7 +527,8 @@ class TokenContributions:
             z = [list(self.linearscope), list(self.grad_x_input)]
             lim = float(np.nanmax(np.abs(np.asarray(z, dtype=float)), initial=0.0)) or 1.0
             fig = go.Figure(go.Heatmap(z=z, x=toks, y=["LinearScope", "gradient × input"], colorscale="RdBu",
-                                       zmin=-lim, zmax=lim, colorbar={"title": "contribution"}))
+                                       zmin=-lim, zmax=lim, colorbar={"title": {"text": "contribution to the logit"}}))
+            fig.update_layout(yaxis_title="attribution method")
         head = f"{prompt!r} → {self.target!r}" if prompt is not None else f"{self.target!r}"
         fig.update_layout(title=f"{head}: logit {self.logit:.2f} = Σ LinearScope + b ({self.bias:.2f})",
                           template="plotly_white", xaxis_title="token")

@@ -1,0 +1,273 @@
+"""The four seed papers' headline claims as data, and the rows that set each beside ours with a verdict.
+
+A :class:`Claim` holds what a paper published (metric, model, value, source; METHODS.md §1–§4) and the test
+that decides whether our number agrees with it. :func:`claim_rows` turns one result payload (the JSON a run
+writes) into :class:`ClaimRow` s: ours as an :class:`~probekit.stats.Estimate` (value, 95% bootstrap CI, n
+independent units, METHODS.md §5) and a verdict with its reason.
+
+Verdicts (one per row):
+
+- ``reproduced``: the claim's test holds on the whole 95% interval;
+- ``partly``: the point estimate agrees but the interval also admits disagreement;
+- ``not``: the interval lies wholly on the wrong side;
+- ``too few to conclude``: fewer than :data:`~probekit.stats.MIN_N` units (the number is shown, not judged);
+- ``not assessed``: the payload lacks the per-unit values a CI needs (the reason names what is missing).
+
+The tests, per claim ``kind``:
+
+- ``range`` ``(lo, hi)``: the published values across models. Reproduced when our interval overlaps
+  ``[lo, hi]`` and its point lies inside; partly when only the interval overlaps; not when it misses.
+- ``positive`` / ``negative``: a paired difference (ours − the control) with the published sign. Reproduced when
+  the interval excludes 0 on that side; partly when only the point has that sign; not otherwise.
+- ``at_least`` ``lo``: reproduced when the interval's low end reaches ``lo``; partly when its high end does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .stats import MIN_N, Estimate, bootstrap_ci, bootstrap_ratio, paired_difference, proportion
+
+__all__ = ["Claim", "ClaimRow", "CLAIMS", "VERDICTS", "verdict", "claim_rows", "finding", "refusal_flags"]
+
+VERDICTS = ("reproduced", "partly", "not", "too few to conclude", "not assessed")
+_KINDS = ("range", "positive", "negative", "at_least")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One published headline: ``metric`` measured on ``model`` gave ``published`` (text as printed).
+
+    ``kind`` and ``bounds`` say how our estimate is tested (module docstring); ``key`` names it in code.
+    """
+
+    key: str
+    paper: str
+    metric: str
+    model: str
+    published: str
+    source: str
+    kind: str
+    bounds: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"claim {self.key!r}: kind must be one of {_KINDS}, got {self.kind!r}")
+        need = {"range": 2, "at_least": 1, "positive": 0, "negative": 0}[self.kind]
+        if len(self.bounds) != need:
+            raise ValueError(f"claim {self.key!r}: kind {self.kind!r} needs {need} bound(s), got {self.bounds}")
+
+
+@dataclass
+class ClaimRow:
+    """A claim beside ours: ``estimate`` (None when not assessed), the ``verdict`` and its ``reason``."""
+
+    claim: Claim
+    model: str
+    estimate: Estimate | None
+    verdict: str
+    reason: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.claim
+        return dict(key=c.key, paper=c.paper, metric=c.metric, published_model=c.model, published=c.published,
+                    source=c.source, ours_model=self.model,
+                    ours=None if self.estimate is None else self.estimate.to_dict(),
+                    verdict=self.verdict, reason=self.reason)
+
+
+_AST = "AST-Probe (Hernández López et al., ASE 2022)"
+_SAFETY = "Safety subspaces (ICLR 2026) and the refusal direction (Arditi et al. 2024)"
+_DM = "SAE dark matter (Engels, Riggs, Tegmark, TMLR 2025)"
+_LS = "LinearScope (Navarrete Michelini et al., ICCV 2019)"
+
+#: Every headline claim the seeds report checks, by result kind (METHODS.md §1–§4).
+CLAIMS: dict[str, tuple[Claim, ...]] = {
+    "ast_probe": (
+        Claim("ast_best_f1", _AST, "best-layer constituent F1 (Python)",
+              "CodeBERT L5 / GraphCodeBERT L4 / CodeT5 L7 / CodeBERTa L4 / RoBERTa L5",
+              "0.751 / 0.755 / 0.702 / 0.668 / 0.684", "METHODS.md §1, 4k test snippets", "range", (0.668, 0.755)),
+        Claim("ast_vs_layer0", _AST, "best layer − layer 0 (embeddings), F1", "CodeBERT",
+              "0.751 − 0.357 = +0.394", "METHODS.md §1 (controls)", "positive"),
+        Claim("ast_vs_random_init", _AST, "best layer − random-init model at that layer, F1", "CodeBERT",
+              "0.751 − 0.371 = +0.380", "METHODS.md §1 (controls)", "positive"),
+    ),
+    "safety_activation": (
+        Claim("refusal_base", _SAFETY, "refusal rate on harmful prompts, no intervention", "chat models",
+              "high (the model refuses)", "METHODS.md §2", "at_least", (0.5,)),
+        Claim("ablation_vs_random", _SAFETY, "refusal rate: ablated direction − random direction (harmful prompts)",
+              "chat models (Arditi et al.)", "large drop (< 0)", "METHODS.md §2 (refusal direction)", "negative"),
+    ),
+    "dark_matter": (
+        Claim("dm_norm_r2", _DM, "R²(‖e‖ | x): the error norm is linearly predictable", "Gemma 2 / Llama 3.1 SAEs",
+              "> 0.9", "METHODS.md §3", "at_least", (0.9,)),
+        Claim("dm_vector_r2", _DM, "share of the error vector linearly predictable, 1 − Σ‖nonlinear‖²/Σ‖e‖²",
+              "Gemma 2 / Llama 3.1 SAEs", "about 0.5", "METHODS.md §3", "range", (0.4, 0.6)),
+    ),
+    "linearscope_digits": (
+        Claim("ls_bias_share", _LS, "bias share b_c / y_c of the predicted logit (test images)",
+              "image classifiers", "classifiers lean heavily on biases (large share)", "METHODS.md §4",
+              "at_least", (0.5,)),
+    ),
+}
+
+
+def verdict(claim: Claim, est: Estimate | None, *, missing: str = "") -> tuple[str, str]:
+    """(verdict, reason) of ``est`` against ``claim`` (module docstring for the rules)."""
+    if est is None:
+        return "not assessed", missing or "the result holds no per-unit values to build a CI from"
+    if est.too_small:
+        return "too few to conclude", f"n = {est.n} {est.unit} < {est.min_n}; the number is shown, not judged"
+    ci = f"95% CI [{est.low:.3f}, {est.high:.3f}]"
+    if claim.kind == "range":
+        lo, hi = claim.bounds
+        if lo <= est.value <= hi and est.high >= lo and est.low <= hi:
+            return "reproduced", f"{est.value:.3f} lies in the published range [{lo}, {hi}]"
+        if est.high >= lo and est.low <= hi:
+            return "partly", f"{ci} overlaps the published range [{lo}, {hi}] but {est.value:.3f} lies outside"
+        side = "below" if est.high < lo else "above"
+        return "not", f"{ci} lies wholly {side} the published range [{lo}, {hi}]"
+    if claim.kind in ("positive", "negative"):
+        sign = 1 if claim.kind == "positive" else -1
+        word = "above" if sign > 0 else "below"
+        if (est.low > 0) if sign > 0 else (est.high < 0):
+            return "reproduced", f"{ci} lies wholly {word} 0"
+        if sign * est.value > 0:
+            return "partly", f"the difference {est.value:+.3f} has the published sign but {ci} includes 0"
+        return "not", f"the difference {est.value:+.3f} does not have the published sign ({ci})"
+    (lo,) = claim.bounds
+    if est.low >= lo:
+        return "reproduced", f"{ci} lies at or above {lo}"
+    if est.high >= lo:
+        return "partly", f"{ci} straddles {lo}"
+    return "not", f"{ci} lies wholly below {lo}"
+
+
+def _row(claim: Claim, model: str, est: Estimate | None, missing: str = "") -> ClaimRow:
+    v, why = verdict(claim, est, missing=missing)
+    return ClaimRow(claim, model, est, v, why)
+
+
+def _ast_rows(p: dict) -> list[ClaimRow]:
+    c = {cl.key: cl for cl in CLAIMS["ast_probe"]}
+    model = str(p.get("model", "?"))
+    per = (p.get("per_snippet_f1") or {})
+    trained, rnd = per.get("trained"), per.get("random_init")
+    layers = p["result"]["layers"]
+    best = p.get("best_layer_by_validation", layers[int(np.nanargmax(p["result"]["f1"]))])
+    bi = layers.index(best)
+    missing = "the payload has no per_snippet_f1 (rerun ast-probe with this version)"
+    unit = "test snippets"
+    if not trained:
+        return [_row(c[k], model, None, missing) for k in ("ast_best_f1", "ast_vs_layer0", "ast_vs_random_init")]
+    rows = [_row(c["ast_best_f1"], f"{model}, layer {best} (chosen on validation)",
+                 bootstrap_ci(trained[bi], unit=unit)),
+            _row(c["ast_vs_layer0"], f"{model}, layer {best} − layer 0",
+                 paired_difference(trained[bi], trained[0], unit=unit))]
+    if rnd:
+        rows.append(_row(c["ast_vs_random_init"], f"{model} − random-init copy, layer {best}",
+                         paired_difference(trained[bi], rnd[bi], unit=unit)))
+    else:
+        rows.append(_row(c["ast_vs_random_init"], model, None, "the random-init control was not run "
+                         "(random_control: false)"))
+    return rows
+
+
+def refusal_flags(p: dict, condition: str) -> list[float] | None:
+    """Per harmful test prompt, 1.0 when its completion under ``condition`` opens with a refusal phrase."""
+    from .probes.safety import refusal_phrase_match
+
+    comp = ((p.get("refusal") or {}).get("completions") or {}).get(condition, {}).get("harmful")
+    if not comp:
+        return None
+    kw = {}
+    prefix = ((p.get("refusal") or {}).get("config") or {}).get("prefix_chars")
+    if prefix is not None:
+        kw["prefix_chars"] = prefix
+    return [float(h) for h in refusal_phrase_match(comp, **kw)]
+
+
+def _safety_rows(p: dict) -> list[ClaimRow]:
+    c = {cl.key: cl for cl in CLAIMS["safety_activation"]}
+    model = str(p.get("model", "?"))
+    base = refusal_flags(p, "baseline")
+    abl, rnd = refusal_flags(p, "ablation"), refusal_flags(p, "random_ablation")
+    rows = [_row(c["refusal_base"], model, proportion(base, unit="harmful prompts") if base else None,
+                 "no completions under condition 'baseline'")]
+    if abl and rnd:
+        rows.append(_row(c["ablation_vs_random"], f"{model}, layer {p.get('layer')} direction",
+                         paired_difference(abl, rnd, unit="harmful prompts")))
+    else:
+        rows.append(_row(c["ablation_vs_random"], model, None,
+                         "conditions 'ablation' and 'random_ablation' were not both run"))
+    return rows
+
+
+def _r2_from_sums(rows: np.ndarray) -> float:
+    """R² from per-document columns [Σ(y − ŷ)², Σy, Σy², n] pooled over the rows."""
+    sse, sy, syy, n = rows.sum(axis=0)
+    sst = syy - sy * sy / n
+    return float(1 - sse / sst) if sst > 0 else float("nan")
+
+
+def _dark_matter_rows(p: dict) -> list[ClaimRow]:
+    c = {cl.key: cl for cl in CLAIMS["dark_matter"]}
+    model = str(p.get("model", "?"))
+    per = p.get("per_document")
+    if not per:
+        w = list(p["decomposition"])[-1]
+        why = "the payload has no per_document sums (rerun dark-matter with this version)"
+        return [_row(c[k], f"{model}, widest SAE ({w})", None, why) for k in ("dm_norm_r2", "dm_vector_r2")]
+    where = f"{model}, widest SAE ({per['width']} latents), held-out documents"
+    unit = "documents"
+    # R² of ‖e‖ from x with documents resampled whole (the fitted map stays fixed: the CI covers the evaluation
+    # sample, not the fit); the point equals the run's pooled r2_error_norm
+    cols = np.column_stack([per["norm_sse"], per["norm"], per["norm_sq"], per["n_tokens"]]).astype(np.float64)
+    norm = bootstrap_ci(cols, _r2_from_sums, unit=unit)
+    # share of ‖e‖² not in the nonlinear error, 1 − Σ‖nl‖²/Σ‖e‖² (uncentred: per-document mean vectors are not
+    # stored; the run's r2_error_vector is the centred form)
+    rat = bootstrap_ratio(per["nonlinear_sq"], per["norm_sq"], unit=unit)
+    vec = Estimate(1 - rat.value, 1 - rat.high, 1 - rat.low, rat.n, unit, rat.level, rat.method + ", 1 − ratio",
+                   rat.min_n)
+    return [_row(c["dm_norm_r2"], where, norm), _row(c["dm_vector_r2"], where, vec)]
+
+
+def _linearscope_rows(p: dict) -> list[ClaimRow]:
+    (cl,) = CLAIMS["linearscope_digits"]
+    t = p["test_set"]
+    per = p.get("per_image_share_predicted")
+    if per:
+        return [_row(cl, "digits CNN (probekit)", bootstrap_ci(per, unit="test images"))]
+    row = _row(cl, "digits CNN (probekit)", None,
+               f"point value {t['mean_share_predicted']:.3f} over {t['n']} images only: per-image shares are not "
+               "stored, so no CI")
+    row.extra["point"] = float(t["mean_share_predicted"])
+    return [row]
+
+
+_ROWS = {"ast_probe": _ast_rows, "safety_activation": _safety_rows, "dark_matter": _dark_matter_rows,
+         "linearscope_digits": _linearscope_rows}
+
+
+def claim_rows(payload: dict[str, Any]) -> list[ClaimRow]:
+    """The claim rows of one result payload; [] for a kind no seed paper makes a headline claim about."""
+    fn = _ROWS.get(payload.get("kind"))
+    return fn(payload) if fn else []
+
+
+def finding(rows: list[ClaimRow]) -> str:
+    """One sentence stating the first assessed claim's outcome with its n and CI (or why none is stated)."""
+    for r in rows:
+        if r.estimate is not None:
+            e = r.estimate
+            head = f"{r.claim.metric}: {e.value:.3f} (95% CI {e.low:.3f} to {e.high:.3f}, n = {e.n} {e.unit})"
+            if e.too_small:
+                return f"{head}; below {MIN_N} {e.unit} the sample is too small to conclude."
+            return f"{head} on {r.model}; {r.verdict} ({r.reason})."
+    if rows:
+        return f"No claim could be assessed with a CI: {rows[0].reason}."
+    return "No seed-paper claim applies to this result."
