@@ -13,8 +13,11 @@ import json
 
 from dash import Input, Output, State, dcc, html, no_update
 
+from probekit.cache import CacheError
+
 from .. import data, viewdata
 from ..components import EMPTY_FIGURE, card, error, graph, info, options
+from ..security import UnsafePathError, check_run_id
 from ..tokenspans import visible
 from ..urlstate import encode_query
 from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, run_forward_job
@@ -78,9 +81,9 @@ def heatmap_view(fid, layer, head) -> tuple[dict, object, object]:
 
 def layer_head_choices(fid: str | None, layer, head):
     try:
-        inf, arrays = viewdata.load_forward(fid) if fid else ({}, {})
-    except Exception:
-        inf, arrays = {}, {}
+        arrays = viewdata.load_forward(fid)[1] if fid else {}
+    except Exception:  # a missing or hostile forward id offers no choices
+        arrays = {}
     n_layers = sum(1 for k in arrays if k.startswith("attn."))
     n_heads = int(arrays["attn.0"].shape[0]) if "attn.0" in arrays else 0
     layer = layer if isinstance(layer, int) and 0 <= layer < n_layers else (0 if n_layers else None)
@@ -140,7 +143,10 @@ def register(app) -> None:
     @app.callback(Output("attn-doc", "options"), Output("attn-doc", "value"), Input("attn-run", "value"),
                   State("attn-doc", "value"), prevent_initial_call=True)
     def _docs(run, doc):
-        docs = data.run_documents(run) if run else []
+        try:
+            docs = data.run_documents(check_run_id(run)) if run else []
+        except (UnsafePathError, ValueError, CacheError):  # a hostile or vanished run id lists nothing
+            docs = []
         return options(docs[:2000]), doc if doc in docs else (docs[0] if docs else None)
 
     @app.callback(Output("attn-layer", "options"), Output("attn-layer", "value"), Output("attn-head", "options"),

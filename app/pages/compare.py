@@ -29,7 +29,7 @@ def _load(kind: str, rid: str | None):
 
 def compare_view(kind: str | None, a: str | None, b: str | None) -> tuple[dict, object, object]:
     """Overlay figure, headline table, message."""
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         return EMPTY_FIGURE, None, info("Choose a probe.")
     if not a or not b:
         return EMPTY_FIGURE, None, info("Choose two result sets (A and B).")
@@ -64,7 +64,7 @@ def compare_view(kind: str | None, a: str | None, b: str | None) -> tuple[dict, 
 
 
 def layout(params: dict) -> html.Div:
-    kind = params.get("kind") if params.get("kind") in KINDS else "demo"
+    kind = params.get("kind") if isinstance(params.get("kind"), str) and params.get("kind") in KINDS else "demo"
     ids = data.list_results(kind)
     a = params.get("a") if params.get("a") in ids else (ids[0] if ids else None)
     b = params.get("b") if params.get("b") in ids else (ids[1] if len(ids) > 1 else a)
@@ -86,7 +86,7 @@ def register(app) -> None:
     @app.callback(Output("cmp-a", "options"), Output("cmp-b", "options"), Input("cmp-kind", "value"),
                   prevent_initial_call=True)
     def _ids(kind):
-        o = options(data.list_results(kind)) if kind in KINDS else []
+        o = options(data.list_results(kind)) if isinstance(kind, str) and kind in KINDS else []
         return o, o
 
     app.callback(Output("cmp-fig", "figure"), Output("cmp-head", "children"), Output("cmp-msg", "children"),
