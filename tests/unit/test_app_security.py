@@ -318,7 +318,7 @@ def test_no_callback_fails_on_hostile_values(dash_app, client, cache):
                 r = post(client, payload(dash_app, key, {f"{d['id']}.{d['property']}": bad}))
                 if r.status_code not in (200, 204):
                     failures.append((key[:60], d["id"], repr(bad)[:30], r.status_code))
-    assert failures == []
+    assert failures == [], "\n".join(map(str, failures))
     assert tree(cache["root"]) == before
 
 
