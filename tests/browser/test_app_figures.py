@@ -103,7 +103,7 @@ def test_every_figure_is_readable(browser, server, path, width):
             clashes = [(a[0], b[0]) for i, a in enumerate(labels) for b in labels[i + 1:] if _overlap(a, b)]
             if clashes:
                 problems.append(f"ast-tree-fig: {len(clashes)} overlapping label pairs, e.g. {clashes[:5]}")
+        assert errors == []  # first: a refused style or script also explains a broken layout
         assert not problems, "\n".join(problems)
-        assert errors == []
     finally:
         ctx.close()
