@@ -246,6 +246,19 @@ def test_no_callback_fails_on_hostile_values(dash_app, client, app_cache):
     assert tree(app_cache["root"]) == before
 
 
+def test_hook_picker_still_adds_the_picked_hook(dash_app, client):
+    """The picker's checks refuse hostile values only: a picked hook name is appended once, the picker cleared."""
+    import json
+
+    key = callback_key(dash_app.callback_map, "capture-hook-pick.value..")
+    for have, want in [("blocks.0.hook_resid_post", "blocks.0.hook_resid_post blocks.1.hook_mlp_out"),
+                       ("blocks.1.hook_mlp_out,", "blocks.1.hook_mlp_out"), (None, "blocks.1.hook_mlp_out")]:
+        r = post(client, payload(dash_app, key, {"capture-hook-pick.value": "blocks.1.hook_mlp_out",
+                                                 "capture-hooks.value": have}))
+        assert r.status_code == 200
+        assert json.loads(r.data)["response"] == {"capture-hooks": {"value": want}, "capture-hook-pick": {"value": None}}
+
+
 @pytest.mark.parametrize("bad", HOSTILE)
 def test_pattern_callbacks_refuse_hostile_ids(dash_app, client, app_cache, bad):
     import json
