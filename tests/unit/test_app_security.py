@@ -256,7 +256,8 @@ def test_hook_picker_still_adds_the_picked_hook(dash_app, client):
         r = post(client, payload(dash_app, key, {"capture-hook-pick.value": "blocks.1.hook_mlp_out",
                                                  "capture-hooks.value": have}))
         assert r.status_code == 200
-        assert json.loads(r.data)["response"] == {"capture-hooks": {"value": want}, "capture-hook-pick": {"value": None}}
+        answer = json.loads(r.data)["response"]
+        assert answer == {"capture-hooks": {"value": want}, "capture-hook-pick": {"value": None}}
 
 
 @pytest.mark.parametrize("bad", HOSTILE)
