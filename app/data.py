@@ -573,7 +573,7 @@ def model_choices(root: Path | None = None) -> list[dict]:
 def model_folder(model: str, root: Path | None = None) -> Path:
     """The folder of a capture-page model value (a registry name or ``models/<folder>``), inside the root."""
     root = root or get_root()
-    m = re.fullmatch(r"models/(.+)", model or "")
+    m = re.fullmatch(r"models/(.+)", model) if isinstance(model, str) else None  # else check_name refuses it
     return safe_path(root, "models", check_name(m.group(1) if m else model, "model"))
 
 

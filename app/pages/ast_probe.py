@@ -10,7 +10,7 @@ from probekit.probes.ast_figures import f1_vs_k_figure, per_label_recall_figure,
 
 from .. import data
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
-from ..security import UnsafePathError, check_index, choice_or
+from ..security import UnsafePathError, check_index, choice_or, text_or_none
 from ..urlstate import PageState
 
 PATH = "/ast-probe"
@@ -141,6 +141,7 @@ def tree_view(model: str | None, snippet: int | None, layer: str | None = None) 
         return EMPTY_FIGURE, missing("per-snippet trees in this result", rerun_command(p, model or data.DEFAULT_MODEL), note)
     try:
         i = check_index(0 if snippet is None else snippet, "snippet")
+        layer = text_or_none(layer, "the layer")  # a dict would fail the lookup in pred_by_layer below
     except ValueError as e:
         return EMPTY_FIGURE, error(str(e))
     if not 0 <= i < len(snippets):

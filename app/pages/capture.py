@@ -10,7 +10,7 @@ from dash import Input, Output, State, dcc, html, no_update
 from .. import data
 from ..components import card, error, info, options
 from ..jobs import DOC_SEPARATOR, build_spec, parse_hooks, progress_percent, run_capture_job
-from ..security import UnsafePathError
+from ..security import UnsafePathError, check_hook, text_or_none
 from ..urlstate import PageState
 
 PATH = "/capture"
@@ -56,8 +56,9 @@ def check_hooks(model: str | None, hooks: str | None) -> list[str]:
 
 
 def hook_options(model: str | None) -> list[dict]:
-    """The hook picker's options: the model's hook names in layer order (none without a ready model)."""
-    if not model:
+    """The hook picker's options: the model's hook names in layer order (none without a ready model, or for a
+    value that is no model name)."""
+    if not model or not isinstance(model, str):
         return []
     try:
         return options(data.model_hook_names(model))
@@ -192,6 +193,10 @@ def register(app) -> None:
     @app.callback(Output("capture-hooks", "value", allow_duplicate=True), Output("capture-hook-pick", "value"),
                   Input("capture-hook-pick", "value"), State("capture-hooks", "value"), prevent_initial_call=True)
     def _pick(hook, hooks):
+        try:  # a picked value is one hook name; a hostile one (a list, a dict, 'a b') changes nothing
+            hook, hooks = check_hook(hook) if hook else None, text_or_none(hooks, "hooks")
+        except ValueError:
+            return no_update, no_update
         if not hook:
             return no_update, no_update
         have = (hooks or "").replace(",", " ").split()

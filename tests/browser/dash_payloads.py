@@ -33,6 +33,14 @@ def payload(callbacks, key: str, values: dict | None = None, changed: str | None
             "changedPropIds": [changed or f"{first['id']}.{first['property']}"]}
 
 
+def post(client, body: dict, **headers):
+    """POST ``body`` to the callback endpoint through a Flask test ``client``, as the renderer does."""
+    import json
+
+    return client.post("/_dash-update-component", data=json.dumps(body), content_type="application/json",
+                       headers=headers)
+
+
 def job_bodies(callbacks, run_id: str) -> dict[str, dict]:
     """A valid request to each state-changing callback: delete ``run_id``, start a capture, score a prompt."""
     return {

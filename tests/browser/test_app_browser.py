@@ -223,14 +223,19 @@ def test_capture_cancel(page, server):
     _settle(page)
     page.click("#capture-model")
     page.click("text=models/tiny-llama (local folder)")
-    page.fill("#capture-n", "400")
+    page.fill("#capture-n", "2000")  # the most the form takes: the job cannot end before the cancel lands
     page.fill("#capture-hooks", "blocks.1.hook_resid_post")
     page.press("#capture-hooks", "Enter")
     page.click("#capture-start")
     page.wait_for_selector("#capture-cancel:not([disabled])")
+    # The renderer learns the job's id from the server's first answer and sends it with the cancel; the cancel
+    # button is enabled before that answer, and on a busy machine a click then would cancel nothing. A progress
+    # label comes from polling the job, so the id is known once it shows.
+    page.wait_for_selector("#capture-bar-label:has-text('Step')")
     page.click("#capture-cancel")
     page.wait_for_selector("text=Capture cancelled")
-    page.wait_for_selector("#capture-start:not([disabled])")
+    page.wait_for_selector("#capture-start:not([disabled])", timeout=60_000)  # the killed job's last poll
+    assert page.locator("#capture-done").count() == 0  # the job was stopped, not finished
     assert page.errors == []
 
 

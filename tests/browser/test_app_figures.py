@@ -2,8 +2,9 @@
 
 For each figure of each page: the plot area (the union of the subplots' drag rectangles, ``.nsewdrag``) is at
 least 250 px high and at least 60 % of the figure's height, the legend lies inside the figure, cartesian figures
-title an x and a y axis, heat maps title their colour bar, and no two text labels of the AST tree overlap.
-Screenshots of every page at both widths go to ``artifacts/``.
+title an x and a y axis, heat maps title their colour bar, and no two text labels of the AST tree overlap. The
+pages run under the app's Content-Security-Policy: a refused script, style or image would show as a console error,
+and there is none. Screenshots of every page at both widths go to ``artifacts/``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def test_every_figure_is_readable(browser, server, path, width):
     ctx = browser.new_context(viewport={"width": width, "height": 1000})
     page = ctx.new_page()
     page.set_default_timeout(60_000)
+    errors = []  # console errors (CSP refusals among them) and uncaught page errors
+    page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
     try:
         page.goto(server + path)
         page.wait_for_selector("#page > *")
@@ -99,6 +103,7 @@ def test_every_figure_is_readable(browser, server, path, width):
             clashes = [(a[0], b[0]) for i, a in enumerate(labels) for b in labels[i + 1:] if _overlap(a, b)]
             if clashes:
                 problems.append(f"ast-tree-fig: {len(clashes)} overlapping label pairs, e.g. {clashes[:5]}")
+        assert errors == []  # first: a refused style or script also explains a broken layout
         assert not problems, "\n".join(problems)
     finally:
         ctx.close()

@@ -1,13 +1,14 @@
 """The app's gates: safe_path and id checks ('..', absolute paths and symlinks out of the root are refused), the
-Host/Origin check of every request and the security headers, and hostile callback values (the app's bad-input
-catalogue, BAD_INPUTS) answered with a message instead of a 500, leaving the cache as it was."""
+Host/Origin check of every request and the security headers, and hostile callback values answered with a message
+or no update instead of a 500, leaving the cache as it was (the catalogue of single bad values and the message each
+gets, CLI and app alike, is ``tests/unit/test_bad_inputs.py``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from app.security import UnsafePathError, check_hook, check_name, check_run_id, safe_path
-from tests.browser.dash_payloads import callback_key, job_bodies, tree
+from tests.browser.dash_payloads import callback_key, job_bodies, post, tree
 from tests.browser.dash_payloads import payload as _payload
 
 
@@ -121,39 +122,6 @@ HOSTILE = [["a", "b"], {"x": 1}, {"nested": [1, {"y": None}]}, "x" * 5000, float
            "../../etc/passwd", 1.5, ""]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from app import data
-    from tests.browser.fixture_cache import populate
-
-    root = tmp_path_factory.mktemp("app-security")
-    info = populate(root, tiny_model=True, safety=True)
-    yield dict(root=root, **info)
-    data.clear_caches()
-
-
-@pytest.fixture(scope="module")
-def dash_app(cache, tmp_path_factory):
-    from app import create_app
-
-    return create_app(cache["root"], jobs_dir=tmp_path_factory.mktemp("app-security-jobs"))
-
-
-@pytest.fixture
-def client(dash_app, cache):
-    from app import data
-
-    data.set_root(cache["root"])
-    return dash_app.server.test_client()
-
-
-def post(client, body: dict, **headers):
-    import json
-
-    return client.post("/_dash-update-component", data=json.dumps(body), content_type="application/json",
-                       headers=headers)
-
-
 def delete_body(app, run_id: str) -> dict:
     return job_bodies(app.callback_map, run_id)["delete"]
 
@@ -171,14 +139,14 @@ FOREIGN = [  # (headers, what the refusal names)
 
 @pytest.mark.parametrize("headers,named", FOREIGN)
 @pytest.mark.parametrize("job", ["delete", "capture", "safety"])
-def test_cross_origin_state_changes_are_refused(dash_app, client, cache, job, headers, named):
-    body = job_bodies(dash_app.callback_map, cache["run_id"])[job]
-    before = tree(cache["root"])
+def test_cross_origin_state_changes_are_refused(dash_app, client, app_cache, job, headers, named):
+    body = job_bodies(dash_app.callback_map, app_cache["run_id"])[job]
+    before = tree(app_cache["root"])
     r = post(client, body, **headers)
     assert r.status_code == 403, r.data[:300]
     assert named.encode() in r.data and b"refused" in r.data
-    assert tree(cache["root"]) == before
-    assert (cache["root"] / "runs" / cache["run_id"]).is_dir()
+    assert tree(app_cache["root"]) == before
+    assert (app_cache["root"] / "runs" / app_cache["run_id"]).is_dir()
 
 
 def test_foreign_host_refused_for_reads_too(client):
@@ -190,10 +158,10 @@ def test_foreign_host_refused_for_reads_too(client):
         assert client.get("/", headers={"Host": host}).status_code == 200
 
 
-def test_same_origin_delete_still_works(dash_app, client, cache):
+def test_same_origin_delete_still_works(dash_app, client, app_cache):
     from tests.browser.fixture_cache import write_run
 
-    extra = write_run(cache["root"], seed=7)
+    extra = write_run(app_cache["root"], seed=7)
     for headers in ({"Origin": "http://localhost"}, {"Referer": "http://localhost/"}, {}):
         r = post(client, delete_body(dash_app, "f" * 24), **headers)  # no such run: a message, not a refusal
         assert r.status_code == 200 and b"Not deleted" in r.data
@@ -224,7 +192,7 @@ def test_allowed_hosts_follow_the_bound_address():
     assert refuse("10.0.0.2:8050", bind="10.0.0.2") is None and "Host" in refuse("10.0.0.3:8050", bind="10.0.0.2")
 
 
-def test_security_headers_on_every_response(client, dash_app, cache):
+def test_security_headers_on_every_response(client, dash_app, app_cache):
     import hashlib
     import re
     import base64
@@ -248,7 +216,7 @@ def test_security_headers_on_every_response(client, dash_app, cache):
     assert hashes and hashes <= set(directives["script-src"])
 
 
-def test_result_pages_are_sandboxed(client, cache):
+def test_result_pages_are_sandboxed(client, app_cache):
     """A result page (its own inline plotly scripts) runs in a sandbox: an opaque origin that cannot call the app."""
     r = client.get("/files/results/demo/smollm2-135m/layer_probes.html")
     assert r.status_code == 200
@@ -257,58 +225,14 @@ def test_result_pages_are_sandboxed(client, cache):
 
 
 # --------------------------------------------------------------------------------------------- hostile values
-# The bad-input catalogue of the app: (callback, values posted, a fragment the answer must hold). Each answer is a
-# 200 with that message (or the page's default view), never a 500, and the cache is unchanged afterwards.
-
-BAD_INPUTS = [
-    ("ls-rows-fig.figure", {"ls-digit.value": "seven"}, "not a digit index"),
-    ("ls-rows-fig.figure", {"ls-digit.value": {"x": 1}}, "not a digit index"),
-    ("ls-rows-fig.figure", {"ls-digit.value": float("inf")}, "not a digit index"),
-    ("ls-rows-fig.figure", {"ls-digit.value": -1}, "not a digit index"),
-    ("ls-rows-fig.figure", {"ls-digit.value": 10**300}, "not a digit index"),
-    ("ls-rows-fig.figure", {"ls-digit.value": True}, "not a digit index"),
-    ("ast-tree-fig.figure", {"ast-model.value": "smollm2-135m", "ast-snippet.value": float("inf")}, "not a snippet"),
-    ("ast-tree-fig.figure", {"ast-model.value": "smollm2-135m", "ast-snippet.value": [0]}, "not a snippet"),
-    ("layers-tokens.children", {"layers-run.value": "RUN", "layers-hook.value": "blocks.0.hook_resid_post",
-                                "layers-doc.value": float("inf")}, "not a document"),
-    ("capture-error.children", {"capture-model.value": ["models/tiny-llama"]}, "Choose a model"),
-    ("capture-error.children", {"capture-model.value": {"models/tiny-llama": 1}}, "Choose a model"),
-    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-hooks.value": ["a"],
-                                "capture-dataset.value": "stdlib", "capture-n.value": 3}, "hook names"),
-    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-dataset.value": "stdlib",
-                                "capture-hooks.value": "blocks.0.hook_resid_post", "capture-n.value": [3]},
-     "number of functions"),
-    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-dataset.value": "stdlib",
-                                "capture-hooks.value": "blocks.0.hook_resid_post", "capture-n.value": float("inf")},
-     "number of functions"),
-    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-dataset.value": "texts",
-                                "capture-hooks.value": "blocks.0.hook_resid_post", "capture-texts.value": 5},
-     "documents"),
-    ("capture-error.children", {"capture-model.value": "models/tiny-llama", "capture-dataset.value": ["texts"],
-                                "capture-hooks.value": "blocks.0.hook_resid_post"}, "Choose a dataset"),
-    ("safety-heatmap-fig.figure", {"safety-model.value": "tiny-llama", "safety-pair.value": ["x"],
-                                   "safety-heat.value": {"a": 1}, "safety-refusal.value": [1],
-                                   "safety-eta.value": [0.9]}, "heatmap"),
-    ("safety-curves-fig.figure", {"safety-model.value": "tiny-llama", "safety-metric.value": ["x"]}, "scatter"),
-    ("safety-headline.children", {"safety-model.value": ["tiny-llama"]}, "result id"),
-    ("safety-eta.options", {"safety-model.value": {"a": 1}}, '"response"'),
-]
+# The app's rows of the bad-input catalogue (one value, one expected message) are in test_bad_inputs.py; here every
+# callback gets every hostile value.
 
 
-@pytest.mark.parametrize("fragment,values,expected", BAD_INPUTS, ids=[f"{i}-{r[0]}" for i, r in enumerate(BAD_INPUTS)])
-def test_bad_callback_values_get_a_clean_message(dash_app, client, cache, fragment, values, expected):
-    values = {k: cache["run_id"] if v == "RUN" else v for k, v in values.items()}
-    before = tree(cache["root"])
-    r = post(client, payload(dash_app, callback_key(dash_app.callback_map, fragment), values))
-    assert r.status_code == 200, r.data[-500:]
-    assert expected in r.data.decode(), r.data[:1500]
-    assert tree(cache["root"]) == before
-
-
-def test_no_callback_fails_on_hostile_values(dash_app, client, cache):
+def test_no_callback_fails_on_hostile_values(dash_app, client, app_cache):
     """Every callback (background jobs aside: they validate through build_spec / prompt_spec, tested below) with
     each hostile value in each input: a 200 or a 204 (no update), never a 500 from the page code."""
-    before = tree(cache["root"])
+    before = tree(app_cache["root"])
     failures = []
     for key, cb in list(dash_app.callback_map.items()):
         if cb.get("background") or "MATCH" in key or "ALL" in str(cb["inputs"]):
@@ -318,15 +242,29 @@ def test_no_callback_fails_on_hostile_values(dash_app, client, cache):
                 r = post(client, payload(dash_app, key, {f"{d['id']}.{d['property']}": bad}))
                 if r.status_code not in (200, 204):
                     failures.append((key[:60], d["id"], repr(bad)[:30], r.status_code))
-    assert failures == []
-    assert tree(cache["root"]) == before
+    assert failures == [], "\n".join(map(str, failures))
+    assert tree(app_cache["root"]) == before
+
+
+def test_hook_picker_still_adds_the_picked_hook(dash_app, client):
+    """The picker's checks refuse hostile values only: a picked hook name is appended once, the picker cleared."""
+    import json
+
+    key = callback_key(dash_app.callback_map, "capture-hook-pick.value..")
+    for have, want in [("blocks.0.hook_resid_post", "blocks.0.hook_resid_post blocks.1.hook_mlp_out"),
+                       ("blocks.1.hook_mlp_out,", "blocks.1.hook_mlp_out"), (None, "blocks.1.hook_mlp_out")]:
+        r = post(client, payload(dash_app, key, {"capture-hook-pick.value": "blocks.1.hook_mlp_out",
+                                                 "capture-hooks.value": have}))
+        assert r.status_code == 200
+        answer = json.loads(r.data)["response"]
+        assert answer == {"capture-hooks": {"value": want}, "capture-hook-pick": {"value": None}}
 
 
 @pytest.mark.parametrize("bad", HOSTILE)
-def test_pattern_callbacks_refuse_hostile_ids(dash_app, client, cache, bad):
+def test_pattern_callbacks_refuse_hostile_ids(dash_app, client, app_cache, bad):
     import json
 
-    before = tree(cache["root"])
+    before = tree(app_cache["root"])
     ask = payload(dash_app, callback_key(dash_app.callback_map, "home-confirm.displayed"))
     ask["inputs"] = [[{"id": {"type": "delete-run", "run": bad}, "property": "n_clicks", "value": 1}]]
     ask["changedPropIds"] = [json.dumps({"run": bad, "type": "delete-run"}, sort_keys=True) + ".n_clicks"]
@@ -338,7 +276,7 @@ def test_pattern_callbacks_refuse_hostile_ids(dash_app, client, cache, bad):
             "changedPropIds": [json.dumps({"run": bad, "type": "verify-run"}, sort_keys=True) + ".n_clicks"]}
     r = post(client, body)
     assert r.status_code in (200, 204), r.data[-300:]
-    assert tree(cache["root"]) == before
+    assert tree(app_cache["root"]) == before
 
 
 @pytest.mark.parametrize("bad", [dict(max_length=[8]), dict(max_length=float("inf")), dict(max_length="x"),
@@ -347,23 +285,23 @@ def test_pattern_callbacks_refuse_hostile_ids(dash_app, client, cache, bad):
                                  dict(positions=["all"]), dict(dtype={"float32": 1}), dict(hooks=["a"]),
                                  dict(hooks={"a": 1}), dict(texts=[1], dataset="texts"), dict(model=["x"]),
                                  dict(model={"x": 1}), dict(model=5), dict(dataset=["stdlib"])])
-def test_capture_spec_refuses_non_string_values(cache, bad):
+def test_capture_spec_refuses_non_string_values(app_cache, bad):
     from app.jobs import build_spec
 
     args = dict(model="models/tiny-llama", hooks="blocks.0.hook_resid_post", dataset="stdlib", n_functions=5,
                 texts=None) | bad
     with pytest.raises(ValueError):
-        build_spec(cache["root"], **args)
+        build_spec(app_cache["root"], **args)
 
 
 @pytest.mark.parametrize("bad", [dict(prompt=["hi"]), dict(prompt={"a": 1}), dict(layer=[0]), dict(layer=float("inf")),
                                  dict(layer=True), dict(layer=0.5), dict(result_id=["tiny-llama"]),
                                  dict(result_id={"a": 1})])
-def test_safety_prompt_spec_refuses_non_string_values(cache, bad):
+def test_safety_prompt_spec_refuses_non_string_values(app_cache, bad):
     from app import data
     from app.pages import safety
 
-    data.set_root(cache["root"])
+    data.set_root(app_cache["root"])
     args = dict(result_id="tiny-llama", prompt="hi", layer=0) | bad
     with pytest.raises(ValueError):
         safety.prompt_spec(**args)
@@ -371,11 +309,11 @@ def test_safety_prompt_spec_refuses_non_string_values(cache, bad):
 
 
 @pytest.mark.parametrize("rel", ["a" * 300 + ".json", "x/" + "b" * 5000 + ".html", ("c" * 250 + "/") * 20 + "d.json"])
-def test_over_long_result_names_are_refused_cleanly(client, cache, rel):
-    before = tree(cache["root"])
+def test_over_long_result_names_are_refused_cleanly(client, app_cache, rel):
+    before = tree(app_cache["root"])
     r = client.get(f"/files/results/{rel}")
     assert r.status_code in (404, 400) and b"Traceback" not in r.data
-    assert tree(cache["root"]) == before
+    assert tree(app_cache["root"]) == before
 
 
 @pytest.mark.parametrize("body,named", [
@@ -389,11 +327,11 @@ def test_over_long_result_names_are_refused_cleanly(client, cache, rel):
     ({"output": "page.children", "outputs": 5, "inputs": [{"id": "url", "property": "pathname"}],
       "state": [{"id": "url", "property": "search"}]}, "outputs"),
 ])
-def test_malformed_callback_requests_get_a_400(client, cache, body, named):
+def test_malformed_callback_requests_get_a_400(client, app_cache, body, named):
     """A body the renderer never sends is refused before Dash reads it (Dash itself fails on it with a 500)."""
     import json
 
-    before = tree(cache["root"])
+    before = tree(app_cache["root"])
     r = client.post("/_dash-update-component", data=json.dumps(body), content_type="application/json")
     assert r.status_code == 400 and named in r.data.decode()
-    assert tree(cache["root"]) == before
+    assert tree(app_cache["root"]) == before

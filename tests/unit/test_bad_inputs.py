@@ -1,10 +1,15 @@
-"""The bad-input catalogue: what a new user might type, the error text that must name the problem, and the rule
-that nothing already written changes.
+"""The bad-input catalogue: what a new user might type (on the command line or into the app), the error text that must
+name the problem, and the rule that nothing already written changes. One table, :data:`CASES`, of rows
+``(id, surface, input, fragments)``:
 
-Each row runs ``probekit`` in-process (``probekit.cli.main``) against a cache that holds a sound run, a run with
-a missing shard and a run whose manifest is not UTF-8, with ``$PROBEKIT_CACHE`` pointing at it and the working
-folder beside it. A row passes when the command fails (non-zero exit), its output contains every expected
-fragment, and the whole tree (cache, working folder, inputs) is byte-for-byte the same afterwards.
+- ``surface == "cli"``: ``input`` is an argv run in-process (``probekit.cli.main``) against a cache that holds a
+  sound run, a run with a missing shard and a run whose manifest is not UTF-8, with ``$PROBEKIT_CACHE`` pointing at
+  it and the working folder beside it. The row passes when the command fails (non-zero exit), its output contains
+  every fragment, and the whole tree (cache, working folder, inputs) is byte-for-byte the same afterwards.
+- ``surface == "app"``: ``input`` is ``(callback, values)``: the callback named by a fragment of its output key
+  (``"capture-error.children"``) and the control values the renderer posts (``{"id.prop": value}``, the rest None;
+  ``"RUN"`` stands for the fixture run's id). The row passes when the answer is a 200 holding every fragment
+  (:data:`NO_UPDATE`: the callback changed no output) and the app's cache root is byte-for-byte the same afterwards.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import pytest
 from probekit.cache import ActivationCache
 from probekit.capture import CaptureConfig
 from probekit.cli import main
+from tests.browser.dash_payloads import callback_key, payload, post
 from tests.conftest import TEXTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,73 +47,134 @@ FILES = {
     "unknown-key.yaml": b"name: x\nmodle: smollm2-135m\nprobes: {ast_probe: {}}\n",
     "bad-name.yaml": b"name: ../x\nprobes: {ast_probe: {}}\n",
 }
+NO_UPDATE = '"response":{}'  # Dash's answer when every output of a callback is no_update
 CAP = ["capture", "--model", "{model}", "--hooks", HOOK]
 
-# (id, argv, fragments that must all appear in the output)
+# (id, surface, input, fragments that must all appear in the output); see the module docstring
 CASES = [
     # capture: inputs
-    ("texts-binary", CAP + ["--texts", "{work}/binary.txt"], ["--texts {work}/binary.txt", "not UTF-8"]),
-    ("texts-missing", CAP + ["--texts", "{work}/nope.txt"], ["no such file", "nope.txt"]),
-    ("texts-empty", CAP + ["--texts", "{work}/empty.txt"], ["empty.txt", "no non-blank line"]),
-    ("texts-and-stdlib", CAP + ["--texts", "{work}/texts.txt", "--stdlib-functions", "3"],
+    ("texts-binary", "cli", CAP + ["--texts", "{work}/binary.txt"], ["--texts {work}/binary.txt", "not UTF-8"]),
+    ("texts-missing", "cli", CAP + ["--texts", "{work}/nope.txt"], ["no such file", "nope.txt"]),
+    ("texts-empty", "cli", CAP + ["--texts", "{work}/empty.txt"], ["empty.txt", "no non-blank line"]),
+    ("texts-and-stdlib", "cli", CAP + ["--texts", "{work}/texts.txt", "--stdlib-functions", "3"],
      ["exactly one of --texts FILE or --stdlib-functions N"]),
-    ("no-documents", CAP, ["exactly one of --texts FILE or --stdlib-functions N"]),
-    ("stdlib-zero", CAP + ["--stdlib-functions", "0"], ["argument --stdlib-functions", "positive integer"]),
-    ("stdlib-word", CAP + ["--stdlib-functions", "ten"], ["argument --stdlib-functions", "'ten'"]),
+    ("no-documents", "cli", CAP, ["exactly one of --texts FILE or --stdlib-functions N"]),
+    ("stdlib-zero", "cli", CAP + ["--stdlib-functions", "0"], ["argument --stdlib-functions", "positive integer"]),
+    ("stdlib-word", "cli", CAP + ["--stdlib-functions", "ten"], ["argument --stdlib-functions", "'ten'"]),
     # capture: flags
-    ("positions-words", CAP + ["--texts", "{work}/texts.txt", "--positions", "a,b"], ["argument --positions", "'a'"]),
-    ("positions-past-end", CAP + ["--texts", "{work}/texts.txt", "--positions", "500"],
+    ("positions-words", "cli", CAP + ["--texts", "{work}/texts.txt", "--positions", "a,b"],
+     ["argument --positions", "'a'"]),
+    ("positions-past-end", "cli", CAP + ["--texts", "{work}/texts.txt", "--positions", "500"],
      ["positions [500]", "past the end of every document", "--positions"]),
-    ("batches-per-shard-zero", CAP + ["--texts", "{work}/texts.txt", "--batches-per-shard", "0"],
+    ("batches-per-shard-zero", "cli", CAP + ["--texts", "{work}/texts.txt", "--batches-per-shard", "0"],
      ["argument --batches-per-shard", "positive integer"]),
-    ("batches-per-shard-negative", CAP + ["--texts", "{work}/texts.txt", "--batches-per-shard=-2"],
+    ("batches-per-shard-negative", "cli", CAP + ["--texts", "{work}/texts.txt", "--batches-per-shard=-2"],
      ["argument --batches-per-shard", "got -2"]),
-    ("batch-size-zero", CAP + ["--texts", "{work}/texts.txt", "--batch-size", "0"], ["argument --batch-size"]),
-    ("max-length-zero", CAP + ["--texts", "{work}/texts.txt", "--max-length", "0"], ["argument --max-length"]),
-    ("dtype", CAP + ["--texts", "{work}/texts.txt", "--dtype", "int8"], ["argument --dtype", "invalid choice"]),
-    ("unknown-hook", ["capture", "--model", "{model}", "--hooks", "blocks.0.hook_resid_pots", "--texts",
+    ("batch-size-zero", "cli", CAP + ["--texts", "{work}/texts.txt", "--batch-size", "0"], ["argument --batch-size"]),
+    ("max-length-zero", "cli", CAP + ["--texts", "{work}/texts.txt", "--max-length", "0"], ["argument --max-length"]),
+    ("dtype", "cli", CAP + ["--texts", "{work}/texts.txt", "--dtype", "int8"], ["argument --dtype", "invalid choice"]),
+    ("unknown-hook", "cli", ["capture", "--model", "{model}", "--hooks", "blocks.0.hook_resid_pots", "--texts",
                       "{work}/texts.txt"], ["hook_resid_pots"]),
-    ("unknown-model", ["capture", "--model", "{work}/no-model", "--hooks", HOOK, "--texts", "{work}/texts.txt"],
+    ("unknown-model", "cli", ["capture", "--model", "{work}/no-model", "--hooks", HOOK, "--texts", "{work}/texts.txt"],
      ["unknown model", "no-model"]),
     # cache
-    ("cache-show-unknown", ["cache", "show", "nope"], ["no run matching 'nope'"]),
-    ("cache-rm-unknown", ["cache", "rm", "nope"], ["no run matching 'nope'"]),
-    ("cache-show-missing-shard", ["cache", "show", "{holed}"],
+    ("cache-show-unknown", "cli", ["cache", "show", "nope"], ["no run matching 'nope'"]),
+    ("cache-rm-unknown", "cli", ["cache", "rm", "nope"], ["no run matching 'nope'"]),
+    ("cache-show-missing-shard", "cli", ["cache", "show", "{holed}"],
      ["{holed_file}", "missing", "Run the same capture again", "probekit cache rm {holed}"]),
-    ("cache-verify-missing-shard", ["cache", "verify", "{holed}"], ["{holed_file}", "missing"]),
-    ("cache-show-not-utf8", ["cache", "show", "{garbled}"], ["{garbled_manifest}", "not UTF-8",
-                                                             "probekit cache rm {garbled}"]),
-    ("cache-verify-not-utf8", ["cache", "verify", "{garbled}"], ["{garbled_manifest}", "not UTF-8"]),
+    ("cache-verify-missing-shard", "cli", ["cache", "verify", "{holed}"], ["{holed_file}", "missing"]),
+    ("cache-show-not-utf8", "cli", ["cache", "show", "{garbled}"], ["{garbled_manifest}", "not UTF-8",
+                                                                    "probekit cache rm {garbled}"]),
+    ("cache-verify-not-utf8", "cli", ["cache", "verify", "{garbled}"], ["{garbled_manifest}", "not UTF-8"]),
     # probe commands: list flags
-    ("ast-probe-layers", ["ast-probe", "--model", "{model}", "--layers", "a,b"], ["argument --layers", "'a'"]),
-    ("ast-probe-k-sweep", ["ast-probe", "--model", "{model}", "--k-sweep", "8,x"], ["argument --k-sweep", "'x'"]),
-    ("dark-matter-expansions", ["dark-matter", "run", "--model", "{model}", "--expansions", "2,x,8"],
+    ("ast-probe-layers", "cli", ["ast-probe", "--model", "{model}", "--layers", "a,b"], ["argument --layers", "'a'"]),
+    ("ast-probe-k-sweep", "cli", ["ast-probe", "--model", "{model}", "--k-sweep", "8,x"],
+     ["argument --k-sweep", "'x'"]),
+    ("dark-matter-expansions", "cli", ["dark-matter", "run", "--model", "{model}", "--expansions", "2,x,8"],
      ["argument --expansions", "'x'"]),
-    ("linearscope-digits", ["linearscope", "--skip-lm", "--out", "{work}/ls", "--digits", "1,x"],
+    ("linearscope-digits", "cli", ["linearscope", "--skip-lm", "--out", "{work}/ls", "--digits", "1,x"],
      ["digits must be 'per-class' or comma-separated", "'1,x'"]),
-    ("linearscope-digit-index", ["linearscope", "--skip-lm", "--out", "{work}/ls", "--digit-index=-2"],
+    ("linearscope-digit-index", "cli", ["linearscope", "--skip-lm", "--out", "{work}/ls", "--digit-index=-2"],
      ["digit_index must be a test-set index"]),
-    ("models-fetch-typo", ["models", "fetch", "smollm2-13"], ["unknown model 'smollm2-13'", "Did you mean"]),
+    ("models-fetch-typo", "cli", ["models", "fetch", "smollm2-13"], ["unknown model 'smollm2-13'", "Did you mean"]),
     # report configs
-    ("report-binary", ["report", "{work}/binary.yaml"], ["{work}/binary.yaml", "not a UTF-8 text file"]),
-    ("report-missing", ["report", "{work}/missing.yaml"], ["missing.yaml", "no such config file"]),
-    ("report-not-yaml", ["report", "{work}/not-yaml.yaml"], ["not-yaml.yaml", "not valid YAML"]),
-    ("report-wrong-type", ["report", "{work}/wrong-type.yaml"], ["probes.ast_probe.k", "expected an integer",
-                                                                 "'abc'"]),
-    ("report-batch-size-zero", ["report", "{work}/batch-zero.yaml"],
+    ("report-binary", "cli", ["report", "{work}/binary.yaml"], ["{work}/binary.yaml", "not a UTF-8 text file"]),
+    ("report-missing", "cli", ["report", "{work}/missing.yaml"], ["missing.yaml", "no such config file"]),
+    ("report-not-yaml", "cli", ["report", "{work}/not-yaml.yaml"], ["not-yaml.yaml", "not valid YAML"]),
+    ("report-wrong-type", "cli", ["report", "{work}/wrong-type.yaml"], ["probes.ast_probe.k", "expected an integer",
+                                                                        "'abc'"]),
+    ("report-batch-size-zero", "cli", ["report", "{work}/batch-zero.yaml"],
      ["probes.layer_probes.batch_size", "positive integer"]),
-    ("report-float-epochs", ["report", "{work}/epochs-float.yaml"], ["probes.dark_matter.epochs", "1.5"]),
-    ("report-model-list", ["report", "{work}/model-list.yaml"], ["model: expected a string"]),
-    ("report-unknown-probe", ["report", "{work}/unknown-probe.yaml"], ["unknown probe 'nope'; allowed probes"]),
-    ("report-unknown-setting", ["report", "{work}/unknown-setting.yaml"],
+    ("report-float-epochs", "cli", ["report", "{work}/epochs-float.yaml"], ["probes.dark_matter.epochs", "1.5"]),
+    ("report-model-list", "cli", ["report", "{work}/model-list.yaml"], ["model: expected a string"]),
+    ("report-unknown-probe", "cli", ["report", "{work}/unknown-probe.yaml"], ["unknown probe 'nope'; allowed probes"]),
+    ("report-unknown-setting", "cli", ["report", "{work}/unknown-setting.yaml"],
      ["probes.ast_probe: unknown setting 'n_function'; allowed"]),
-    ("report-few-functions", ["report", "{work}/few-functions.yaml"],
+    ("report-few-functions", "cli", ["report", "{work}/few-functions.yaml"],
      ["probes.ast_probe: n_functions must be at least 30"]),
-    ("report-probe-not-mapping", ["report", "{work}/probe-not-mapping.yaml"], ["probes.ast_probe must be a mapping"]),
-    ("report-two-widths", ["report", "{work}/two-widths.yaml"], ["probes.dark_matter: per-token scaling needs at "
-                                                                 "least 3"]),
-    ("report-unknown-key", ["report", "{work}/unknown-key.yaml"], ["unknown key 'modle'; allowed"]),
-    ("report-bad-name", ["report", "{work}/bad-name.yaml"], ["name '../x' must be"]),
+    ("report-probe-not-mapping", "cli", ["report", "{work}/probe-not-mapping.yaml"],
+     ["probes.ast_probe must be a mapping"]),
+    ("report-two-widths", "cli", ["report", "{work}/two-widths.yaml"],
+     ["probes.dark_matter: per-token scaling needs at least 3"]),
+    ("report-unknown-key", "cli", ["report", "{work}/unknown-key.yaml"], ["unknown key 'modle'; allowed"]),
+    ("report-bad-name", "cli", ["report", "{work}/bad-name.yaml"], ["name '../x' must be"]),
+    # app: LinearScope
+    ("ls-digit-word", "app", ("ls-rows-fig.figure", {"ls-digit.value": "seven"}), ["not a digit index"]),
+    ("ls-digit-dict", "app", ("ls-rows-fig.figure", {"ls-digit.value": {"x": 1}}), ["not a digit index"]),
+    ("ls-digit-inf", "app", ("ls-rows-fig.figure", {"ls-digit.value": float("inf")}), ["not a digit index"]),
+    ("ls-digit-negative", "app", ("ls-rows-fig.figure", {"ls-digit.value": -1}), ["not a digit index"]),
+    ("ls-digit-huge", "app", ("ls-rows-fig.figure", {"ls-digit.value": 10**300}), ["not a digit index"]),
+    ("ls-digit-bool", "app", ("ls-rows-fig.figure", {"ls-digit.value": True}), ["not a digit index"]),
+    # app: AST-Probe
+    ("ast-snippet-inf", "app", ("ast-tree-fig.figure", {"ast-model.value": "smollm2-135m",
+                                                        "ast-snippet.value": float("inf")}), ["not a snippet"]),
+    ("ast-snippet-list", "app", ("ast-tree-fig.figure", {"ast-model.value": "smollm2-135m", "ast-snippet.value": [0]}),
+     ["not a snippet"]),
+    ("ast-layer-dict", "app", ("ast-tree-fig.figure", {"ast-model.value": "smollm2-135m", "ast-snippet.value": 0,
+                                                       "ast-layer.value": {"x": 1}}), ["the layer must be text"]),
+    # app: Layers
+    ("layers-doc-inf", "app", ("layers-tokens.children", {"layers-run.value": "RUN", "layers-doc.value": float("inf"),
+                                                          "layers-hook.value": "blocks.0.hook_resid_post"}),
+     ["not a document"]),
+    # app: Capture
+    ("capture-model-list", "app", ("capture-error.children", {"capture-model.value": ["models/tiny-llama"]}),
+     ["Choose a model"]),
+    ("capture-model-dict", "app", ("capture-error.children", {"capture-model.value": {"models/tiny-llama": 1}}),
+     ["Choose a model"]),
+    ("capture-hooks-list", "app", ("capture-error.children", {
+        "capture-model.value": "models/tiny-llama", "capture-hooks.value": ["a"], "capture-dataset.value": "stdlib",
+        "capture-n.value": 3}), ["hook names"]),
+    ("capture-unknown-hook", "app", ("capture-error.children", {  # from the model's config, before any weights load
+        "capture-model.value": "models/tiny-llama", "capture-hooks.value": "blocks.0.hook_resid_pots",
+        "capture-dataset.value": "stdlib", "capture-n.value": 3}),
+     ["Unknown hook", "blocks.0.hook_resid_pots", "did you mean blocks.0.hook_resid_post"]),
+    ("capture-n-list", "app", ("capture-error.children", {
+        "capture-model.value": "models/tiny-llama", "capture-dataset.value": "stdlib",
+        "capture-hooks.value": "blocks.0.hook_resid_post", "capture-n.value": [3]}), ["number of functions"]),
+    ("capture-n-inf", "app", ("capture-error.children", {
+        "capture-model.value": "models/tiny-llama", "capture-dataset.value": "stdlib",
+        "capture-hooks.value": "blocks.0.hook_resid_post", "capture-n.value": float("inf")}), ["number of functions"]),
+    ("capture-texts-number", "app", ("capture-error.children", {
+        "capture-model.value": "models/tiny-llama", "capture-dataset.value": "texts",
+        "capture-hooks.value": "blocks.0.hook_resid_post", "capture-texts.value": 5}), ["documents"]),
+    ("capture-dataset-list", "app", ("capture-error.children", {
+        "capture-model.value": "models/tiny-llama", "capture-dataset.value": ["texts"],
+        "capture-hooks.value": "blocks.0.hook_resid_post"}), ["Choose a dataset"]),
+    ("capture-hook-pick-model-list", "app", ("capture-hook-pick.options", {"capture-model.value": ["a", "b"]}),
+     ['"options":[]']),
+    ("capture-hook-pick-dict", "app", ("capture-hook-pick.value..", {"capture-hook-pick.value": {"x": 1},
+                                                               "capture-hooks.value": "blocks.0.hook_resid_post"}),
+     [NO_UPDATE]),
+    ("capture-hook-pick-two-names", "app", ("capture-hook-pick.value..", {"capture-hook-pick.value": "a b",
+                                                                    "capture-hooks.value": ""}), [NO_UPDATE]),
+    # app: Safety
+    ("safety-heatmap-lists", "app", ("safety-heatmap-fig.figure", {
+        "safety-model.value": "tiny-llama", "safety-pair.value": ["x"], "safety-heat.value": {"a": 1},
+        "safety-refusal.value": [1], "safety-eta.value": [0.9]}), ["heatmap"]),
+    ("safety-metric-list", "app", ("safety-curves-fig.figure", {"safety-model.value": "tiny-llama",
+                                                                "safety-metric.value": ["x"]}), ["scatter"]),
+    ("safety-model-list", "app", ("safety-headline.children", {"safety-model.value": ["tiny-llama"]}), ["result id"]),
+    ("safety-model-dict", "app", ("safety-eta.options", {"safety-model.value": {"a": 1}}), ['"response"']),
 ]
 
 
@@ -135,8 +202,14 @@ def snapshot(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*"))}
 
 
-@pytest.mark.parametrize("argv,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_gets_a_clear_error_and_changes_nothing(template, tmp_path, monkeypatch, capsys, argv, fragments):
+@pytest.mark.parametrize("surface,given,fragments", [c[1:] for c in CASES], ids=[f"{c[1]}-{c[0]}" for c in CASES])
+def test_bad_input_gets_a_clear_error_and_changes_nothing(request, surface, given, fragments):
+    {"cli": run_cli_row, "app": run_app_row}[surface](request, given, fragments)
+
+
+def run_cli_row(request, argv: list[str], fragments: list[str]) -> None:
+    template = request.getfixturevalue("template")
+    tmp_path, monkeypatch, capsys = (request.getfixturevalue(n) for n in ("tmp_path", "monkeypatch", "capsys"))
     root = tmp_path / "cache"
     shutil.copytree(template["root"], root)
     work = tmp_path / "work"
@@ -160,3 +233,18 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(template, tmp_path, mo
         assert frag.format(**fill) in text, f"{frag.format(**fill)!r} not in:\n{text}"
     assert "Traceback" not in text
     assert snapshot(tmp_path) == before, "the failed command changed files"
+
+
+def run_app_row(request, given: tuple[str, dict], fragments: list[str]) -> None:
+    # the app and its cache are built only when an app row runs (module-scoped, tests/unit/conftest.py)
+    app_cache, dash_app, client = (request.getfixturevalue(n) for n in ("app_cache", "dash_app", "client"))
+    fragment, values = given
+    values = {k: app_cache["run_id"] if v == "RUN" else v for k, v in values.items()}
+    before = snapshot(app_cache["root"])
+    r = post(client, payload(dash_app.callback_map, callback_key(dash_app.callback_map, fragment), values))
+    text = r.get_data(as_text=True)
+    assert r.status_code == 200, f"{r.status_code}:\n{text[-1500:]}"
+    for frag in fragments:
+        assert frag in text, f"{frag!r} not in:\n{text[:1500]}"
+    assert "Traceback" not in text
+    assert snapshot(app_cache["root"]) == before, "the callback changed files"
