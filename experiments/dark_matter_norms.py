@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 LAYERS = (8, 15, 22)
+#: Selections computed for every SAE variant (the full sweep runs on the reference SAE).
+VARIANT_SELECTIONS = ("run default: ‖e‖², BOS excluded, code + prose, OLS + bias", "BOS (position 0) included",
+                      "positions ≥ 4", "top 0.1% of ‖e‖² dropped", "target log ‖e‖")
 
 
 def capture_acts(path: Path, n_code: int, n_text: int) -> None:
@@ -51,6 +54,8 @@ def main() -> None:
     ap.add_argument("--test-fraction", type=float, default=0.25)
     ap.add_argument("--epochs", type=int, default=8, help="reference SAE epochs (about the run's step count)")
     ap.add_argument("--quick", action="store_true", help="reference SAE only (no SAE variants)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--only", default="", help="comma-separated SAE variants to run (e.g. 'reference,layer 22')")
     args = ap.parse_args()
     from safetensors.torch import load_file
 
@@ -101,23 +106,26 @@ def main() -> None:
     variants = {"reference (L15, 2×, k=32, bf16)": {}}
     if not args.quick:
         variants.update({"fp32 activations": dict(dtype="fp32"), "1 epoch": dict(epochs=1),
-                         "layer 8": dict(layer=8), "layer 22": dict(layer=22), "k = 16": dict(k=16),
-                         "k = 64": dict(k=64), "20 epochs": dict(epochs=20), "width 4×": dict(width=4)})
+                         "layer 22": dict(layer=22), "layer 8": dict(layer=8), "k = 16": dict(k=16),
+                         "width 4×": dict(width=4), "20 epochs": dict(epochs=20)})
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k.split(" (")[0] in args.only.split(",")}
     for name, kw in variants.items():
         x, sae, fvu, secs = sae_for(**kw)
         err = sae_error_sq(sae, x)
-        sels = DEFAULT_SELECTIONS + extra if not kw else (DEFAULT_SELECTIONS[0], DEFAULT_SELECTIONS[1],
-                                                          DEFAULT_SELECTIONS[6], DEFAULT_SELECTIONS[-1])
+        sels = DEFAULT_SELECTIONS + extra if not kw else [s for s in DEFAULT_SELECTIONS
+                                                          if s.name in VARIANT_SELECTIONS]
         res = norm_predictability(x, err, doc, pos, is_test, doc_domain=kinds, selections=sels,
                                   label=f"SmolLM2-135M, {name}")
         out["saes"][name] = dict(fvu_heldout=fvu, train_seconds=round(secs, 1), **kw)
         out["sweeps"][name] = res.to_dict()
         figs.append(res.figure())
         print(f"\n## {name}: FVU {fvu:.3f} ({secs:.0f} s)\n{res.table()}", flush=True)
-        Path(f"{base}_norm_question.json").write_text(json.dumps(out, indent=2, default=float))  # after each SAE
+        # written after each SAE, so a stopped run keeps what it finished
+        Path(f"{base}_norm_question{args.tag}.json").write_text(json.dumps(out, indent=2, default=float))
     from probekit.html_page import write_figures_page
 
-    write_figures_page(Path(f"{base}_norm_question.html"), figs, title="SAE error-norm predictability")
+    write_figures_page(Path(f"{base}_norm_question{args.tag}.html"), figs, title="SAE error-norm predictability")
 
 
 if __name__ == "__main__":
