@@ -1,12 +1,12 @@
-"""How predictable is the SAE error norm, and which choice of tokens, target or regression decides it.
+"""How predictable the SAE error norm is, and which choice of tokens, target or regression decides it.
 
 METHODS.md §3 asks for the R² of ``‖e‖²`` regressed on ``x`` (published > 0.9; ``e = x − x̂``). That one number
 depends on choices the paper leaves implicit; :func:`norm_predictability` recomputes it under a list of
 :class:`NormSelection` settings, each differing from a reference in one choice, on the same activations and
 SAE errors:
 
-- token selection: the first positions (position 0 is the BOS / attention-sink token, whose norm is far
-  larger than any other's) left out or kept; code only, prose only or both; a cap on tokens per document;
+- token selection: the first positions (position 0 is the BOS / attention-sink token, whose norm is
+  far larger than any other's) left out or kept; code only, prose only or both; a cap on tokens per document;
 - the target: ``‖e‖²``, ``‖e‖`` or ``log ‖e‖``; the largest ``‖e‖²`` dropped or kept;
 - the regression: with or without an intercept, ridge or OLS, how many training tokens.
 
@@ -168,6 +168,9 @@ class NormSweepRow:
     n_train_tokens, n_test_tokens, n_train_docs : int
     tokens_per_dim : float
         Training tokens per regressor (``n_train_tokens / d_in``).
+    max_token_share, max_doc_share : float
+        The largest share of the held-out ``Σ(y − ȳ)²`` that one token (one document) holds: near 1, R² is
+        decided by that token (document) alone.
     """
 
     selection: NormSelection
@@ -178,12 +181,15 @@ class NormSweepRow:
     n_test_tokens: int
     n_train_docs: int
     tokens_per_dim: float
+    max_token_share: float = float("nan")
+    max_doc_share: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(selection=asdict(self.selection), r2=self.r2.to_dict(), r2_train=_num(self.r2_train),
                     diff_vs_reference=None if self.diff_vs_reference is None else self.diff_vs_reference.to_dict(),
                     n_train_tokens=self.n_train_tokens, n_test_tokens=self.n_test_tokens,
-                    n_train_docs=self.n_train_docs, tokens_per_dim=round(self.tokens_per_dim, 2))
+                    n_train_docs=self.n_train_docs, tokens_per_dim=round(self.tokens_per_dim, 2),
+                    max_token_share=_num(self.max_token_share), max_doc_share=_num(self.max_doc_share))
 
 
 def _num(v: float) -> float | None:
@@ -221,14 +227,14 @@ class NormSweepResult:
     def table(self, digits: int = 3) -> str:
         """A Markdown table: selection, held-out R² [95% CI] (n documents), difference vs reference, train R²."""
         f = f"{{:.{digits}f}}"
-        lines = ["| selection | held-out R² [95% CI] | Δ vs reference [95% CI] | train R² | train tokens / dim |",
-                 "|---|---|---|---|---|"]
+        lines = ["| selection | held-out R² [95% CI] | Δ vs reference [95% CI] | train R² | train tokens / dim | "
+                 "top token / document share of Σ(y − ȳ)² |", "|---|---|---|---|---|---|"]
         for r in self.rows:
             d = "—" if r.diff_vs_reference is None else (
                 f"{f.format(r.diff_vs_reference.value)} [{f.format(r.diff_vs_reference.low)}, "
                 f"{f.format(r.diff_vs_reference.high)}]")
             lines.append(f"| {r.selection.name} | {r.r2.format(digits)} | {d} | {f.format(r.r2_train)} | "
-                         f"{r.tokens_per_dim:.0f} |")
+                         f"{r.tokens_per_dim:.0f} | {r.max_token_share:.2f} / {r.max_doc_share:.2f} |")
         return "\n".join(lines)
 
     def figure(self) -> Any:
@@ -362,10 +368,15 @@ def norm_predictability(x: Any, error_sq: Any, doc: Any, position: Any, is_test_
                                 .reshape(-1) for i in range(0, len(te), chunk_size)])
         sums = _doc_sums(y[te], y_hat, slot[doc[te]], len(test_docs))
         used = sums[:, 0] > 0
+        dev = (y[te] - y[te].mean()) ** 2
+        doc_dev = np.bincount(slot[doc[te]], weights=dev, minlength=len(test_docs))
+        sst = dev.sum()
         r2 = bootstrap_ci(sums[used], r2_from_doc_sums, n_boot=n_boot, seed=seed, unit="documents")
         row = NormSweepRow(selection=s, r2=r2, r2_train=float(est.train_r2_), diff_vs_reference=None,
                            n_train_tokens=len(tr), n_test_tokens=len(te),
-                           n_train_docs=int(len(np.unique(doc[tr]))), tokens_per_dim=len(tr) / d_in)
+                           n_train_docs=int(len(np.unique(doc[tr]))), tokens_per_dim=len(tr) / d_in,
+                           max_token_share=float(dev.max() / sst) if sst > 0 else float("nan"),
+                           max_doc_share=float(doc_dev.max() / sst) if sst > 0 else float("nan"))
         fits.append((row, sums))
     ref_sums = fits[0][1]
     for row, sums in fits[1:]:

@@ -72,6 +72,27 @@ def test_huge_norm_bos_tokens_inflate_r2_of_squared_norm():
     assert incl.n_test_tokens == excl.n_test_tokens + test.sum()
 
 
+def test_one_held_out_outlier_decides_r2_and_the_share_shows_it():
+    # a secondary sink: one token of one held-out document far out in x, with a huge ‖e‖² the training
+    # documents never show; a linear map cannot extrapolate to it, and it holds most of Σ(y − ȳ)²
+    x, _, doc, pos, test, _ = _corpus(seed=8)
+    err = 4.0 + x[:, 0] + 0.5 * x[:, 1] + 0.3 * np.random.default_rng(8).random(len(x))  # linear in x
+    i = np.nonzero(test[doc] & (pos == 1))[0][0]
+    x[i, 3] += 50.0
+    err[i] = 500.0
+    sels = [NormSelection("ref"), NormSelection("positions ≥ 2", min_position=2),
+            NormSelection("top 1% dropped", drop_top=0.01)]
+    res = norm_predictability(x, err, doc, pos, test, selections=sels, n_boot=300)
+    y = err[test[doc] & (pos >= 1)]
+    dev = (y - y.mean()) ** 2
+    assert res["ref"].max_token_share == pytest.approx(dev.max() / dev.sum())
+    assert res["ref"].max_token_share > 0.9 and res["ref"].max_doc_share >= res["ref"].max_token_share
+    assert res["ref"].r2.value < 0.1
+    assert res["positions ≥ 2"].r2.value > 0.8 and res["positions ≥ 2"].max_token_share < 0.1
+    assert res["top 1% dropped"].r2.value > 0.8
+    assert res["positions ≥ 2"].diff_vs_reference.value > 0.7
+
+
 def test_ci_resamples_documents_not_tokens():
     x, err, doc, pos, test, _ = _corpus(seed=3)
     sel = NormSelection("all", min_position=0)
