@@ -81,7 +81,7 @@ class DarkMatterRunConfig:
             raise ValueError(f"pursuit_width_index must index expansions (0..{len(self.expansions) - 1})")
 
 
-def _documents(cfg: DarkMatterRunConfig, tok) -> tuple[list[list[int]], list[str], list[str]]:
+def run_documents(cfg: DarkMatterRunConfig, tok) -> tuple[list[list[int]], list[str], list[str]]:
     """Token ids, kind ("code"/"text") and id of every document."""
     from .capture import tokenize
     from .data.code import iter_stdlib_functions
@@ -96,7 +96,7 @@ def _documents(cfg: DarkMatterRunConfig, tok) -> tuple[list[list[int]], list[str
     return docs, kinds, ids
 
 
-def _split_docs(n: int, test_fraction: float, seed: int) -> np.ndarray:
+def split_documents(n: int, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean (n,) mask of test documents (a seeded random subset)."""
     rng = np.random.default_rng(seed)
     test = np.zeros(n, dtype=bool)
@@ -190,8 +190,8 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
     if not 1 <= layer < n_layers:
         raise ValueError(f"layer must lie in [1, {n_layers - 1}] (the previous layer is needed too), got {layer}")
     hook, prev = f"blocks.{layer}.hook_resid_post", f"blocks.{layer - 1}.hook_resid_post"
-    docs, kinds, doc_ids = _documents(cfg, tok)
-    is_test = _split_docs(len(docs), cfg.test_fraction, cfg.seed)
+    docs, kinds, doc_ids = run_documents(cfg, tok)
+    is_test = split_documents(len(docs), cfg.test_fraction, cfg.seed)
     run = ActivationCache().capture(bridge, docs, CaptureConfig(hooks=[prev, hook], positions="all", batch_size=8,
                                                                 max_length=cfg.max_length, dtype=cfg.cache_dtype,
                                                                 progress=cfg.progress))
