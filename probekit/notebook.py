@@ -119,7 +119,8 @@ def _html(fig_json: str, png_b64: str | None, title: str) -> str:
   if (window.Plotly) {{ draw(window.Plotly); return; }}
   if (typeof window.requirejs === "function") {{
     window.requirejs.config({{paths: {{plotly: "{cdn[:-3]}"}}}});
-    window.requirejs(["plotly"], draw, function () {{}});
+    // plotly.js 3 defines no AMD module: it sets window.Plotly once loaded
+    window.requirejs(["plotly"], function (P) {{ draw(P || window.Plotly); }}, function () {{}});
     return;
   }}
   var s = document.createElement("script");
