@@ -137,7 +137,7 @@ def figure_bundle(fig: go.Figure | dict, *, image: bool = True) -> dict:
     A missing kaleido or browser gives a warning (once per process) and a bundle without the PNG.
     """
     global _warned
-    fig_dict = pio.to_plotly_json(fig) if isinstance(fig, go.Figure) else dict(fig)
+    fig_dict = fig.to_dict() if isinstance(fig, go.Figure) else dict(fig)
     fig_json = pio.to_json(fig_dict, validate=False)
     png = None
     if image:

@@ -64,21 +64,6 @@ def figure_output_problems(nb) -> list[str]:
     return problems
 
 
-@pytest.fixture(scope="session")
-def chromium_for_figures():
-    """The Chromium that draws the figures' PNGs, found as the browser tests find theirs, handed to the kernels."""
-    from tests.browser.conftest import chromium_path
-
-    path = chromium_path()
-    old = os.environ.get("PROBEKIT_CHROMIUM")
-    os.environ["PROBEKIT_CHROMIUM"] = path
-    yield path
-    if old is None:
-        os.environ.pop("PROBEKIT_CHROMIUM", None)
-    else:
-        os.environ["PROBEKIT_CHROMIUM"] = old
-
-
 def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 5, f"expected the tutorial notebooks under {TUTORIALS}"
 
@@ -175,7 +160,10 @@ def test_figures_carry_an_image_fallback(kernel_name, chromium_for_figures, tmp_
     """The tutorials' figure set-up on two small figures: both mimetypes in every output, the PNG in nbconvert's
     HTML, shown by a browser with no network (image) and with plotly.js reachable (interactive, image gone)."""
     nbformat = pytest.importorskip("nbformat")
-    nbconvert = pytest.importorskip("nbconvert")
+    try:
+        import nbconvert
+    except ImportError:
+        pytest.fail("nbconvert is not installed: `pip install -e .[dev]`")
 
     # without the set-up (the tutorials before it): plotly's own renderer, no image
     assert figure_output_problems(_execute(FIGURE_CELLS, kernel_name)), "the check finds nothing to object to"
