@@ -82,11 +82,21 @@ def figure_png(fig: go.Figure | dict, *, width: int | None = None, height: int |
         import kaleido  # noqa: F401  (the check only)
     except ImportError as e:
         raise RuntimeError("kaleido is not installed; " + INSTALL_HINT) from e
+    from kaleido.errors import JavascriptError
+
     _ensure_server()
-    with warnings.catch_warnings():
-        # plotly passes its (empty) kaleido options on every call; the running server has them already
-        warnings.filterwarnings("ignore", message="The kopts argument is ignored", category=UserWarning)
-        return pio.to_image(fig, format="png", width=width, height=height, scale=scale)
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                # plotly passes its (empty) kaleido options on every call; the running server has them already
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored", category=UserWarning)
+                return pio.to_image(fig, format="png", width=width, height=height, scale=scale)
+        except JavascriptError:
+            # on a loaded machine kaleido can call into its page before the page's scripts have run
+            # ("kaleido_scopes is not defined"); the same figure then renders on a second try
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _title(fig_dict: dict) -> str:

@@ -112,7 +112,7 @@ def kernel_name(tmp_path_factory):
 @pytest.mark.integration
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, kernel_name, chromium_for_figures):
+def test_notebook_runs(path, kernel_name, chromium_for_figures, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
@@ -135,6 +135,17 @@ def test_notebook_runs(path, kernel_name, chromium_for_figures):
     problems = figure_output_problems(nb)
     assert not problems, (f"{path.name}: figures that do not show everywhere (call probekit.notebook.setup() in "
                           "the first cell, see tutorials/_build.py):\n" + "\n".join(problems))
+    # nbconvert's HTML (what nbviewer serves) holds every figure's image
+    import nbconvert
+
+    body, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
+    pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})]
+    absent = sum(png not in body for png in pngs)
+    assert not absent, f"{path.name}: {absent} of {len(pngs)} figure images are not in nbconvert's HTML"
+    (tmp_path / path.name).write_text(nbformat.writes(nb), encoding="utf-8")
+    (tmp_path / path.with_suffix(".html").name).write_text(body, encoding="utf-8")
+    print(f"{path.name}: {len(pngs)} figures; executed notebook and its HTML in {tmp_path}")
 
 
 FIGURE_CELLS = [
