@@ -48,8 +48,14 @@ _warned = False
 
 
 def chromium_path() -> str | None:
-    """Path of a Chrome/Chromium binary for kaleido, or None when none is found (the search order is above)."""
-    for cand in (os.environ.get("PROBEKIT_CHROMIUM"), os.environ.get("BROWSER_PATH"), "/usr/bin/chromium",
+    """Path of a Chrome/Chromium binary for kaleido, or None when none is found (the search order is above).
+
+    Raises RuntimeError when ``$PROBEKIT_CHROMIUM`` is set but names no file (a typo should not pick another one).
+    """
+    named = os.environ.get("PROBEKIT_CHROMIUM")
+    if named and not Path(named).is_file():
+        raise RuntimeError(f"PROBEKIT_CHROMIUM={named!r} is not a file: point it at a Chromium binary or unset it")
+    for cand in (named, os.environ.get("BROWSER_PATH"), "/usr/bin/chromium",
                  shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome")):
         if cand and Path(cand).is_file():
             return cand

@@ -77,3 +77,9 @@ def test_setup_makes_it_plotlys_default_renderer(chromium_for_figures, monkeypat
     assert pio.renderers.default == notebook.RENDERER
     bundle = _red_bar()._repr_mimebundle_()
     assert {"image/png", notebook.PLOTLY_MIME, "text/html"} <= set(bundle)
+
+
+def test_a_wrong_probekit_chromium_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROBEKIT_CHROMIUM", str(tmp_path / "no-such-chromium"))
+    with pytest.raises(RuntimeError, match="PROBEKIT_CHROMIUM=.*no-such-chromium.*is not a file"):
+        notebook.chromium_path()
