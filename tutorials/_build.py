@@ -16,8 +16,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-# The first code cell of every notebook: find the fetched models, and send everything the notebook writes to a
-# scratch cache root.
+# The first code cell of every notebook: find the fetched models, send everything the notebook writes to a
+# scratch cache root, and give figures a static image beside the interactive one.
 SETUP = '''\
 import os
 import tempfile
@@ -38,7 +38,13 @@ print("models from", project_cache / "models")
 import transformers
 
 transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars: keeps the outputs short
-print("scratch cache root", scratch)'''
+print("scratch cache root", scratch)
+
+# Every figure's output carries the interactive plotly figure and a PNG of it, so that it also shows in nbconvert
+# HTML and in viewers that run no JavaScript (the PNG is drawn by kaleido in the local Chrome/Chromium).
+from probekit.notebook import setup as setup_figures
+
+setup_figures()'''
 
 CLEANUP = '''\
 import shutil

@@ -3,12 +3,18 @@
 The execution test runs each notebook in a fresh kernel of *this* interpreter (a kernelspec written on the fly
 under a temporary JUPYTER_PATH, so it works on a fresh clone after ``pip install -e '.[dev]'`` whatever kernels
 the machine has), from the ``tutorials/`` folder as Jupyter would, and fails on the first cell error, naming the
-notebook and the cell.
+notebook and the cell. It then checks that every figure it displayed shows everywhere: the interactive plotly
+mimetype, a PNG, and an HTML entry that holds the PNG (what nbconvert HTML renders where no script runs).
+
+The PNG is drawn by kaleido in a local Chromium, found as the browser tests find theirs (a missing one fails with
+the install hint, never skips).
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -21,6 +27,43 @@ TUTORIALS = Path(__file__).resolve().parents[2] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 CELL_TIMEOUT = 900
 KERNEL = "probekit-tutorials"
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+IMAGE_MIMES = ("image/png", "image/svg+xml")
+
+
+def figure_output_problems(nb) -> list[str]:
+    """What keeps the executed notebook's figures from showing everywhere (empty when nothing does).
+
+    A figure output is a display with the plotly mimetype, or with an HTML entry that draws with plotly.js; it
+    must carry the plotly mimetype, an image mimetype, and (when it has HTML) the image inside that HTML. A
+    notebook with a cell that calls ``.show(`` must have displayed at least one figure (not every such cell: one
+    draws saved results only when there are some).
+    """
+    problems, n_figures = [], 0
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        figures = [o for o in cell.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")
+                   and (PLOTLY_MIME in o.get("data", {}) or "plotly" in str(o.get("data", {}).get("text/html", "")))]
+        n_figures += len(figures)
+        for k, o in enumerate(figures):
+            data = o["data"]
+            missing = [m for m in (PLOTLY_MIME,) if m not in data]
+            if not any(m in data for m in IMAGE_MIMES):
+                missing.append(" or ".join(IMAGE_MIMES))
+            if "image/png" in data:
+                try:
+                    if not base64.b64decode(data["image/png"]).startswith(b"\x89PNG"):
+                        missing.append("a PNG in image/png")
+                except ValueError:
+                    missing.append("base64 in image/png")
+            if "text/html" in data and "data:image/" not in str(data["text/html"]):
+                missing.append("the image inside text/html (nbconvert HTML renders text/html)")
+            if missing:
+                problems.append(f"cell {i}, figure {k}: no {', '.join(missing)} (has {sorted(data)})")
+    if n_figures == 0 and any(c.cell_type == "code" and ".show(" in c.source for c in nb.cells):
+        problems.append("cells call .show() but no figure was displayed")
+    return problems
 
 
 def test_there_are_notebooks():
@@ -71,7 +114,7 @@ def kernel_name(tmp_path_factory):
 @pytest.mark.integration
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, kernel_name):
+def test_notebook_runs(path, kernel_name, chromium_for_figures, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
@@ -91,3 +134,117 @@ def test_notebook_runs(path, kernel_name):
         pytest.fail(f"{path.name}: a cell failed.\n--- cell source ---\n{source}\n--- error ---\n{e}",
                     pytrace=False)
     print(f"\n{path.name}: executed in {time.perf_counter() - t0:.0f} s")
+    problems = figure_output_problems(nb)
+    assert not problems, (f"{path.name}: figures that do not show everywhere (call probekit.notebook.setup() in "
+                          "the first cell, see tutorials/_build.py):\n" + "\n".join(problems))
+    # nbconvert's HTML (what nbviewer serves) holds every figure's image
+    import nbconvert
+
+    body, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
+    pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})]
+    absent = sum(png not in body for png in pngs)
+    assert not absent, f"{path.name}: {absent} of {len(pngs)} figure images are not in nbconvert's HTML"
+    (tmp_path / path.name).write_text(nbformat.writes(nb), encoding="utf-8")
+    (tmp_path / path.with_suffix(".html").name).write_text(body, encoding="utf-8")
+    print(f"{path.name}: {len(pngs)} figures; executed notebook and its HTML in {tmp_path}")
+
+
+FIGURE_CELLS = [
+    "import plotly.graph_objects as go\n"
+    "fig = go.Figure(go.Bar(x=['a', 'b'], y=[2, 1]))\n"
+    "fig.update_layout(title='bars </script> & co', xaxis_title='class', yaxis_title='count')\n"
+    "fig.show()",
+    "go.Figure(go.Heatmap(z=[[1, 2], [3, 4]], colorbar_title='value'))  # a figure as the cell's value",
+]
+
+
+def _execute(cells, kernel_name):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=300).execute()
+    return nb
+
+
+def test_figures_carry_an_image_fallback(kernel_name, chromium_for_figures, tmp_path):
+    """The tutorials' figure set-up on two small figures: both mimetypes in every output, the PNG in nbconvert's
+    HTML, shown by a browser with no network (image) and with plotly.js reachable (interactive, image gone)."""
+    nbformat = pytest.importorskip("nbformat")
+    try:
+        import nbconvert
+    except ImportError:
+        pytest.fail("nbconvert is not installed: `pip install -e .[dev]`")
+
+    # without the set-up (the tutorials before it): plotly's own renderer, no image
+    assert figure_output_problems(_execute(FIGURE_CELLS, kernel_name)), "the check finds nothing to object to"
+
+    nb = _execute(["from probekit.notebook import setup\nsetup()"] + FIGURE_CELLS, kernel_name)
+    assert figure_output_problems(nb) == []
+    pngs = [o["data"]["image/png"] for c in nb.cells for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(base64.b64decode(pngs[0])))
+    assert img.size == (700, 500)  # plotly's default layout size, scale 1
+    assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 3, "the PNG is blank"
+
+    body, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
+    assert sum(png in body for png in pngs) == 2, "nbconvert's HTML lacks a figure's image"
+    page = tmp_path / "figures.html"
+    page.write_text(body, encoding="utf-8")
+    nbformat.write(nb, tmp_path / "figures.ipynb")
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: `pip install -e .[browser]`")
+    import plotly
+
+    plotly_js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_for_figures, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            offline = browser.new_page(viewport={"width": 1100, "height": 1400})
+            offline.route("**/*", lambda r: r.continue_() if r.request.url.startswith("file:") else r.abort())
+            offline.goto(page.as_uri())
+            offline.wait_for_timeout(1000)
+            imgs = offline.locator("img.probekit-static")
+            assert imgs.count() == 2
+            sizes = imgs.evaluate_all("els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
+            assert sizes == [[True, 700, 500]] * 2, f"the fallback images did not load: {sizes}"
+            assert offline.locator(".probekit-figure .js-plotly-plot").count() == 0
+
+            online = browser.new_page(viewport={"width": 1100, "height": 1400})
+            online.route("**/*", lambda r: r.fulfill(path=str(plotly_js), content_type="application/javascript")
+                         if "cdn.plot.ly" in r.request.url else
+                         (r.continue_() if r.request.url.startswith("file:") else r.abort()))
+            online.goto(page.as_uri())
+            online.locator(".probekit-figure .js-plotly-plot").nth(1).wait_for(timeout=30_000)
+            assert online.locator(".probekit-figure .js-plotly-plot").count() == 2
+            assert online.locator("img.probekit-static").count() == 0
+
+            # where require.js is on the page (nbconvert's templates load it from a CDN): a minimal AMD loader
+            # that, like require.js with plotly.js 3, hands the callback no module value
+            amd = browser.new_page(viewport={"width": 1100, "height": 1400})
+            amd.add_init_script("""
+                window.requirejs = function (deps, ok, err) {
+                  var s = document.createElement("script");
+                  s.src = window.requirejs.paths[deps[0]] + ".js";
+                  s.onload = function () { ok(undefined); }; s.onerror = err;
+                  document.head.appendChild(s);
+                };
+                window.requirejs.config = function (c) { window.requirejs.paths = c.paths; };
+                Object.defineProperty(window, "requirejs", {writable: false});""")
+            amd.route("**/*", lambda r: r.fulfill(path=str(plotly_js), content_type="application/javascript")
+                      if "cdn.plot.ly" in r.request.url else
+                      (r.continue_() if r.request.url.startswith("file:") else r.abort()))
+            amd.goto(page.as_uri())
+            amd.locator(".probekit-figure .js-plotly-plot").nth(1).wait_for(timeout=30_000)
+            assert amd.locator("img.probekit-static").count() == 0
+        finally:
+            browser.close()
