@@ -109,10 +109,19 @@ def probe_layer_choices(model: str | None, layer: str | None) -> tuple[list, str
     return options(layers), (layer if layer in layers else (layers[-1] if layers else None))
 
 
+def _no_layer(model) -> list:
+    """Why no layer is chosen: the result has no saved probes (named), or none is picked yet."""
+    try:
+        probeview.index(model)
+    except Exception as e:
+        return [error(str(e))] if isinstance(model, str) and model else [info("Choose a layer-probe result.")]
+    return [info("Choose a layer with a saved probe.")]
+
+
 def probe_text_view(model: str | None, layer: str | None, fid: str | None) -> list:
     """Typed text coloured by the probe's predicted class (hover: class and its probability), with a legend."""
     if not isinstance(model, str) or not isinstance(layer, str):
-        return [info("Choose a layer with a saved probe (the demo saves them: probekit demo).")]
+        return _no_layer(model)
     if not fid:
         return [info("Type text and press Run: the model runs once in a background job.")]
     try:
@@ -126,7 +135,8 @@ def probe_text_view(model: str | None, layer: str | None, fid: str | None) -> li
              for i, (t, k, p) in enumerate(zip(r["tokens"], r["pred"], r["proba"]))]
     seen = sorted(set(int(k) for k in r["pred"]))
     key = html.Div(className="legend", children=[html.Strong(f"predicted class at {r['hook']}: ")] + [
-        html.Span(visible(labels[k]), className="tok", style={"backgroundColor": probeview.class_colour(k)})
+        html.Span(visible(labels[k]), className="tok",
+                  style={"backgroundColor": probeview.class_colour(k), "marginRight": "0.4em"})
         for k in seen])
     return [key, html.Div(spans, className="token-text", id="layers-probe-tokens")]
 
@@ -134,7 +144,7 @@ def probe_text_view(model: str | None, layer: str | None, fid: str | None) -> li
 def probe_test_view(model: str | None, layer: str | None) -> tuple[dict, list]:
     """Confusion-matrix figure and the misclassified-tokens table of the probe of ``layer``."""
     if not isinstance(model, str) or not isinstance(layer, str):
-        return EMPTY_FIGURE, [info("Choose a layer with a saved probe.")]
+        return EMPTY_FIGURE, _no_layer(model)
     try:
         c, labels = probeview.confusion(model, layer)
         rows = probeview.misclassified(model, layer)
