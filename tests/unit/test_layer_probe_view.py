@@ -167,3 +167,33 @@ def test_probe_views_refuse_hostile_values(probe_cache):
                                                                  ("embed", "0", "1")], "1")
     fig, msg = layers.probe_test_view("tiny-llama", "../1")
     assert fig["data"] == [] and "no test predictions" in str(msg)
+
+
+def test_demo_saves_probes_that_reproduce_its_test_predictions(tmp_path, monkeypatch):
+    """The demo on a tiny random model: the saved probes, applied to the cached activations of the saved test
+    tokens at the saved hooks, give the saved predictions, whose accuracy is the reported test score."""
+    from probekit.cache import ActivationCache
+    from probekit.demo import DemoConfig, run_demo
+    from probekit.probes.layer_probe_files import load_probe_index
+    from probekit.testing import make_tiny_model
+
+    monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path))
+    mdir = tmp_path / "models" / "tiny"
+    make_tiny_model(mdir, arch="llama", n_layers=2, d_model=32)
+    out = run_demo(DemoConfig(model=str(mdir), n_functions=12, max_length=48, max_iter=20,
+                              out=str(tmp_path / "out"), progress=False))
+    res, folder = out["result"]["result"], tmp_path / "out"
+    idx, t = load_probe_index(folder), load_test_predictions(folder)
+    assert list(idx["layers"]) == res["layers"] and idx["labels"] == out["result"]["labels"]
+    assert len(t["y_true"]) == res["n_test"]
+    run = ActivationCache(tmp_path).open(out["result"]["capture"]["run"])
+    meta = run.meta_tensors(["doc_index", "position"])
+    where = {(int(d), int(p)): i for i, (d, p) in enumerate(zip(meta["doc_index"].numpy(), meta["position"].numpy()))}
+    rows = np.array([where[(int(d), int(p))] for d, p in zip(t["doc"], t["position"])])
+    ctx = set(zip(t["ctx.doc"].tolist(), t["ctx.position"].tolist()))
+    assert set(zip(t["doc"].tolist(), t["position"].tolist())) <= ctx
+    for layer, score in zip(res["layers"], res["test_score"]):
+        probe = load_layer_probe(folder, layer)
+        x = run.load(idx["layers"][layer]["hook"], rows).float().numpy()
+        assert np.array_equal(probe.predict(x), t[f"pred.{layer}"])
+        assert np.mean(t[f"pred.{layer}"] == t["y_true"]) == score
