@@ -25,6 +25,7 @@ from .capture import CaptureConfig
 from .data.code import encode_labels, iter_stdlib_functions, label_vocabulary, token_syntax_labels
 from .models import DEFAULT_MODEL, load_model
 from .paths import results_dir
+from .probes.layer_probe_files import save_layer_probes
 from .probes.linear import fit_layer_probes
 
 
@@ -91,7 +92,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         f"{len(vocab)} labels …")
     result = fit_layer_probes(features, y[keep], doc_idx[keep], kind="logistic", alpha=cfg.alpha,
                               max_iter=cfg.max_iter, seed=cfg.seed, token_ids=meta["token_id"].numpy()[keep],
-                              task="parent node type of each token (tree-sitter)", progress=cfg.progress)
+                              task="parent node type of each token (tree-sitter)", progress=cfg.progress,
+                              keep_probes=True)
 
     out = Path(cfg.out) if cfg.out else results_dir() / "demo" / cfg.model.replace("/", "--")
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +108,15 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         result=result.to_dict(),
         seconds_total=round(time.perf_counter() - t0, 1),
     )
+    # the fitted probes and their test predictions, for the app's "probes on your text" view
+    test_rows = rows[result.test_index_]
+    tok_ids = meta["token_id"].numpy()
+    in_test = np.isin(doc_idx, np.unique(doc_idx[test_rows]))
+    save_layer_probes(out, result.probes_, labels=vocab, hooks={v: k for k, v in names.items()},
+                      test=dict(doc=doc_idx[test_rows], position=pos[test_rows], token_id=tok_ids[test_rows],
+                                y_true=y[test_rows]),
+                      test_pred=result.test_pred_,
+                      context=dict(doc=doc_idx[in_test], position=pos[in_test], token_id=tok_ids[in_test]))
     json_path, html_path = out / "layer_probes.json", out / "layer_probes.html"
     json_path.write_text(json.dumps(payload, indent=2))
     from .results import figures

@@ -1,22 +1,25 @@
-"""Layers: per-layer linear-probe accuracy (demo result), activation statistics per hook of a run, and a
-token view with per-token activation norms coloured on the text."""
+"""Layers: per-layer linear-probe accuracy (demo result), the saved probe of one layer on your text (per-token
+predicted classes, confusion matrix, misclassified test tokens in context; :mod:`app.probeview`), activation
+statistics per hook of a run, and a token view with per-token activation norms coloured on the text."""
 
 from __future__ import annotations
 
 import math
 
-from dash import Input, Output, State, dcc, html
+from dash import Input, Output, State, dcc, html, no_update
 
 from probekit import results as pr
 
-from .. import data
+from .. import data, probeview
 from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
 from ..security import UnsafePathError, check_index, choice_or
+from ..tokenspans import visible
 from ..urlstate import PageState
+from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, run_forward_job
 
 PATH = "/layers"
 TITLE = "Layers"
-SCHEMA = {"model": str, "show": list, "run": str, "stat": str, "hook": str, "doc": int}
+SCHEMA = {"model": str, "show": list, "run": str, "stat": str, "hook": str, "doc": int, "probe": str, "fwd": str}
 SHOW = {"train": "train accuracy", "controls": "controls (majority, token identity, random features)"}
 STATS = dict(pr.HOOK_STATS)
 
@@ -100,6 +103,63 @@ def token_view(run_id: str | None, hook: str | None, doc: int | None) -> list:
     return [legend, note, html.Div(spans, className="token-text", id="token-text")]
 
 
+def probe_layer_choices(model: str | None, layer: str | None) -> tuple[list, str | None]:
+    """Layers with a saved probe for the demo result ``model``, keeping ``layer`` when it is one of them."""
+    layers = probeview.layers(model) if isinstance(model, str) else []
+    return options(layers), (layer if layer in layers else (layers[-1] if layers else None))
+
+
+def _no_layer(model) -> list:
+    """Why no layer is chosen: the result has no saved probes (named), or none is picked yet."""
+    try:
+        probeview.index(model)
+    except Exception as e:
+        return [error(str(e))] if isinstance(model, str) and model else [info("Choose a layer-probe result.")]
+    return [info("Choose a layer with a saved probe.")]
+
+
+def probe_text_view(model: str | None, layer: str | None, fid: str | None) -> list:
+    """Typed text coloured by the probe's predicted class (hover: class and its probability), with a legend."""
+    if not isinstance(model, str) or not isinstance(layer, str):
+        return _no_layer(model)
+    if not fid:
+        return [info("Type text and press Run: the model runs once in a background job.")]
+    try:
+        r = probeview.typed_predictions(model, layer, fid)
+    except Exception as e:  # a missing forward, another model's text: shown in the page
+        return [error(str(e))]
+    labels = r["labels"]
+    spans = [html.Span(visible(t), className="tok", title=f"position {i} · token {t!r} · predicted "
+                       f"{labels[int(k)]} (p = {p:.3f})", style={"backgroundColor": probeview.class_colour(k)},
+                       **{"data-label": labels[int(k)]})
+             for i, (t, k, p) in enumerate(zip(r["tokens"], r["pred"], r["proba"]))]
+    seen = sorted(set(int(k) for k in r["pred"]))
+    key = html.Div(className="legend", children=[html.Strong(f"predicted class at {r['hook']}: ")] + [
+        html.Span(visible(labels[k]), className="tok",
+                  style={"backgroundColor": probeview.class_colour(k), "marginRight": "0.4em"})
+        for k in seen])
+    return [key, html.Div(spans, className="token-text", id="layers-probe-tokens")]
+
+
+def probe_test_view(model: str | None, layer: str | None) -> tuple[dict, list]:
+    """Confusion-matrix figure and the misclassified-tokens table of the probe of ``layer``."""
+    if not isinstance(model, str) or not isinstance(layer, str):
+        return EMPTY_FIGURE, _no_layer(model)
+    try:
+        c, labels = probeview.confusion(model, layer)
+        rows = probeview.misclassified(model, layer)
+    except Exception as e:
+        return EMPTY_FIGURE, [error(str(e))]
+    fig = probeview.confusion_figure(c, labels, layer, model)
+    head = html.Tr([html.Th(h) for h in ("document", "position", "context (token highlighted)", "true", "predicted")])
+    body = [html.Tr([html.Td(r["doc"]), html.Td(r["position"]),
+                     html.Td(html.Code([visible(r["left"]), html.Mark(visible(r["token"])), visible(r["right"])])),
+                     html.Td(r["true"]), html.Td(r["pred"])]) for r in rows]
+    cap = html.Caption(f"{len(rows)} misclassified test tokens (at most 100 shown), in document order")
+    return fig, [html.Table([cap, html.Thead(head), html.Tbody(body)], id="layers-probe-wrong",
+                            className="table")]
+
+
 # --------------------------------------------------------------------------------------------- layout
 
 
@@ -112,24 +172,31 @@ def controls(params: dict) -> list:
     run = params.get("run") if params.get("run") in runs else (runs[0] if runs else None)
     stat = params.get("stat") if params.get("stat") in STATS else "mean_norm"
     _, hook, _, doc = token_choices(run, params.get("hook"), params.get("doc"))
-    return [model, show, run, stat, hook, doc]
+    _, layer = probe_layer_choices(model, params.get("probe"))
+    return [model, show, run, stat, hook, doc, layer, params.get("fwd")]
 
 
-def _query(model, show, run, stat, hook, doc) -> dict:
+def _query(model, show, run, stat, hook, doc, probe=None, fwd=None) -> dict:
     # an empty checklist is written as "none" so that it does not read back as the default
-    return dict(model=model, show=list(show or []) or ["none"], run=run, stat=stat, hook=hook, doc=doc)
+    return dict(model=model, show=list(show or []) or ["none"], run=run, stat=stat, hook=hook, doc=doc,
+                probe=probe, fwd=fwd if isinstance(fwd, str) else None)
 
 
 STATE = PageState(PATH, SCHEMA, [("layers-model", "value"), ("layers-show", "value"), ("layers-run", "value"),
-                                 ("layers-stat", "value"), ("layers-hook", "value"), ("layers-doc", "value")],
+                                 ("layers-stat", "value"), ("layers-hook", "value"), ("layers-doc", "value"),
+                                 ("layers-probe-layer", "value"), ("layers-probe-fid", "data")],
                   controls, _query)
 
 
 def layout(params: dict) -> html.Div:
     models = data.list_results("demo")
     runs = run_options()
-    model, show, run, stat, hook, doc = controls(params)
+    model, show, run, stat, hook, doc, layer, fid = controls(params)
     hook_opts, _, doc_opts, _ = token_choices(run, hook, doc)
+    layer_opts, _ = probe_layer_choices(model, layer)
+    ready = [m for m in data.model_choices() if m["ready"]]
+    fwd_model = next((m["value"] for m in ready if m["value"] in (model, f"models/{model}")),
+                     ready[0]["value"] if ready else None)
     return html.Div([
         STATE.location(),
         html.H2("Layers"),
@@ -141,6 +208,25 @@ def layout(params: dict) -> html.Div:
                                value=show, inline=True),
              ]),
              html.Div(id="layers-acc-msg"), graph("layers-acc-fig")),
+        card("Probe of one layer: your text, confusion matrix, errors",
+             html.Div(className="controls", children=[
+                 html.Label("layer"),
+                 dcc.Dropdown(id="layers-probe-layer", options=layer_opts, value=layer, clearable=False,
+                              placeholder="no saved probes (probekit demo saves them)"),
+             ]),
+             dcc.Textarea(id="layers-probe-text", value="", rows=3, maxLength=MAX_TEXT_CHARS,
+                          placeholder="def add(a, b):\n    return a + b", style={"width": "100%"}),
+             html.Div(className="controls", children=[
+                 html.Label("model"),
+                 dcc.Dropdown(id="layers-probe-model", value=fwd_model, placeholder="no model fetched",
+                              options=[{"label": m["label"], "value": m["value"]} for m in ready]),
+                 html.Button("Run", id="layers-probe-go", className="primary"),
+                 html.Span(id="layers-probe-status", className="progress-label"),
+             ]),
+             dcc.Store(id="layers-probe-fid", data=fid),
+             dcc.Loading(html.Div(id="layers-probe-view"), type="dot"),
+             graph("layers-probe-confusion"),
+             html.Div(id="layers-probe-errors")),
         card("Activation statistics per hook",
              html.Div(className="controls", children=[
                  dcc.Dropdown(id="layers-run", options=runs, value=run, placeholder="run"),
@@ -160,6 +246,31 @@ def layout(params: dict) -> html.Div:
 def register(app) -> None:
     app.callback(Output("layers-acc-fig", "figure"), Output("layers-acc-msg", "children"),
                  Input("layers-model", "value"), Input("layers-show", "value"))(accuracy_view)
+    app.callback(Output("layers-probe-layer", "options"), Output("layers-probe-layer", "value"),
+                 Input("layers-model", "value"), State("layers-probe-layer", "value"),
+                 prevent_initial_call=True)(probe_layer_choices)
+    app.callback(Output("layers-probe-view", "children"), Input("layers-model", "value"),
+                 Input("layers-probe-layer", "value"), Input("layers-probe-fid", "data"))(probe_text_view)
+    app.callback(Output("layers-probe-confusion", "figure"), Output("layers-probe-errors", "children"),
+                 Input("layers-model", "value"), Input("layers-probe-layer", "value"))(probe_test_view)
+
+    @app.callback(Output("layers-probe-fid", "data"), Output("layers-probe-status", "children"),
+                  Input("layers-probe-go", "n_clicks"), State("layers-probe-model", "value"),
+                  State("layers-probe-text", "value"), prevent_initial_call=True, background=True,
+                  progress=[Output("layers-probe-status", "children")],
+                  running=[(Output("layers-probe-go", "disabled"), True, False)])
+    def _go(set_progress, n, model, text):
+        # the same forward as the Tokens page (every resid_post), plus hook_embed for the embedding probe
+        try:
+            spec = build_forward_spec(data.get_root(), model=model, text=text, hooks=["hook_embed"], all_resid=True)
+        except ValueError as e:
+            return no_update, str(e)
+        set_progress(["starting the worker …"])
+        final = run_forward_job(spec, data.get_root(), lambda ev: set_progress([ev.get("message", "")]))
+        if final.get("event") != "done":
+            return no_update, final.get("message", "the forward failed")
+        return final["fid"], "done"
+
     app.callback(Output("layers-stats-fig", "figure"), Output("layers-stats-msg", "children"),
                  Input("layers-run", "value"), Input("layers-stat", "value"))(stats_view)
     app.callback(Output("layers-hook", "options"), Output("layers-hook", "value"),

@@ -37,6 +37,8 @@ __all__ = [
     "LayerProbeResult",
     "fit_layer_probes",
     "group_train_test_split",
+    "load_probe",
+    "save_probe",
 ]
 
 ProbeKind = Literal["logistic", "ridge"]
@@ -553,6 +555,75 @@ class LinearProbe(BaseEstimator):
 
 
 # ---------------------------------------------------------------------------
+# saving (safetensors, never pickle)
+# ---------------------------------------------------------------------------
+
+_FORMAT = "probekit.LinearProbe/1"
+
+
+def save_probe(probe: LinearProbe, path: Any) -> None:
+    """Write a fitted probe to ``path`` (safetensors): weights, intercept, standardisation and classes.
+
+    Tensors: ``coef`` (n_outputs, d) and ``intercept`` (n_outputs,) float64 in input space, ``mean`` and
+    ``scale`` (d,) float64 (the standardisation :meth:`LinearProbe.decision_function` re-applies), and for
+    logistic probes with numeric labels ``classes`` (n_classes,). The constructor parameters, ``n_iter_`` and
+    non-numeric class labels (as JSON) go into the file's string metadata.
+    """
+    import json
+
+    from safetensors.numpy import save_file
+
+    check_is_fitted(probe, "coef_")
+    tensors = {k: np.ascontiguousarray(getattr(probe, k + "_"), dtype=np.float64)
+               for k in ("coef", "intercept", "mean", "scale")}
+    meta = {"format": _FORMAT, "params": json.dumps(json_safe(probe.get_params())),
+            "n_iter": str(int(probe.n_iter_)), "y_1d": str(bool(probe._y_1d))}
+    if probe.kind == "logistic":
+        classes = np.asarray(probe.classes_)
+        if np.issubdtype(classes.dtype, np.number) or np.issubdtype(classes.dtype, np.bool_):
+            tensors["classes"] = np.ascontiguousarray(classes)
+        else:
+            meta["classes_json"] = json.dumps([str(c) for c in classes])
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_probe(path: Any) -> LinearProbe:
+    """Read a probe written by :func:`save_probe`; it predicts exactly as the saved one.
+
+    Raises ``ValueError`` naming the file when it is not a saved probe.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a saved LinearProbe (metadata format {meta.get('format')!r}, "
+                             f"expected {_FORMAT!r}); write it with probekit.probes.linear.save_probe.")
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    missing = {"coef", "intercept", "mean", "scale"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path} lacks the tensor(s) {sorted(missing)}; write it again with save_probe.")
+    probe = LinearProbe(**json.loads(meta["params"]))
+    # fit leaves coef_ Fortran-ordered (a transpose); keep that layout so that BLAS sums in the same order and
+    # the loaded probe's outputs are bit-identical to the fitted one's.
+    probe.coef_, probe.intercept_ = np.asfortranarray(arrays["coef"]), arrays["intercept"]
+    probe.mean_, probe.scale_ = arrays["mean"], arrays["scale"]
+    probe.n_features_in_ = int(probe.coef_.shape[1])
+    probe.n_iter_ = int(meta.get("n_iter", 0))
+    probe._y_1d = meta.get("y_1d", "True") == "True"
+    if probe.kind == "logistic":
+        if "classes" in arrays:
+            probe.classes_ = arrays["classes"]
+        elif "classes_json" in meta:
+            probe.classes_ = np.asarray(json.loads(meta["classes_json"]))
+        else:
+            raise ValueError(f"{path} is a logistic probe without classes; write it again with save_probe.")
+    return probe
+
+
+# ---------------------------------------------------------------------------
 # splitting
 # ---------------------------------------------------------------------------
 
@@ -770,6 +841,7 @@ def fit_layer_probes(
     token_ids: Any | None = None,
     task: str = "",
     progress: bool = True,
+    keep_probes: bool = False,
 ) -> LayerProbeResult:
     """Fit one linear probe per layer on a shared group-wise train/test split.
 
@@ -795,12 +867,17 @@ def fit_layer_probes(
         Name of the probed property (used in titles and ``to_dict``).
     progress : bool, default=True
         Show a tqdm progress bar over layers.
+    keep_probes : bool, default=False
+        Keep each layer's fitted probe and its test predictions on the result,
+        as the attributes ``probes_`` (layer -> :class:`LinearProbe`),
+        ``test_index_`` (ndarray (n_test,) of row indices into ``y``) and
+        ``test_pred_`` (layer -> ndarray (n_test,) of predictions). They are
+        not part of :meth:`LayerProbeResult.to_dict`.
 
     Returns
     -------
     LayerProbeResult
-        Scores only; the fitted probes are not kept (refit the layer of
-        interest with :class:`LinearProbe` on the same split if needed).
+        Scores (and with ``keep_probes`` the probes and test predictions).
     """
     from tqdm.auto import tqdm
 
@@ -847,6 +924,8 @@ def fit_layer_probes(
     test_scores: list[float] = []
     random_ctrl: list[float] = []
     random_cache: dict[int, float] = {}  # control depends only on d (same shape, same seed)
+    kept: dict[str, LinearProbe] = {}
+    test_pred: dict[str, np.ndarray] = {}
 
     not_converged: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -867,6 +946,9 @@ def fit_layer_probes(
             layers.append(str(name))
             train_scores.append(probe.score(X[train_idx], y_tr))
             test_scores.append(probe.score(X[test_idx], y_te))
+            if keep_probes:
+                kept[str(name)] = probe
+                test_pred[str(name)] = probe.predict(X[test_idx])
             d = X.shape[1]
             del X
             if d not in random_cache:
@@ -888,7 +970,7 @@ def fit_layer_probes(
             stacklevel=2,
         )
 
-    return LayerProbeResult(
+    result = LayerProbeResult(
         task=task,
         kind=kind,
         metric="accuracy" if kind == "logistic" else "r2",
@@ -904,3 +986,6 @@ def fit_layer_probes(
         alpha=float(alpha),
         seed=int(seed),
     )
+    if keep_probes:
+        result.probes_, result.test_index_, result.test_pred_ = kept, test_idx, test_pred
+    return result

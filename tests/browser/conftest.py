@@ -59,6 +59,9 @@ def app_cache(tmp_path_factory):
     reports = tmp_path_factory.mktemp("reports")  # outside the cache root, as ./reports is
     write_report(reports)
     info.update(write_views(root))  # token, latent and attention views
+    from tests.browser.fixture_cache import write_probe_files
+
+    info.update(write_probe_files(root))  # the Layers page's probe of one layer
     return dict(root=root, reports=reports, **info)
 
 

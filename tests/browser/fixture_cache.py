@@ -249,3 +249,60 @@ def write_views(root: Path, *, model: str = "tiny-llama", hook: str = "blocks.1.
     (root / "vectors").mkdir(exist_ok=True)
     save_file({"probe": torch.randn(d, generator=g)}, str(root / "vectors" / "probe.safetensors"))
     return dict(view_run_id=run.run_id, view_hook=hook, sae_dir=sae_dir, latents_dir=out)
+
+
+PROBE_LABELS = ["letter", "space", "punct"]
+
+
+def _byte_class(ids, tok) -> np.ndarray:
+    """Fixture labels: 0 letter/digit, 1 whitespace, 2 anything else (BOS included)."""
+    out = []
+    for t in ids:
+        s = tok.decode([int(t)])
+        out.append(0 if s.isalnum() else 1 if s.isspace() and s else 2)
+    return np.asarray(out)
+
+
+def write_probe_files(root: Path, *, model: str = "tiny-llama") -> dict:
+    """For the "probe of one layer" view: probes fitted on the tiny model's own activations (``hook_embed`` and
+    each ``blocks.<l>.hook_resid_post``, captured with :class:`probekit.hooks.HookSet`) of ``VIEW_TEXTS`` with a
+    character-class label, saved beside ``results/demo/<model>/layer_probes.json`` with their test predictions
+    (the last two texts are the test documents)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from probekit.hooks import HookSet
+    from probekit.probes.layer_probe_files import save_layer_probes
+    from probekit.probes.linear import LinearProbe
+
+    root = Path(root)
+    mdir = root / "models" / model
+    tok = AutoTokenizer.from_pretrained(str(mdir))
+    net = AutoModelForCausalLM.from_pretrained(str(mdir)).eval()
+    n_layers = net.config.num_hidden_layers
+    hooks = {"embed": "hook_embed"} | {str(l): f"blocks.{l}.hook_resid_post" for l in range(n_layers)}
+    feats = {k: [] for k in hooks}
+    doc, pos, ids_all = [], [], []
+    hs = HookSet.for_hf(net, list(hooks.values()))
+    for i, text in enumerate(VIEW_TEXTS):
+        ids = tok(text)["input_ids"]
+        with torch.inference_mode(), hs:
+            acts = hs.run(lambda: net(torch.tensor([ids])))
+        for k, h in hooks.items():
+            feats[k].append(acts[h][0].float().numpy())
+        doc += [i] * len(ids)
+        pos += list(range(len(ids)))
+        ids_all += ids
+    doc, pos, ids_all = np.asarray(doc), np.asarray(pos), np.asarray(ids_all)
+    y = _byte_class(ids_all, tok)
+    test = doc >= len(VIEW_TEXTS) - 2
+    probes, pred = {}, {}
+    for k in hooks:
+        X = np.concatenate(feats[k])
+        probes[k] = LinearProbe(alpha=0.1).fit(X[~test], y[~test])
+        pred[k] = probes[k].predict(X[test])
+    out = root / "results" / "demo" / model
+    save_layer_probes(out, probes, labels=PROBE_LABELS, hooks=hooks,
+                      test=dict(doc=doc[test], position=pos[test], token_id=ids_all[test], y_true=y[test]),
+                      test_pred=pred, context=dict(doc=doc[test], position=pos[test], token_id=ids_all[test]))
+    return dict(probe_dir=out, probe_features={k: np.concatenate(v) for k, v in feats.items()}, probe_labels=y,
+                probe_test=test)

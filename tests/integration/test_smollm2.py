@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +91,12 @@ def test_demo_end_to_end_small(tmp_path):
     assert best > res["majority_baseline"] + 0.2
     assert best > max(res["random_feature_control"]) + 0.2
     assert (tmp_path / "layer_probes.html").stat().st_size > 100_000  # plotly inlined: works offline
+    from probekit.probes.layer_probe_files import load_layer_probe, load_test_predictions
+
+    t = load_test_predictions(tmp_path)  # the saved probes' test predictions score what the result reports
+    for layer, score in zip(res["layers"], res["test_score"]):
+        assert np.mean(t[f"pred.{layer}"] == t["y_true"]) == score
+    assert load_layer_probe(tmp_path, "embed").n_features_in_ == 576
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])

@@ -136,6 +136,12 @@ CASES = [
     ("layers-doc-inf", "app", ("layers-tokens.children", {"layers-run.value": "RUN", "layers-doc.value": float("inf"),
                                                           "layers-hook.value": "blocks.0.hook_resid_post"}),
      ["not a document"]),
+    ("layers-probe-no-probes", "app", ("layers-probe-errors.children", {"layers-model.value": "smollm2-135m",
+                                                                        "layers-probe-layer.value": "1"}),
+     ["test_predictions.safetensors is missing", "probekit demo"]),
+    ("layers-probe-no-index", "app", ("layers-probe-view.children", {"layers-model.value": "smollm2-135m",
+                                                                     "layers-probe-layer.value": None}),
+     ["probes.json is missing", "probekit demo"]),
     # app: Capture
     ("capture-model-list", "app", ("capture-error.children", {"capture-model.value": ["models/tiny-llama"]}),
      ["Choose a model"]),
