@@ -77,7 +77,7 @@ def layout(params: dict) -> html.Div:
             html.Label("B"), dcc.Dropdown(id="cmp-b", options=options(ids), value=b, clearable=False),
         ]),
         html.Div(id="cmp-msg"),
-        card("Per layer", graph("cmp-fig", 380)),
+        card("Per layer", graph("cmp-fig")),
         card("Headline numbers", html.Div(id="cmp-head")),
     ])
 

@@ -201,7 +201,7 @@ def layout(params: dict) -> html.Div:
         ]),
         html.Div(id="lat-msg", children=None if results else _empty()),
         card("Latents", dcc.Loading(html.Div(id="lat-list"), type="dot")),
-        card("Latent page", html.Div(id="lat-head"), graph("lat-hist-fig", 300),
+        card("Latent page", html.Div(id="lat-head"), graph("lat-hist-fig"),
              html.H4("Top-activating examples"), dcc.Loading(html.Div(id="lat-top-wrap"), type="dot"),
              html.H4("Examples across the activation range"), html.Div(id="lat-quant-wrap"),
              html.H4("Logit effects"), html.Div(id="lat-logits-wrap"),

@@ -26,7 +26,8 @@ def test_report_results_reach_every_page_that_shows_them(page, server):
     row.locator("text=open").click()
     page.wait_for_function("() => location.pathname === '/layers' && location.search.includes('report')")
     _settle(page)
-    title = "() => document.querySelector('#layers-acc-fig .js-plotly-plot').layout.title.text"
+    # null-safe: the figure may not be drawn yet when the predicate first runs
+    title = "() => document.querySelector('#layers-acc-fig .js-plotly-plot')?.layout?.title?.text || ''"
     page.wait_for_function(f"() => ({title})().includes('{REPORT_MODEL}')")
     assert len(_wait_fig(page, "layers-acc-fig", 2)[0]["x"]) == 5  # the report's 4 layers + embeddings
     page.click("#layers-model")
