@@ -19,7 +19,7 @@ from .. import data, viewdata
 from ..components import EMPTY_FIGURE, card, error, graph, info, options
 from ..security import UnsafePathError, check_run_id
 from ..tokenspans import visible
-from ..urlstate import encode_query
+from ..urlstate import PageState
 from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, run_forward_job
 
 PATH = "/attention"
@@ -92,7 +92,8 @@ def layer_head_choices(fid: str | None, layer, head):
     return options(list(range(n_layers))), layer, hopts, head
 
 
-def layout(params: dict) -> html.Div:
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
     runs = [r for r in data.list_runs() if not r["error"]]
     run_ids = [r["run_id"] for r in runs]
     source = params.get("source") if params.get("source") in SOURCES else ("cached" if runs else "typed")
@@ -100,9 +101,28 @@ def layout(params: dict) -> html.Div:
     docs = data.run_documents(run) if run else []
     doc = params.get("doc") if params.get("doc") in docs else (docs[0] if docs else None)
     fid = params.get("fwd")
-    lopts, layer, hopts, head = layer_head_choices(fid, params.get("layer"), params.get("head"))
+    _, layer, _, head = layer_head_choices(fid, params.get("layer"), params.get("head"))
+    return [source, run, doc, fid, layer, head]
+
+
+def _query(source, run, doc, fid, layer, head) -> dict:
+    return dict(source=source, run=run if source == "cached" else None, doc=doc if source == "cached" else None,
+                fwd=fid, layer=layer, head=head)
+
+
+STATE = PageState(PATH, SCHEMA, [("attn-source", "value"), ("attn-run", "value"), ("attn-doc", "value"),
+                                 ("attn-fid", "data"), ("attn-layer", "value"), ("attn-head", "value")],
+                  controls, _query)
+
+
+def layout(params: dict) -> html.Div:
+    runs = [r for r in data.list_runs() if not r["error"]]
+    source, run, doc, fid, layer, head = controls(params)
+    docs = data.run_documents(run) if run else []
+    lopts, layer, hopts, head = layer_head_choices(fid, layer, head)
     models = [m for m in data.model_choices() if m["ready"]]
     return html.Div([
+        STATE.location(),
         html.H2("Attention"),
         card("Text", dcc.RadioItems(id="attn-source", options=[{"label": v, "value": k} for k, v in SOURCES.items()],
                                     value=source, inline=True),
@@ -185,9 +205,4 @@ def register(app) -> None:
             return no_update, final.get("message", "the forward failed")
         return final["fid"], "done"
 
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("attn-source", "value"),
-                  Input("attn-run", "value"), Input("attn-doc", "value"), Input("attn-fid", "data"),
-                  Input("attn-layer", "value"), Input("attn-head", "value"), prevent_initial_call=True)
-    def _url(source, run, doc, fid, layer, head):
-        return encode_query(dict(source=source, run=run if source == "cached" else None,
-                                 doc=doc if source == "cached" else None, fwd=fid, layer=layer, head=head))
+    STATE.register(app)

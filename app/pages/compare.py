@@ -10,7 +10,7 @@ from probekit import results as pr
 from .. import data
 from ..components import EMPTY_FIGURE, card, error, graph, info, options
 from ..security import UnsafePathError
-from ..urlstate import encode_query
+from ..urlstate import PageState
 
 PATH = "/compare"
 TITLE = "Compare"
@@ -63,12 +63,24 @@ def compare_view(kind: str | None, a: str | None, b: str | None) -> tuple[dict, 
     return fig, table, None
 
 
-def layout(params: dict) -> html.Div:
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
     kind = params.get("kind") if isinstance(params.get("kind"), str) and params.get("kind") in KINDS else "demo"
     ids = data.list_results(kind)
     a = params.get("a") if params.get("a") in ids else (ids[0] if ids else None)
     b = params.get("b") if params.get("b") in ids else (ids[1] if len(ids) > 1 else a)
+    return [kind, a, b]
+
+
+STATE = PageState(PATH, SCHEMA, [("cmp-kind", "value"), ("cmp-a", "value"), ("cmp-b", "value")], controls,
+                  lambda kind, a, b: dict(kind=kind, a=a, b=b))
+
+
+def layout(params: dict) -> html.Div:
+    kind, a, b = controls(params)
+    ids = data.list_results(kind)
     return html.Div([
+        STATE.location(),
         html.H2("Compare"),
         html.Div(className="controls", children=[
             dcc.RadioItems(id="cmp-kind", options=[{"label": v[0], "value": k} for k, v in KINDS.items()], value=kind,
@@ -92,7 +104,4 @@ def register(app) -> None:
     app.callback(Output("cmp-fig", "figure"), Output("cmp-head", "children"), Output("cmp-msg", "children"),
                  Input("cmp-kind", "value"), Input("cmp-a", "value"), Input("cmp-b", "value"))(compare_view)
 
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("cmp-kind", "value"), Input("cmp-a", "value"),
-                  Input("cmp-b", "value"), prevent_initial_call=True)
-    def _url(kind, a, b):
-        return encode_query(dict(kind=kind, a=a, b=b))
+    STATE.register(app)

@@ -18,7 +18,7 @@ from probekit.latents import latent_record
 from .. import data, viewdata
 from ..components import EMPTY_FIGURE, card, error, graph, info, missing, options
 from ..tokenspans import Scale, legend, token_spans
-from ..urlstate import encode_query
+from ..urlstate import PageState, encode_query
 from ..view_jobs import build_latent_spec, latent_name, run_latent_job
 
 PATH = "/latents"
@@ -174,17 +174,31 @@ def job_choices(sae: str | None) -> tuple[list, list, str | None]:
 # --------------------------------------------------------------------------------------------- layout
 
 
-def layout(params: dict) -> html.Div:
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
     results = viewdata.list_latent_results()
     sae = params.get("sae")
     result = params.get("result")
     if not result and sae:
         result = latent_name(sae) if latent_name(sae) in results else None
     result = result or (results[0] if results else None)
+    return [result, params.get("latent"), params.get("sort") if params.get("sort") in SORTS else "rate",
+            params.get("q", ""), sae]
+
+
+STATE = PageState(PATH, SCHEMA, [("lat-result", "value"), ("lat-latent", "value"), ("lat-sort", "value"),
+                                 ("lat-search", "value"), ("lat-sae", "value")], controls,
+                  lambda result, latent, sort, q, sae: dict(result=result, latent=latent, sort=sort, q=q, sae=sae))
+
+
+def layout(params: dict) -> html.Div:
+    results = viewdata.list_latent_results()
+    result, latent, sort, q, sae = controls(params)
     sae_opts, run_opts, run = job_choices(sae)
     if params.get("run") in [o["value"] for o in run_opts]:
         run = params["run"]
     return html.Div([
+        STATE.location(),
         html.H2("Latents"),
         html.Div(className="controls", children=[
             html.Label("latent statistics"),
@@ -192,11 +206,11 @@ def layout(params: dict) -> html.Div:
                          placeholder="no results yet"),
             html.Label("sort by"),
             dcc.RadioItems(id="lat-sort", options=[{"label": v, "value": k} for k, v in SORTS.items()],
-                           value=params.get("sort") if params.get("sort") in SORTS else "rate", inline=True),
-            dcc.Input(id="lat-search", type="text", value=params.get("q", ""), debounce=True,
+                           value=sort, inline=True),
+            dcc.Input(id="lat-search", type="text", value=q, debounce=True,
                       placeholder="search by token, e.g. def"),
             html.Label("latent"),
-            dcc.Input(id="lat-latent", type="number", min=0, step=1, value=params.get("latent"),
+            dcc.Input(id="lat-latent", type="number", min=0, step=1, value=latent,
                       style={"width": "7rem"}),
         ]),
         html.Div(id="lat-msg", children=None if results else _empty()),
@@ -263,11 +277,7 @@ def register(app) -> None:
         return html.Div(["Done in ", f"{final.get('seconds', 0):.1f} s: ", dcc.Link(f"open {final['name']}", href=href,
                                                                                     id="lat-job-link")]), "done"
 
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("lat-result", "value"),
-                  Input("lat-latent", "value"), Input("lat-sort", "value"), Input("lat-search", "value"),
-                  State("lat-sae", "value"), prevent_initial_call=True)
-    def _url(result, latent, sort, q, sae):
-        return encode_query(dict(result=result, latent=latent, sort=sort, q=q, sae=sae))
+    STATE.register(app)
 
 
 def sae_links(model: str | None) -> html.Div:

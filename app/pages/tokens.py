@@ -15,7 +15,7 @@ from dash import Input, Output, State, dcc, html, no_update
 from .. import data, viewdata
 from ..components import card, error, info, options
 from ..tokenspans import legend, robust_scale, token_spans
-from ..urlstate import encode_query
+from ..urlstate import PageState
 from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, run_forward_job
 
 PATH = "/tokens"
@@ -82,16 +82,39 @@ def vector_options(d: int | None = None) -> list[dict]:
 # --------------------------------------------------------------------------------------------- layout
 
 
-def layout(params: dict) -> html.Div:
+def controls(params: dict) -> list:
+    """Values of the page's controls (:data:`STATE` order) for parsed query ``params``."""
     runs = [r for r in data.list_runs() if not r["error"]]
     run_ids = [r["run_id"] for r in runs]
     source = params.get("source") if params.get("source") in SOURCES else ("cached" if runs else "typed")
     run = params.get("run") if params.get("run") in run_ids else (run_ids[-1] if run_ids else None)
     fid = params.get("fwd")
-    hook_opts, hook, doc_opts, doc = source_choices(source, run, fid, params.get("hook"), params.get("doc"))
-    models = [m for m in data.model_choices() if m["ready"]]
+    _, hook, _, doc = source_choices(source, run, fid, params.get("hook"), params.get("doc"))
     qty = params.get("qty") if params.get("qty") in viewdata.QUANTITIES else "norm"
+    return [source, run, doc, fid, hook, qty, params.get("neuron", 0), params.get("vector"), params.get("sae"),
+            params.get("latent", 0), ["on"] if params.get("sinks", True) else []]
+
+
+def _query(source, run, doc, fid, hook, qty, neuron, vector, sae, latent, sinks) -> dict:
+    return dict(source=source, run=run if source == "cached" else None, doc=doc if source == "cached" else None,
+                fwd=fid if source == "typed" else None, hook=hook, qty=qty, neuron=neuron if qty == "neuron" else None,
+                vector=vector if qty == "direction" else None, sae=sae if qty == "latent" else None,
+                latent=latent if qty == "latent" else None, sinks=bool(sinks))
+
+
+STATE = PageState(PATH, SCHEMA, [("tok-source", "value"), ("tok-run", "value"), ("tok-doc", "value"),
+                                 ("tok-fid", "data"), ("tok-hook", "value"), ("tok-qty", "value"),
+                                 ("tok-neuron", "value"), ("tok-vector", "value"), ("tok-sae", "value"),
+                                 ("tok-latent", "value"), ("tok-sinks", "value")], controls, _query)
+
+
+def layout(params: dict) -> html.Div:
+    runs = [r for r in data.list_runs() if not r["error"]]
+    source, run, doc, fid, hook, qty, neuron, vector, sae, latent, sinks = controls(params)
+    hook_opts, hook, doc_opts, doc = source_choices(source, run, fid, hook, doc)
+    models = [m for m in data.model_choices() if m["ready"]]
     return html.Div([
+        STATE.location(),
         html.H2("Tokens"),
         card("Text", dcc.RadioItems(id="tok-source", options=[{"label": v, "value": k} for k, v in SOURCES.items()],
                                     value=source, inline=True),
@@ -122,16 +145,16 @@ def layout(params: dict) -> html.Div:
                            value=qty, inline=True),
         ]), html.Div(className="controls", children=[
             html.Label("neuron"), dcc.Input(id="tok-neuron", type="number", min=0, step=1,
-                                            value=params.get("neuron", 0), style={"width": "6rem"}),
-            html.Label("direction"), dcc.Dropdown(id="tok-vector", options=vector_options(), value=params.get("vector"),
+                                            value=neuron, style={"width": "6rem"}),
+            html.Label("direction"), dcc.Dropdown(id="tok-vector", options=vector_options(), value=vector,
                                                   placeholder="a saved vector"),
             html.Label("SAE"), dcc.Dropdown(id="tok-sae", options=options(viewdata.list_sae_folders()),
-                                            value=params.get("sae"), placeholder="an SAE folder"),
+                                            value=sae, placeholder="an SAE folder"),
             html.Label("latent"), dcc.Input(id="tok-latent", type="number", min=0, step=1,
-                                            value=params.get("latent", 0), style={"width": "6rem"}),
+                                            value=latent, style={"width": "6rem"}),
             dcc.Checklist(id="tok-sinks", options=[{"label": "grey BOS / sink tokens and leave them out of the scale",
                                                     "value": "on"}],
-                          value=["on"] if params.get("sinks", True) else []),
+                          value=sinks),
         ])),
         card("Tokens", dcc.Loading(html.Div(id="tok-view"), type="dot")),
     ])
@@ -171,14 +194,4 @@ def register(app) -> None:
             return no_update, final.get("message", "the forward failed")
         return final["fid"], "done"
 
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("tok-source", "value"),
-                  Input("tok-run", "value"), Input("tok-doc", "value"), Input("tok-fid", "data"),
-                  Input("tok-hook", "value"), Input("tok-qty", "value"), Input("tok-neuron", "value"),
-                  Input("tok-vector", "value"), Input("tok-sae", "value"), Input("tok-latent", "value"),
-                  Input("tok-sinks", "value"), prevent_initial_call=True)
-    def _url(source, run, doc, fid, hook, qty, neuron, vector, sae, latent, sinks):
-        return encode_query(dict(source=source, run=run if source == "cached" else None,
-                                 doc=doc if source == "cached" else None, fwd=fid if source == "typed" else None,
-                                 hook=hook, qty=qty, neuron=neuron if qty == "neuron" else None,
-                                 vector=vector if qty == "direction" else None, sae=sae if qty == "latent" else None,
-                                 latent=latent if qty == "latent" else None, sinks=bool(sinks)))
+    STATE.register(app)

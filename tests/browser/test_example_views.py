@@ -158,3 +158,26 @@ def test_compare_two_result_sets(page, server):
     assert any(c.startswith("best test accuracy") and "-0.200" in c for c in cells), cells
     _shots(page, "compare")
     assert page.errors == []
+
+
+@pytest.mark.parametrize("path,radio,first,second", [
+    ("/latents?result=view-sae", "lat-sort", "max", "id"),
+    ("/tokens?source=cached", "tok-qty", "neuron", "latent"),
+    ("/attention?source=cached", "attn-source", "cached", "typed"),
+])
+def test_back_and_forward_restore_the_view_controls(page, server, path, radio, first, second):
+    """Each view's controls follow the query string both ways: change a control twice, go back, forward. (Compare is
+    left out: switching its probe also resets A and B, a second history entry, so one step back lands between.)"""
+    checked = f"() => document.querySelector('#{radio} input:checked').value"
+    page.goto(server + path)
+    _settle(page)
+    for value in (first, second):
+        if page.evaluate(checked) != value:
+            page.click(f"#{radio} input[value='{value}']")
+        page.wait_for_function(f"() => location.search.includes('={value}')")
+        _settle(page)
+    page.go_back()
+    page.wait_for_function(f"() => ({checked})() === '{first}'")
+    page.go_forward()
+    page.wait_for_function(f"() => ({checked})() === '{second}'")
+    assert page.errors == []
