@@ -1,7 +1,7 @@
 """probekit's latent-statistics job against SAEDashboard's feature-data generation on the same SAE and tokens.
 
 SAEDashboard (``sae-dashboard`` 0.8, PyPI) needs transformer-lens < 3 and sae-lens 6, which do not import beside
-probekit's transformer-lens 4.3, so it runs in its own venv (``--saedash-python``, e.g. /tmp/h15sd/venv/bin/python,
+probekit's transformer-lens 4.3, so it runs in its own venv (``--saedash-python``, e.g. /tmp/saedash-venv/bin/python,
 made with ``python -m venv`` + ``pip install sae-dashboard==0.8.0``). Workload: a random-init 2-layer
 ``HookedTransformer`` (d_model ``--d-model``, byte-sized vocabulary), ``--prompts`` × ``--seq`` random tokens
 (seed 0), a random ReLU SAE with ``--d-sae`` latents at ``blocks.1.hook_resid_post`` saved by probekit in the
@@ -14,7 +14,7 @@ SAELens format and loaded by sae-lens.
 Ratio printed: SAEDashboard seconds / (probekit forward seconds + job seconds). Both on CPU, 2 threads; note that
 the two venvs carry different torch builds (SAEDashboard's pulls its own).
 
-Run: ``python benchmarks/bench_latents_vs_saedashboard.py --saedash-python /tmp/h15sd/venv/bin/python`` (without
+Run: ``python benchmarks/bench_latents_vs_saedashboard.py --saedash-python /tmp/saedash-venv/bin/python`` (without
 it, the script says how to make that venv and exits 0, so ``make bench`` runs).
 """
 
