@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -205,46 +206,64 @@ def test_figures_carry_an_image_fallback(kernel_name, chromium_for_figures, tmp_
     import plotly
 
     plotly_js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_for_figures, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+
+    def check_in_browser():
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_for_figures, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            try:
+                offline = browser.new_page(viewport={"width": 1100, "height": 1400})
+                offline.route("**/*", lambda r: r.continue_() if r.request.url.startswith("file:") else r.abort())
+                offline.goto(page.as_uri())
+                offline.wait_for_timeout(1000)
+                imgs = offline.locator("img.probekit-static")
+                assert imgs.count() == 2
+                sizes = imgs.evaluate_all("els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
+                assert sizes == [[True, 700, 500]] * 2, f"the fallback images did not load: {sizes}"
+                assert offline.locator(".probekit-figure .js-plotly-plot").count() == 0
+
+                online = browser.new_page(viewport={"width": 1100, "height": 1400})
+                online.route("**/*", lambda r: r.fulfill(path=str(plotly_js), content_type="application/javascript")
+                             if "cdn.plot.ly" in r.request.url else
+                             (r.continue_() if r.request.url.startswith("file:") else r.abort()))
+                online.goto(page.as_uri())
+                online.locator(".probekit-figure .js-plotly-plot").nth(1).wait_for(timeout=30_000)
+                assert online.locator(".probekit-figure .js-plotly-plot").count() == 2
+                assert online.locator("img.probekit-static").count() == 0
+
+                # where require.js is on the page (nbconvert's templates load it from a CDN): a minimal AMD loader
+                # that, like require.js with plotly.js 3, hands the callback no module value
+                amd = browser.new_page(viewport={"width": 1100, "height": 1400})
+                amd.add_init_script("""
+                    window.requirejs = function (deps, ok, err) {
+                      var s = document.createElement("script");
+                      s.src = window.requirejs.paths[deps[0]] + ".js";
+                      s.onload = function () { ok(undefined); }; s.onerror = err;
+                      document.head.appendChild(s);
+                    };
+                    window.requirejs.config = function (c) { window.requirejs.paths = c.paths; };
+                    Object.defineProperty(window, "requirejs", {writable: false});""")
+                amd.route("**/*", lambda r: r.fulfill(path=str(plotly_js), content_type="application/javascript")
+                          if "cdn.plot.ly" in r.request.url else
+                          (r.continue_() if r.request.url.startswith("file:") else r.abort()))
+                amd.goto(page.as_uri())
+                amd.locator(".probekit-figure .js-plotly-plot").nth(1).wait_for(timeout=30_000)
+                assert amd.locator("img.probekit-static").count() == 0
+            finally:
+                browser.close()
+
+    # Playwright's sync API refuses to start inside a running asyncio loop, which the browser tests' session-wide
+    # Playwright keeps in this thread when the suites run together: drive this browser from a thread of its own.
+    failure: list[BaseException] = []
+
+    def run():
         try:
-            offline = browser.new_page(viewport={"width": 1100, "height": 1400})
-            offline.route("**/*", lambda r: r.continue_() if r.request.url.startswith("file:") else r.abort())
-            offline.goto(page.as_uri())
-            offline.wait_for_timeout(1000)
-            imgs = offline.locator("img.probekit-static")
-            assert imgs.count() == 2
-            sizes = imgs.evaluate_all("els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])")
-            assert sizes == [[True, 700, 500]] * 2, f"the fallback images did not load: {sizes}"
-            assert offline.locator(".probekit-figure .js-plotly-plot").count() == 0
+            check_in_browser()
+        except BaseException as e:  # re-raised below, in the test's thread
+            failure.append(e)
 
-            online = browser.new_page(viewport={"width": 1100, "height": 1400})
-            online.route("**/*", lambda r: r.fulfill(path=str(plotly_js), content_type="application/javascript")
-                         if "cdn.plot.ly" in r.request.url else
-                         (r.continue_() if r.request.url.startswith("file:") else r.abort()))
-            online.goto(page.as_uri())
-            online.locator(".probekit-figure .js-plotly-plot").nth(1).wait_for(timeout=30_000)
-            assert online.locator(".probekit-figure .js-plotly-plot").count() == 2
-            assert online.locator("img.probekit-static").count() == 0
-
-            # where require.js is on the page (nbconvert's templates load it from a CDN): a minimal AMD loader
-            # that, like require.js with plotly.js 3, hands the callback no module value
-            amd = browser.new_page(viewport={"width": 1100, "height": 1400})
-            amd.add_init_script("""
-                window.requirejs = function (deps, ok, err) {
-                  var s = document.createElement("script");
-                  s.src = window.requirejs.paths[deps[0]] + ".js";
-                  s.onload = function () { ok(undefined); }; s.onerror = err;
-                  document.head.appendChild(s);
-                };
-                window.requirejs.config = function (c) { window.requirejs.paths = c.paths; };
-                Object.defineProperty(window, "requirejs", {writable: false});""")
-            amd.route("**/*", lambda r: r.fulfill(path=str(plotly_js), content_type="application/javascript")
-                      if "cdn.plot.ly" in r.request.url else
-                      (r.continue_() if r.request.url.startswith("file:") else r.abort()))
-            amd.goto(page.as_uri())
-            amd.locator(".probekit-figure .js-plotly-plot").nth(1).wait_for(timeout=30_000)
-            assert amd.locator("img.probekit-static").count() == 0
-        finally:
-            browser.close()
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
