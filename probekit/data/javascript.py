@@ -93,7 +93,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from probekit.data.code import CodeSnippet
-from probekit.data.treesitter import parser as _parser
+from probekit.data.treesitter import parser
 from probekit.paths import cache_root
 from probekit.probes.ast_tree import SyntaxTreeError, leaves, parse_code
 
@@ -478,7 +478,7 @@ def extract_functions(
     rejected = Counter() if rejected is None else rejected
     seen_keys = set() if seen_keys is None else seen_keys
     data = source.encode("utf-8", errors="surrogatepass")
-    root = _parser("javascript").parse(data).root_node
+    root = parser("javascript").parse(data).root_node
     names: Counter[str] = Counter()
     out: list[CodeSnippet] = []
 

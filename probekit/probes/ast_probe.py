@@ -50,7 +50,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from probekit.probes.ast_figures import AST_METRICS
 from probekit.probes.ast_tree import constituents, tree_f1, tuple_to_tree
-from probekit.jsonsafe import json_safe as _json_safe
+from probekit.jsonsafe import json_safe
 
 __all__ = ["ASTProbe", "ASTProbeResult", "PackedLeaves", "pairwise_rank_loss", "per_label_recall", "score_ast_predictions"]
 
@@ -454,7 +454,7 @@ class ASTProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (NaN stays a float NaN)."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def __repr__(self) -> str:
         return (f"ASTProbeResult(k={self.k}, n_snippets={self.n_snippets}, best_layer={self.best_layer!r}, "

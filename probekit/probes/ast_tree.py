@@ -45,9 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from probekit.data.treesitter import ATOMIC_TYPES, check_language
-from probekit.data.treesitter import byte_to_char as _byte_to_char
-from probekit.data.treesitter import parser as _parser
+from probekit.data.treesitter import ATOMIC_TYPES, byte_to_char, check_language, parser
 
 __all__ = [
     "EMPTY",
@@ -231,14 +229,14 @@ def parse_code(source: str, *, language: str = "python") -> Node:
     """
     atomic = ATOMIC_TYPES[check_language(language)]
     data = source.encode("utf-8", errors="surrogatepass")
-    root = _parser(language).parse(data).root_node
+    root = parser(language).parse(data).root_node
     if root.has_error:
         raise SyntaxTreeError(
             f"tree-sitter found ERROR/MISSING nodes; the snippet is not valid {language} "
             "for this grammar (reject it and count the rejection)."
         )
     # tree-sitter reports byte offsets; sources may contain non-ASCII.
-    b2c = _byte_to_char(source, data)
+    b2c = byte_to_char(source, data)
 
     def kids(n: Any) -> list[Any]:
         return [] if n.type in atomic else _kept_children(n, language)

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..jsonsafe import json_safe as _json_safe
+from ..jsonsafe import json_safe
 from .lstsq import R2Accumulator, StreamedLeastSquares
 
 __all__ = [
@@ -203,7 +203,7 @@ class DarkMatterResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe scalars (per-token arrays and the estimator are left out)."""
         d = {k: v for k, v in asdict(self).items() if k not in self._ARRAYS}
-        return _json_safe(d)
+        return json_safe(d)
 
     def _repr_html_(self) -> str:
         from ..html_page import html_table
@@ -356,7 +356,7 @@ class FVUSplitAcrossWidths:
     reference_width: int
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def figures(self, *, mode: str = "stacked", hook: str | None = None) -> list[Any]:
         """One plotly figure: the FVU per width, stacked into its parts or as a total (:func:`fvu_split_figure`).
@@ -426,7 +426,7 @@ class PerTokenScalingResult:
     n_tokens: int
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def figures(self) -> list[Any]:
         """Plotly heatmaps of ``r2`` (and of ``r2_with_nonlinear``)."""
@@ -647,7 +647,7 @@ class EarlierLayerResult:
     n_test: int
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def figures(self) -> list[Any]:
         import plotly.graph_objects as go

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..jsonsafe import json_safe as _json_safe
+from ..jsonsafe import json_safe
 
 __all__ = [
     "LinearScopeError",
@@ -1026,7 +1026,7 @@ class LinearScopeResult:
         d["in_shape"] = list(self.in_shape)
         share = self.bias_share
         d["bias_share"] = [float(s) if np.isfinite(s) else None for s in share]
-        return _json_safe(d)
+        return json_safe(d)
 
     def _image(self, a: np.ndarray) -> np.ndarray:
         """``a`` (n_in values) as a 2-D image: reshaped to ``in_shape``, channels averaged, flat squares folded."""
@@ -1184,7 +1184,7 @@ class DatasetBiasShare:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def figures(self) -> list[Any]:
         """One bar figure: mean bias share at the predicted class, per predicted class."""

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from ..subspace import mso, rank_fraction_basis, rank_fraction_k
-from ..jsonsafe import json_safe as _json_safe
+from ..jsonsafe import json_safe
 
 __all__ = [
     "StateSource",
@@ -558,7 +558,7 @@ class WeightSpaceResult:
         d["kind"] = "weight_space"
         d["pooled_energy_kept"] = {b: {str(f): v for f, v in self.energy_kept(b).items()}
                                    for b in self.config.get("bases", BASIS_KINDS)}
-        return _json_safe(d, nonfinite="null")
+        return json_safe(d, nonfinite="null")
 
     def figures(self) -> list[Any]:
         """(1) pooled energy kept against rank fraction per basis; (2) cos(U, V) per layer and module."""
@@ -669,7 +669,7 @@ class UpdateOverlapResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind"] = "update_overlap"
-        return _json_safe(d, nonfinite="null")
+        return json_safe(d, nonfinite="null")
 
     def figures(self) -> list[Any]:
         """Heatmap layer × rank fraction of mean MSO − baseline, MSO and baseline in the hover."""

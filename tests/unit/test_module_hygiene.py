@@ -77,6 +77,20 @@ def private_imports(modules: dict[str, Path]) -> list[str]:
     return bad
 
 
+def private_aliases(modules: dict[str, Path]) -> list[str]:
+    """Another module's public name imported under a private alias (``import json_safe as _json_safe``): the
+    shared helper should be used under its own public name."""
+    bad = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or _ours(node.module or "")):
+                for a in node.names:
+                    if a.asname and a.asname.startswith("_") and not a.name.startswith("_"):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {a.name!r} as {a.asname!r}")
+    return bad
+
+
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     """probekit module → the probekit modules it imports (``from pkg import submodule`` counts as the
     submodule; a package's ``__init__`` is not an edge of its submodules' imports)."""
@@ -126,6 +140,11 @@ def test_no_module_imports_another_modules_private_names():
         "\n".join(bad)
 
 
+def test_no_public_helper_is_imported_under_a_private_alias():
+    bad = private_aliases(_modules())
+    assert not bad, "shared helpers imported under private aliases (use their public names):\n" + "\n".join(bad)
+
+
 def test_no_import_cycle_among_probekit_modules():
     cycle = find_cycle(import_graph(_modules()))
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
@@ -143,6 +162,9 @@ def test_checkers_catch_a_private_import_and_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__, fromlist=["x"]), "ROOT", tmp_path)
     mods = {_module_name(p): p for p in sorted(pkg.rglob("*.py"))}
     assert any("'_helper'" in b for b in private_imports(mods))
+    (pkg / "c.py").write_text("from .b import helper as _helper\n")
+    mods = {_module_name(p): p for p in sorted(pkg.rglob("*.py"))}
+    assert any("as '_helper'" in b for b in private_aliases(mods))
     assert find_cycle(import_graph(mods)) in (["probekit.a", "probekit.b", "probekit.a"],
                                               ["probekit.b", "probekit.a", "probekit.b"])
 
@@ -156,4 +178,4 @@ def test_checkers_accept_public_imports(tmp_path, monkeypatch, src):
     (pkg / "b.py").write_text("helper = 1\n__all__ = ['helper']\n")
     monkeypatch.setattr(__import__(__name__, fromlist=["x"]), "ROOT", tmp_path)
     mods = {_module_name(p): p for p in sorted(pkg.rglob("*.py"))}
-    assert private_imports(mods) == [] and find_cycle(import_graph(mods)) is None
+    assert private_imports(mods) == [] and private_aliases(mods) == [] and find_cycle(import_graph(mods)) is None
