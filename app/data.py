@@ -492,7 +492,8 @@ def tokenizer_folder(model: str, root: Path | None = None) -> Path | None:
     return p if (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file() else None
 
 
-def _tokenizer(folder: Path):
+def tokenizer(folder: Path):
+    """The tokenizer of a model folder inside the root (plain JSON files; memoised)."""
     def load():
         from transformers import AutoTokenizer
 
@@ -501,15 +502,15 @@ def _tokenizer(folder: Path):
     return memo(("tokenizer", str(folder), *_stamp(folder)), load)
 
 
-def token_values(run_id: str, hook: str, doc: int, *, root: Path | None = None) -> dict:
-    """Per-token activation norm at ``hook`` for document ``doc`` of a run.
+def document_activations(run_id: str, hook: str, doc: int, *, root: Path | None = None) -> dict:
+    """A cached document's rows at ``hook`` in position order.
 
     Returns
     -------
     dict
-        ``{"tokens": [str], "token_ids": [int], "positions": [int], "values": [float], "decoded": bool}``
-        in position order; ``decoded`` is False when no tokenizer was found inside the cache root (tokens
-        are then shown as ids).
+        ``{"tokens": [str], "token_ids": [int], "positions": [int], "x": (n, d) float32 array, "decoded": bool,
+        "model": str}``; ``decoded`` is False when no tokenizer was found inside the cache root (tokens are then
+        shown as ids).
     """
     check_hook(hook)
     doc = int(doc)
@@ -527,17 +528,31 @@ def token_values(run_id: str, hook: str, doc: int, *, root: Path | None = None) 
         rows, pos = rows[order], pos[order]
         ids = m["token_id"].numpy()[rows]
         x = run.load(hook, rows).float().flatten(1).numpy()
-        values = np.linalg.norm(x, axis=1)
-        folder = tokenizer_folder(str(run.config.get("key", {}).get("model", "")), root)
+        model = str(run.config.get("key", {}).get("model", ""))
+        folder = tokenizer_folder(model, root)
         if folder is not None:
-            tok = _tokenizer(folder)
+            tok = tokenizer(folder)
             tokens = [tok.decode([int(t)]) for t in ids]
         else:
             tokens = [f"#{int(t)}" for t in ids]
-        return dict(tokens=tokens, token_ids=[int(t) for t in ids], positions=[int(p) for p in pos],
-                    values=[float(v) for v in values], decoded=folder is not None)
+        return dict(tokens=tokens, token_ids=[int(t) for t in ids], positions=[int(p) for p in pos], x=x,
+                    decoded=folder is not None, model=model)
 
-    return memo(("tokens", _manifest_stamp(run_id, root), hook, doc), compute)
+    return memo(("doc-acts", _manifest_stamp(run_id, root), hook, doc), compute)
+
+
+def token_values(run_id: str, hook: str, doc: int, *, root: Path | None = None) -> dict:
+    """Per-token activation norm at ``hook`` for document ``doc`` of a run.
+
+    Returns
+    -------
+    dict
+        ``{"tokens": [str], "token_ids": [int], "positions": [int], "values": [float], "decoded": bool}``
+        in position order (see :func:`document_activations`).
+    """
+    d = document_activations(run_id, hook, doc, root=root)
+    return dict(tokens=d["tokens"], token_ids=d["token_ids"], positions=d["positions"],
+                values=[float(v) for v in np.linalg.norm(d["x"], axis=1)], decoded=d["decoded"])
 
 
 # --------------------------------------------------------------------------------------------- models

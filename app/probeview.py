@@ -108,7 +108,7 @@ def misclassified(model: str, layer: str, *, context: int = 6, limit: int = 100)
     wrong = np.flatnonzero(t["y_true"] != t[key])[:limit]
     payload = data.load_result("demo", model)
     tfolder = data.tokenizer_folder(str(payload.get("model", model)))
-    tok = viewdata.tokenizer(tfolder) if tfolder is not None else None
+    tok = data.tokenizer(tfolder) if tfolder is not None else None
 
     def text(ids) -> str:
         ids = [int(i) for i in ids]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .security import UnsafePathError, check_hook, check_name, safe_path
+from .security import UnsafePathError, check_name, safe_path
 
 FORWARD_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 QUANTITIES = {"norm": "‖x‖", "neuron": "neuron", "direction": "direction (x · v)", "latent": "SAE latent"}
@@ -218,44 +218,8 @@ def load_forward(fid: str, root: Path | None = None) -> tuple[dict, dict]:
 
 
 def doc_activations(run_id: str, hook: str, doc: int) -> dict:
-    """A cached document: ``{"tokens", "token_ids", "positions", "x" (n, d) float32, "decoded"}``."""
-    check_hook(hook)
-    doc = int(doc)
-
-    def compute():
-        run = data.open_run(run_id)
-        if hook not in run.hooks:
-            raise ValueError(f"run {run_id[:12]} has no hook {hook!r}")
-        m = run.meta_tensors(["doc_index", "position", "token_id"])
-        rows = np.flatnonzero(m["doc_index"].numpy() == doc)
-        if not len(rows):
-            raise ValueError(f"run {run_id[:12]} has no document {doc}")
-        pos = m["position"].numpy()[rows]
-        order = np.argsort(pos, kind="stable")
-        rows, pos = rows[order], pos[order]
-        ids = m["token_id"].numpy()[rows]
-        x = run.load(hook, rows).float().flatten(1).numpy()
-        folder = data.tokenizer_folder(str(run.config.get("key", {}).get("model", "")))
-        if folder is not None:
-            tok = tokenizer(folder)
-            tokens = [tok.decode([int(t)]) for t in ids]
-        else:
-            tokens = [f"#{int(t)}" for t in ids]
-        return dict(tokens=tokens, token_ids=[int(t) for t in ids], positions=[int(p) for p in pos], x=x,
-                    decoded=folder is not None, model=str(run.config.get("key", {}).get("model", "")))
-
-    return data.memo(("doc-acts", str(data.run_dir(run_id) / "manifest.json"),
-                      (data.run_dir(run_id) / "manifest.json").stat().st_mtime_ns, hook, doc), compute)
-
-
-def tokenizer(folder: Path):
-    """The tokenizer of a model folder inside the root (plain JSON files; memoised)."""
-    def load():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder))
-
-    return data.memo(("view-tokenizer", str(folder), folder.stat().st_mtime_ns), load)
+    """A cached document: ``{"tokens", "token_ids", "positions", "x" (n, d) float32, "decoded", "model"}``."""
+    return data.document_activations(run_id, hook, doc)
 
 
 def forward_activations(fid: str, hook: str) -> dict:
