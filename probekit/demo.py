@@ -51,6 +51,47 @@ class DemoConfig:
             raise ValueError("max_length must be at least 8 tokens")
 
 
+def per_function_correctness(doc: np.ndarray, y_true: np.ndarray, test_pred: dict[str, np.ndarray],
+                             majority_class: int) -> dict:
+    """Correct and scored test tokens per function: the per-unit data of the accuracy CIs (METHODS.md §5).
+
+    Tokens of one function are not independent, so the headline's intervals resample whole functions and pool
+    (Σ correct / Σ tokens over the drawn functions); the pooled value is the probe's test accuracy.
+
+    Parameters
+    ----------
+    doc : ndarray (n_test,)
+        The function (document index) of each test token.
+    y_true : ndarray (n_test,)
+        Its label.
+    test_pred : dict of layer name -> ndarray (n_test,)
+        Each layer's probe prediction for the same tokens.
+    majority_class : int
+        The train split's most frequent label (the majority baseline's constant prediction).
+
+    Returns
+    -------
+    dict
+        ``unit``, ``ids`` (n_functions,), ``tokens`` (n_functions,), ``correct`` = {layer: (n_functions,)} and
+        ``majority_correct`` (n_functions,), functions in ascending id order.
+    """
+    from .stats import cluster_sums
+
+    doc, y_true = np.asarray(doc).reshape(-1), np.asarray(y_true).reshape(-1)
+    if doc.shape != y_true.shape:
+        raise ValueError(f"doc and y_true must have one entry per test token, got {doc.shape} and {y_true.shape}")
+    correct = {}
+    for name, pred in test_pred.items():
+        pred = np.asarray(pred).reshape(-1)
+        if pred.shape != y_true.shape:
+            raise ValueError(f"test_pred[{name!r}] has {pred.shape[0]} predictions for {y_true.shape[0]} test tokens")
+        ids, sums, counts = cluster_sums(pred == y_true, doc)
+        correct[str(name)] = [int(v) for v in sums]
+    ids, maj, counts = cluster_sums(y_true == majority_class, doc)
+    return dict(unit="test functions", ids=[int(i) for i in ids], tokens=[int(c) for c in counts],
+                correct=correct, majority_correct=[int(v) for v in maj])
+
+
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     """Run the demo; return ``{"json": path, "html": path, "result": dict}``."""
     t0 = time.perf_counter()
@@ -110,6 +151,9 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     )
     # the fitted probes and their test predictions, for the app's "probes on your text" view
     test_rows = rows[result.test_index_]
+    train_rows = np.delete(rows, result.test_index_)
+    payload["per_function"] = per_function_correctness(
+        doc_idx[test_rows], y[test_rows], result.test_pred_, int(np.bincount(y[train_rows]).argmax()))
     tok_ids = meta["token_id"].numpy()
     in_test = np.isin(doc_idx, np.unique(doc_idx[test_rows]))
     save_layer_probes(out, result.probes_, labels=vocab, hooks={v: k for k, v in names.items()},
@@ -119,15 +163,16 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
                       context=dict(doc=doc_idx[in_test], position=pos[in_test], token_id=tok_ids[in_test]))
     json_path, html_path = out / "layer_probes.json", out / "layer_probes.html"
     json_path.write_text(json.dumps(payload, indent=2))
-    from .results import figures
+    from .results import figures, headline
 
     fig = figures(payload)[0]  # the report's and the app's figure of this payload
     fig.write_html(str(html_path), include_plotlyjs=True)  # inline plotly.js: the page works offline
 
-    best = result.best_layer
-    scores = dict(zip(result.layers, result.test_score))
-    say(f"[probekit demo] best layer {best}: test accuracy {scores[best]:.3f}; embedding {scores['embed']:.3f}; "
-        f"majority {result.majority_baseline:.3f}; token identity {result.token_identity_control:.3f}")
+    h = headline(payload)  # every number with its 95% CI over test functions
+    say(f"[probekit demo] best layer {h['best layer']} (chosen on test, optimistic): test accuracy "
+        f"{h['best test accuracy, 95% CI']}; embedding {h['embedding accuracy, 95% CI']}; best − embedding "
+        f"{h['best − embedding accuracy, 95% CI']}; majority {h['majority baseline, 95% CI']}; token identity "
+        f"{result.token_identity_control:.3f} (point)")
     say(f"[probekit demo] wrote {html_path}")
     say(f"[probekit demo] wrote {json_path}")
     say(f"[probekit demo] done in {time.perf_counter() - t0:.0f} s")

@@ -15,7 +15,7 @@ RESULT_KINDS
 load
 find
 figures
-headline
+headline, headline_rows, CI_SUFFIX
 build_result
 layer_accuracy_figure, hook_stats_figure, HOOK_STATS
 ast_layer_figure, AST_METRICS
@@ -38,7 +38,7 @@ from .figure_layout import fit_figure
 from .probes.ast_figures import AST_METRICS
 
 __all__ = ["RESULT_KINDS", "WEIGHT_METRICS", "HOOK_STATS", "AST_METRICS", "CE_SPLICES", "load", "find",
-           "figures", "headline", "build_result", "layer_accuracy_figure", "hook_stats_figure", "ast_layer_figure",
+           "figures", "headline", "headline_rows", "CI_SUFFIX", "build_result", "layer_accuracy_figure", "hook_stats_figure", "ast_layer_figure",
            "fvu_split_figure", "error_r2_figure", "ce_figure", "error_scatter_figure", "digit_rows_figure",
            "bias_share_figure", "token_contributions_figure", "overlap_heatmap_figure", "overlap_lines_figure",
            "refusal_figure", "REFUSAL_VIEWS", "projection_curves",
@@ -618,31 +618,142 @@ def figures(payload: dict[str, Any]) -> list[Any]:
     return [fit_figure(f) for f in _FIGURES[kind](payload)]
 
 
+#: Suffix of the key that carries a headline number's interval: ``"best F1"`` → ``"best F1, 95% CI"``.
+CI_SUFFIX = ", 95% CI"
+
+
+def _estimate_or_reason(est) -> str:
+    from .stats import Estimate
+
+    return est.format() if isinstance(est, Estimate) else f"not assessed: {est}"
+
+
+def _put(out: dict[str, Any], name: str, value: Any, est) -> None:
+    """``out[name]`` = the number, ``out[name + CI_SUFFIX]`` = its interval (``Estimate.format()``) or
+    ``"not assessed: <why>"``; below ``min_n`` units the number's place says "too few to conclude (n = …)"."""
+    from .stats import Estimate
+
+    if isinstance(est, Estimate) and est.too_small:
+        value = f"too few to conclude (n = {est.n} {est.unit})"
+    out[name] = value
+    out[name + CI_SUFFIX] = _estimate_or_reason(est)
+
+
+def _layer_probe_headline(payload: dict[str, Any]) -> dict[str, Any]:
+    from .stats import bootstrap_ratio, paired_difference
+
+    r = payload["result"]
+    i = int(np.argmax(r["test_score"]))
+    out: dict[str, Any] = {"best layer": r["layers"][i],
+                           # the demo has no validation split: the maximum over layers is taken on test
+                           "best layer chosen on": "test split (optimistic: no validation split)"}
+    per = payload.get("per_function")
+    if per:  # correct / scored test tokens per function: a pooled accuracy, functions resampled whole
+        unit = per.get("unit", "test functions")
+        tokens = np.asarray(per["tokens"], dtype=np.float64)
+        corr = {k: np.asarray(v, dtype=np.float64) for k, v in per["correct"].items()}
+        best, emb = corr[r["layers"][i]], corr[r["layers"][0]]
+        est = {k: bootstrap_ratio(v, tokens, unit=unit) for k, v in
+               (("best", best), ("embed", emb), ("majority", np.asarray(per["majority_correct"], dtype=float)))}
+        pooled = lambda rows: float(rows[:, 0].sum() / rows[:, 1].sum())  # noqa: E731
+        diff = paired_difference(np.column_stack([best, tokens]), np.column_stack([emb, tokens]), pooled,
+                                 unit=unit)
+    else:
+        why = "the payload has no per_function correctness (rerun the demo with this version)"
+        est, diff = dict.fromkeys(("best", "embed", "majority"), why), why
+    _put(out, "best test accuracy", r["test_score"][i], est["best"])
+    _put(out, "embedding accuracy", r["test_score"][0], est["embed"])
+    _put(out, "best − embedding accuracy", r["test_score"][i] - r["test_score"][0], diff)
+    _put(out, "majority baseline", r["majority_baseline"], est["majority"])
+    if r.get("token_identity_control") is not None:
+        _put(out, "token-identity control", r["token_identity_control"],
+             "per-function token-identity predictions are not stored (a stated point)")
+    return out
+
+
+def _ast_headline(payload: dict[str, Any]) -> dict[str, Any]:
+    from .stats import bootstrap_ci, paired_difference
+
+    r, rnd = payload["result"], payload.get("random_init")
+    layers, f1 = r["layers"], r["f1"]
+    chosen = payload.get("best_layer_by_validation")
+    if chosen is not None and chosen in layers:
+        bi, how = layers.index(chosen), "validation split"
+    else:  # an older payload without the validation choice: the maximum over layers on test
+        bi, how = int(np.nanargmax(f1)), "test split (optimistic: no validation choice stored)"
+    out: dict[str, Any] = {"best layer": layers[bi], "best layer chosen on": how}
+    per = payload.get("per_snippet_f1") or {}
+    trained, rper = per.get("trained"), per.get("random_init")
+    unit = "test snippets"
+    why = "the payload has no per_snippet_f1 (rerun ast-probe with this version)"
+    _put(out, "best F1", f1[bi], bootstrap_ci(trained[bi], unit=unit) if trained else why)
+    _put(out, "layer 0 (embeddings) F1", f1[0], bootstrap_ci(trained[0], unit=unit) if trained else why)
+    _put(out, "best − layer 0 F1", f1[bi] - f1[0],
+         paired_difference(trained[bi], trained[0], unit=unit) if trained else why)
+    if rnd:
+        rf1 = rnd["f1"][bi]
+        ok = bool(trained and rper)
+        rwhy = why if not trained else "the payload has no per-snippet F1 of the random-init control"
+        _put(out, "random-init F1 (best layer)", rf1, bootstrap_ci(rper[bi], unit=unit) if ok else rwhy)
+        _put(out, "best − random-init F1 (same layer)", f1[bi] - rf1,
+             paired_difference(trained[bi], rper[bi], unit=unit) if ok else rwhy)
+    if payload.get("k_sweep"):
+        out["best k (separate fits)"] = payload["k_sweep"]["best_k_separate"]
+        _put(out, "max |Matryoshka − separate|", payload["k_sweep"]["max_abs_gap"],
+             "the k sweep stores one F1 per k, not per snippet")
+    return out
+
+
+def _linearscope_digits_headline(payload: dict[str, Any]) -> dict[str, Any]:
+    from .stats import Estimate, bootstrap_ci, wilson_interval
+
+    t = payload["test_set"]
+    out: dict[str, Any] = {}
+    per = payload.get("per_image_share_predicted")
+    _put(out, "mean bias share (predicted class)", t["mean_share_predicted"],
+         bootstrap_ci(per, unit="test images") if per else
+         "per-image shares are not stored (rerun linearscope with this version)")
+    if t.get("mean_abs_fraction") is not None:
+        _put(out, "mean |b| / (|b| + |Ax|)", t["mean_abs_fraction"], "per-image fractions are not stored")
+    acc, n = t.get("accuracy"), t.get("n")
+    if acc is None:  # older payloads: the network's own test accuracy, on the same held-out digits
+        acc = payload.get("test_accuracy")
+    if acc is None:
+        out["test accuracy"] = None
+        return out
+    k = round(acc * n) if isinstance(n, int) and n > 0 else None
+    if k is None or abs(acc * n - k) > 1e-3:  # a float32 mean of 0/1 is a count / n to ~1e-5
+        _put(out, "test accuracy", acc, f"the accuracy {acc} is not a count of correct images out of n = {n}")
+        return out
+    lo, hi = wilson_interval(k, n)  # a proportion over test images: the closed-form interval
+    _put(out, "test accuracy", acc, Estimate(k / n, lo, hi, n, "test images", method="Wilson score"))
+    return out
+
+
+def _linearscope_lm_headline(payload: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dt, v in payload["reconstruction"].items():
+        _put(out, f"reconstruction error ({dt})", v["relative_error"],
+             "an exactness check on one prompt, not a sample statistic")
+    return out
+
+
 def headline(payload: dict[str, Any]) -> dict[str, Any]:
-    """The summary-table numbers of one result payload (flat dict of str -> number or str)."""
+    """The summary-table numbers of one result payload (flat dict of str -> number or str).
+
+    Convention (every kind follows it): a headline number ``out[name]`` has its 95% interval under
+    ``out[name + CI_SUFFIX]`` (``"<name>, 95% CI"``), the string :meth:`probekit.stats.Estimate.format` gives
+    (``value [low, high] (n=… unit)``, over the independent unit of METHODS.md §5), or ``"not assessed: <why>"``
+    when the payload lacks the per-unit values a CI needs. Below :data:`probekit.stats.MIN_N` units the number's
+    own place holds ``"too few to conclude (n = …)"`` and the interval key still shows the number with its CI.
+    Whole numbers that are choices, not estimates (a layer, k), and text stand alone. Kinds whose payload stores
+    Estimates already (``linearscope_sr``, ``linearscope_i2i``) give each as one formatted string.
+    """
     kind = payload.get("kind")
     if kind == "layer_probes":
-        r = payload["result"]
-        i = int(np.argmax(r["test_score"]))
-        return {"best layer": r["layers"][i], "best test accuracy": r["test_score"][i],
-                "embedding accuracy": r["test_score"][0], "majority baseline": r["majority_baseline"],
-                "token-identity control": r.get("token_identity_control")}
+        return _layer_probe_headline(payload)
     if kind == "ast_probe":
-        r, rnd = payload["result"], payload.get("random_init")
-        i = int(np.nanargmax(r["f1"]))
-        out = {"best layer": r["layers"][i], "best F1": r["f1"][i], "layer 0 (embeddings) F1": r["f1"][0]}
-        per = (payload.get("per_snippet_f1") or {}).get("trained")
-        if per:  # 95% CIs over test snippets (the best layer here is chosen on test: optimistic)
-            from .stats import bootstrap_ci
-
-            out["best F1, 95% CI"] = bootstrap_ci(per[i], unit="test snippets").format()
-            out["layer 0 F1, 95% CI"] = bootstrap_ci(per[0], unit="test snippets").format()
-        if rnd:
-            out["best random-init F1"] = float(np.nanmax(rnd["f1"]))
-        if payload.get("k_sweep"):
-            out["best k (separate fits)"] = payload["k_sweep"]["best_k_separate"]
-            out["max |Matryoshka − separate|"] = payload["k_sweep"]["max_abs_gap"]
-        return out
+        return _ast_headline(payload)
     if kind == "dark_matter":
         out: dict[str, Any] = {}
         for w, d in payload["decomposition"].items():
@@ -653,12 +764,9 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
             out[f"width {w}: CE recovered"] = payload["ce"][w]["ce_recovered"]
         return out
     if kind == "linearscope_digits":
-        t = payload["test_set"]
-        return {"mean bias share (predicted class)": t["mean_share_predicted"],
-                "mean |b| / (|b| + |Ax|)": t["mean_abs_fraction"], "test accuracy": payload.get("test_accuracy")}
+        return _linearscope_digits_headline(payload)
     if kind == "linearscope_lm":
-        rec = payload["reconstruction"]
-        return {f"reconstruction error ({dt})": v["relative_error"] for dt, v in rec.items()}
+        return _linearscope_lm_headline(payload)
     if kind == "safety_activation":
         rr, o = payload["refusal"]["refusal_rate"], payload["overlap"]["harmful_vs_useful"]
         j = _nearest(o["etas"], 0.9)
@@ -703,3 +811,19 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
     if kind == "linearscope_i2i":
         return _estimates(payload["estimates"])
     raise ValueError(f"no headline for result kind {kind!r}; expected one of {RESULT_KINDS}")
+
+
+def headline_rows(head: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """``(name, value, "value [low, high] (n=… unit)" or "not assessed: …" or "")`` per headline number, each
+    number beside its ``"<name>, 95% CI"`` companion (:func:`headline`'s convention), in the dict's order: the one
+    pairing the report's tables and the app's pages show."""
+    rows = []
+    for k, v in head.items():
+        if k.endswith(CI_SUFFIX):
+            base = k[: -len(CI_SUFFIX)]
+            if base not in head:  # an interval without a bare number (older kinds' naming): its own row
+                rows.append((base, "", str(v)))
+            continue
+        ci = head.get(k + CI_SUFFIX)
+        rows.append((k, v, "" if ci is None else str(ci)))
+    return rows

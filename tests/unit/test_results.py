@@ -49,8 +49,16 @@ def test_every_kind_round_trips_through_its_file(result_files):
 def test_ast_headline_and_figures_match_the_payload(result_files):
     payload = results.load(result_files / "ast" / "ast_probe.json")
     head = results.headline(payload)
-    assert head["best F1"] == max(payload["result"]["f1"])
-    assert head["layer 0 (embeddings) F1"] == payload["result"]["f1"][0]
+    r, per = payload["result"], payload["per_snippet_f1"]["trained"]
+    bi = r["layers"].index(payload["best_layer_by_validation"])
+    assert head["best layer"] == payload["best_layer_by_validation"]
+    # a tiny run has fewer test snippets than MIN_N: the caveat stands in the number's place
+    n = payload["n_snippets"][2]
+    assert n < 30 and head["best F1"] == f"too few to conclude (n = {n} test snippets)"
+    assert head["best F1, 95% CI"].startswith(f"{r['f1'][bi]:.3f} [") and f"(n={n} test snippets)" in \
+        head["best F1, 95% CI"]
+    assert head["layer 0 (embeddings) F1, 95% CI"].startswith(f"{r['f1'][0]:.3f} [")
+    assert np.mean(per[bi]) == pytest.approx(r["f1"][bi])  # the pooled per-snippet F1 is the run's own number
     figs = results.figures(payload)
     # F1 per layer (+ controls), F1 vs k, recall per label, the tree
     assert len(figs) == 4
