@@ -55,3 +55,26 @@ def graph(id: str, *, scroll: bool = False) -> dcc.Loading:
 def options(values, labels=None) -> list[dict]:
     labels = labels or values
     return [{"label": str(lab), "value": v} for v, lab in zip(values, labels)]
+
+
+def _number(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+    return "" if v is None else str(v)
+
+
+def headline_table(payload: dict, kind: str, *, id: str) -> html.Div:
+    """A result's headline numbers (:func:`probekit.results.headline`): each value beside its 95% CI with n (or
+    why there is none), and "too few to conclude" in a number's place below the minimum n. ``kind`` names the
+    result kind of a payload that does not carry one; a payload a headline cannot be read from gives an error box."""
+    from probekit import results as pr
+
+    try:
+        rows = pr.headline_rows(pr.headline({**payload, "kind": payload.get("kind", kind)}))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        return error(f"the headline numbers cannot be read ({type(e).__name__}: {e}); the result may come from an "
+                     "older or incomplete run: re-run the command that wrote it.")
+    head = html.Tr([html.Th("figure"), html.Th("value"), html.Th("95% CI (n)")])
+    body = [html.Tr([html.Td(k), html.Td(_number(v)), html.Td(ci)]) for k, v, ci in rows]
+    return html.Div(html.Table([html.Thead(head), html.Tbody(body)], className="table", id=id),
+                    className="table-wrap")

@@ -47,7 +47,8 @@ from typing import Any
 
 from .models import DEFAULT_MODEL
 
-__all__ = ["ReportConfig", "ReportConfigError", "STAGES", "load_config", "run_report"]
+__all__ = ["ReportConfig", "ReportConfigError", "STAGES", "load_config", "run_report", "headline_table",
+           "headline_finding"]
 
 
 class ReportConfigError(ValueError):
@@ -272,6 +273,29 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def headline_table(head: dict[str, Any]) -> str:
+    """HTML table of one payload's headline numbers: each number, its 95% CI with n (or why none), and the
+    too-few caveat (:func:`probekit.results.headline_rows`)."""
+    from .results import headline_rows
+
+    out = ["<table class='headline'><tr><th>figure</th><th>value</th><th>95% CI (n)</th></tr>"]
+    out += [f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td><td>{html.escape(ci)}</td></tr>"
+            for k, v, ci in headline_rows(head)]
+    out.append("</table>")
+    return "".join(out)
+
+
+def headline_finding(payloads: list[dict]) -> str:
+    """The finding of a section no seed-paper claim covers: its first headline number that has a CI, with n."""
+    from .results import headline, headline_rows
+
+    for p in payloads:
+        for k, _, ci in headline_rows(headline(p)):
+            if "(n=" in ci:
+                return f"{k}: {ci}."
+    return "No seed-paper claim applies to this result, and it has no number with a CI."
+
+
 def _claims_table(rows: list) -> str:
     """HTML table of claim rows: published (metric, model, value) beside ours (model, value, CI, n) and a verdict."""
     out = ["<table class='claims'><tr><th>claim</th><th>published model</th><th>published</th><th>our model</th>"
@@ -304,21 +328,22 @@ def _write_index(cfg: ReportConfig, stages: dict[str, dict], meta: dict[str, Any
              "Intervals are 95% bootstrap CIs over the independent unit named beside each n; below "
              f"{_min_n()} units a number is shown as too few to conclude.</p>",
              "<h2 id='summary'>Summary</h2><table><tr><th>section</th><th>finding</th></tr>"]
+    def said(st: dict) -> str:  # a section without a seed-paper claim states its own first number with a CI
+        return finding(st["claims"]) if st["claims"] else headline_finding(st["payloads"])
+
     for probe, st in stages.items():
         parts.append(f"<tr><td><a href='#{probe}'>{html.escape(STAGE_TITLES[probe])}</a></td>"
-                     f"<td>{html.escape(finding(st['claims']))}</td></tr>")
+                     f"<td>{html.escape(said(st))}</td></tr>")
     parts.append("</table>")
     first = True
     for probe, st in stages.items():
         parts.append(f"<h2 id='{probe}'>{html.escape(STAGE_TITLES[probe])}</h2>"
-                     f"<p class='finding'>{html.escape(finding(st['claims']))}</p>")
+                     f"<p class='finding'>{html.escape(said(st))}</p>")
         if st["claims"]:
             parts.append(_claims_table(st["claims"]))
         for payload in st["payloads"]:
-            rows = results.headline(payload)
-            parts.append("<details><summary>all headline numbers</summary><table><tr><th>figure</th><th>value</th>"
-                         "</tr>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
-                                           for k, v in rows.items()) + "</table></details>")
+            parts.append("<details><summary>all headline numbers</summary>"
+                         + headline_table(results.headline(payload)) + "</details>")
             for fig in results.figures(payload):
                 if fig.layout.height is None:
                     fig.update_layout(height=500)

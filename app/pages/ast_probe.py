@@ -9,7 +9,7 @@ from probekit import results as pr
 from probekit.probes.ast_figures import f1_vs_k_figure, per_label_recall_figure, tree_comparison_figure
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, headline_table, info, missing, options
 from ..security import UnsafePathError, check_index, choice_or, text_or_none
 from ..urlstate import PageState
 
@@ -47,6 +47,13 @@ def _load(model: str | None) -> tuple[dict | None, tuple | None, object]:
 
 
 # --------------------------------------------------------------------------------------------- pure views
+
+
+def headline_view(model: str | None) -> object:
+    """The headline numbers of the result (layer chosen on validation, F1 with 95% CIs over test snippets, the
+    paired differences to layer 0 and to the random-init model, n) or why they cannot be shown."""
+    p, _, msg = _load(model)
+    return msg if p is None else headline_table(p, "ast_probe", id="ast-headline-table")
 
 
 def layer_view(model: str | None, metric: str | None, controls: list | None) -> tuple[dict, object]:
@@ -199,6 +206,7 @@ def layout(params: dict) -> html.Div:
             dcc.Dropdown(id="ast-model", options=data.result_options("ast-probe", ids, model),
                          value=model, clearable=False),
         ]),
+        card("Headline numbers", dcc.Loading(html.Div(id="ast-headline"), type="dot")),
         card("Score per layer",
              html.Div(className="controls", children=[
                  dcc.Dropdown(id="ast-metric", options=[{"label": v, "value": k} for k, v in METRICS.items()],
@@ -224,6 +232,7 @@ def layout(params: dict) -> html.Div:
 
 
 def register(app) -> None:
+    app.callback(Output("ast-headline", "children"), Input("ast-model", "value"))(headline_view)
     app.callback(Output("ast-layer-fig", "figure"), Output("ast-layer-msg", "children"), Input("ast-model", "value"),
                  Input("ast-metric", "value"), Input("ast-controls", "value"))(layer_view)
     app.callback(Output("ast-k-fig", "figure"), Output("ast-k-msg", "children"), Input("ast-model", "value"),

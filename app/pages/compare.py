@@ -52,12 +52,16 @@ def compare_view(kind: str | None, a: str | None, b: str | None) -> tuple[dict, 
         height=380, plot_bgcolor="#fff", paper_bgcolor="#fff", margin=dict(t=50, b=50, l=60, r=20),
         title=dict(text=f"{label}: {a} (A) vs {b} (B)"), legend=dict(orientation="h", y=-0.2),
         xaxis=dict(title=dict(text="layer"), type="category", **axis), yaxis=dict(title=dict(text=ytitle), **axis)))
-    rows = [html.Tr([html.Th(""), html.Th(f"A: {a}"), html.Th(f"B: {b}"), html.Th("B − A")])]
-    for k in dict.fromkeys([*heads[0], *heads[1]]):
-        va, vb = heads[0].get(k), heads[1].get(k)
+    # each number beside its 95% CI and n (probekit.results.headline's "<name>, 95% CI" companion); B − A is a
+    # difference of points: two runs need not share their test units, so it has no paired interval
+    pairs = [{k: (v, ci) for k, v, ci in pr.headline_rows(h)} for h in heads]
+    rows = [html.Tr([html.Th(""), html.Th(f"A: {a}"), html.Th("A: 95% CI (n)"), html.Th(f"B: {b}"),
+                     html.Th("B: 95% CI (n)"), html.Th("B − A (points)")])]
+    for k in dict.fromkeys([*pairs[0], *pairs[1]]):
+        (va, ca), (vb, cb) = pairs[0].get(k, (None, "")), pairs[1].get(k, (None, ""))
         num = isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool)
         fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-        rows.append(html.Tr([html.Td(k), html.Td(fmt(va)), html.Td(fmt(vb)),
+        rows.append(html.Tr([html.Td(k), html.Td(fmt(va)), html.Td(ca), html.Td(fmt(vb)), html.Td(cb),
                              html.Td(f"{vb - va:+.3f}" if num and k != "best layer" else "")]))
     table = html.Div(html.Table([html.Tbody(rows)], className="table", id="cmp-table"), className="table-wrap")
     return fig, table, None

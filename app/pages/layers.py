@@ -11,7 +11,7 @@ from dash import Input, Output, State, dcc, html, no_update
 from probekit import results as pr
 
 from .. import data, probeview
-from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, headline_table, info, missing, options
 from ..security import UnsafePathError, check_index, choice_or
 from ..tokenspans import visible
 from ..urlstate import PageState
@@ -43,6 +43,19 @@ def accuracy_view(model: str | None, show: list[str] | None) -> tuple[dict, obje
         return EMPTY_FIGURE, error(str(e))
     return drawn(("demo-fig", stamp, tuple(show)), lambda: pr.layer_accuracy_figure(payload, show=show).to_dict(),
                  what=f"layer_probes.json of {model}")
+
+
+def headline_view(model: str | None) -> object:
+    """The demo result's headline numbers (best layer, its accuracy and the embedding layer's with 95% CIs over
+    test functions, the paired difference, the controls, n) or why they cannot be shown."""
+    model = model or data.DEFAULT_MODEL
+    try:
+        payload = data.load_result("demo", model)
+    except data.ResultMissing as e:
+        return missing("layer-probe result for " + model, e.command)
+    except (UnsafePathError, ValueError) as e:
+        return error(str(e))
+    return headline_table(payload, "layer_probes", id="layers-headline-table")
 
 
 def run_options() -> list[dict]:
@@ -207,7 +220,8 @@ def layout(params: dict) -> html.Div:
                  dcc.Checklist(id="layers-show", options=[{"label": v, "value": k} for k, v in SHOW.items()],
                                value=show, inline=True),
              ]),
-             html.Div(id="layers-acc-msg"), graph("layers-acc-fig")),
+             html.Div(id="layers-acc-msg"), graph("layers-acc-fig"),
+             dcc.Loading(html.Div(id="layers-headline"), type="dot")),
         card("Probe of one layer: your text, confusion matrix, errors",
              html.Div(className="controls", children=[
                  html.Label("layer"),
@@ -244,6 +258,7 @@ def layout(params: dict) -> html.Div:
 
 
 def register(app) -> None:
+    app.callback(Output("layers-headline", "children"), Input("layers-model", "value"))(headline_view)
     app.callback(Output("layers-acc-fig", "figure"), Output("layers-acc-msg", "children"),
                  Input("layers-model", "value"), Input("layers-show", "value"))(accuracy_view)
     app.callback(Output("layers-probe-layer", "options"), Output("layers-probe-layer", "value"),

@@ -8,7 +8,7 @@ from dash import Input, Output, dcc, html
 from probekit import results as pr
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, headline_table, missing, options
 from ..security import UnsafePathError, check_index, choice_or
 from ..urlstate import PageState
 
@@ -29,9 +29,8 @@ SCHEMA = {"digit": _digit, "model": str, "view": str}
 VIEWS = {"bars": "bars", "heatmap": "heatmap"}
 
 
-def digit_view(digit: int | str | None) -> tuple[dict, dict, object]:
-    """Input + class-row images of A, and the bias share per class, for ``digits-cnn/digit-<i>.json`` (an int
-    ``digit``) or a report's digit (``report:<name>/<i>``)."""
+def _digit_result(digit: int | str | None):
+    """(payload, stamp, index, None) of a digit choice, or (None, None, index, message)."""
     i = None
     try:
         if isinstance(digit, str) and digit.startswith(data.REPORT_PREFIX):
@@ -41,11 +40,26 @@ def digit_view(digit: int | str | None) -> tuple[dict, dict, object]:
             i = check_index(0 if digit is None else digit, "digit")
             rid, idx = "digits-cnn", i
         p = data.load_result("linearscope-digits", rid, index=idx)
-        stamp = data.result_stamp("linearscope-digits", rid, index=idx)
+        return p, data.result_stamp("linearscope-digits", rid, index=idx), i, None
     except data.ResultMissing as e:
-        return EMPTY_FIGURE, EMPTY_FIGURE, missing(f"LinearScope result for test digit {i}", e.command)
+        return None, None, i, missing(f"LinearScope result for test digit {i}", e.command)
     except (UnsafePathError, ValueError) as e:
-        return EMPTY_FIGURE, EMPTY_FIGURE, error(str(e))
+        return None, None, i, error(str(e))
+
+
+def headline_view(digit: int | str | None) -> object:
+    """The test-set headline numbers of the digits CNN (bias share with its 95% CI over test images, test
+    accuracy with its Wilson interval, n) or why they cannot be shown."""
+    p, _, _, msg = _digit_result(digit)
+    return msg if p is None else headline_table(p, "linearscope_digits", id="ls-headline-table")
+
+
+def digit_view(digit: int | str | None) -> tuple[dict, dict, object]:
+    """Input + class-row images of A, and the bias share per class, for ``digits-cnn/digit-<i>.json`` (an int
+    ``digit``) or a report's digit (``report:<name>/<i>``)."""
+    p, stamp, i, msg = _digit_result(digit)
+    if p is None:
+        return EMPTY_FIGURE, EMPTY_FIGURE, msg
 
     def build():
         return pr.digit_rows_figure(p, index=i).to_dict(), pr.bias_share_figure(p).to_dict()
@@ -116,7 +130,8 @@ def layout(params: dict) -> html.Div:
         html.H2("LinearScope"),
         card("Digits CNN",
              dcc.Dropdown(id="ls-digit", options=digit_opts, value=digit, clearable=False),
-             html.Div(id="ls-digit-msg"), graph("ls-rows-fig"), graph("ls-share-fig")),
+             html.Div(id="ls-digit-msg"), graph("ls-rows-fig"), graph("ls-share-fig"),
+             html.H4("Test set"), dcc.Loading(html.Div(id="ls-headline"), type="dot")),
         card("Token contributions to a logit",
              html.Div(className="controls", children=[
                  dcc.Dropdown(id="ls-model", options=data.result_options("linearscope-lm", lms, model),
@@ -129,6 +144,7 @@ def layout(params: dict) -> html.Div:
 
 
 def register(app) -> None:
+    app.callback(Output("ls-headline", "children"), Input("ls-digit", "value"))(headline_view)
     app.callback(Output("ls-rows-fig", "figure"), Output("ls-share-fig", "figure"), Output("ls-digit-msg", "children"),
                  Input("ls-digit", "value"))(digit_view)
     app.callback(Output("ls-prompt-fig", "figure"), Output("ls-prompt-msg", "children"), Input("ls-model", "value"),

@@ -245,3 +245,70 @@ def test_every_headline_number_has_its_interval_companion(layer_payload):
                     assert ci.startswith("not assessed: ") or "(n=" in ci, (kind, k, ci)
             rows = results.headline_rows(head)
             assert [r[0] for r in rows] == [k for k in head if not k.endswith(CI) or k[: -len(CI)] not in head]
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def test_report_headline_table_shows_value_interval_n_and_caveat(layer_payload):
+    from probekit.report import headline_finding, headline_table
+
+    table = headline_table(results.headline(_ast_payload(15)))
+    assert "<th>95% CI (n)</th>" in table
+    assert "<td>best F1</td><td>too few to conclude (n = 15 test snippets)</td>" in table
+    assert "(n=15 test snippets) — too few to conclude</td>" in table
+    assert "<td>best layer</td><td>2</td><td></td>" in table  # a choice, not an estimate: no interval
+    head = results.headline(layer_payload)
+    assert f"<td>best test accuracy</td><td>{head['best test accuracy']:.4g}</td><td>" \
+           f"{head['best test accuracy' + CI]}</td>" in headline_table(head)
+    # a section no seed-paper claim covers states its first number with its CI
+    assert headline_finding([layer_payload]) == f"best test accuracy: {head['best test accuracy' + CI]}."
+
+
+# -------------------------------------------------------------------------------------------------------- app
+
+
+@pytest.fixture
+def app_root(tmp_path, layer_payload):
+    """The app tests' fixture cache plus results with per-unit data: a layer-probe run, an AST-Probe run on 40
+    test snippets and one on 15 (below MIN_N), and a digit whose payload holds per-image shares."""
+    from app import data
+    from tests.browser.fixture_cache import _write, populate
+
+    populate(tmp_path)
+    _write(tmp_path, "demo/ci-model/layer_probes.json", layer_payload)
+    _write(tmp_path, "ast-probe/ci-model/ast_probe.json", _ast_payload(40))
+    _write(tmp_path, "ast-probe/ci-small/ast_probe.json", _ast_payload(15))
+    _write(tmp_path, "linearscope/digits-cnn/digit-5.json", _digits_payload())
+    old = data.get_root()
+    data.set_root(tmp_path)
+    data.clear_caches()
+    yield tmp_path
+    data.set_root(old)
+    data.clear_caches()
+
+
+def test_app_pages_show_value_interval_n_and_the_caveat(app_root, layer_payload):
+    from app.pages import ast_probe, compare, layers, linearscope
+    from tests.unit._dash_text import dash_text
+
+    head = results.headline(layer_payload)
+    text = dash_text(layers.headline_view("ci-model"))
+    assert head["best test accuracy" + CI] in text and head["best − embedding accuracy" + CI] in text
+    assert "95% CI (n)" in text and "chosen on" in text
+    ast = dash_text(ast_probe.headline_view("ci-model"))
+    assert results.headline(_ast_payload(40))["best − random-init F1 (same layer)" + CI] in ast
+    assert "(n=40 test snippets)" in ast and "too few" not in ast
+    small = dash_text(ast_probe.headline_view("ci-small"))
+    assert "too few to conclude (n = 15 test snippets)" in small
+    digit = dash_text(linearscope.headline_view(5))
+    assert results.headline(_digits_payload())["test accuracy" + CI] in digit and "(n=450 test images)" in digit
+    # older results: the interval column says why there is none instead of failing
+    assert "not assessed: the payload has no per_function correctness" in dash_text(layers.headline_view(
+        "smollm2-135m"))
+    assert "not assessed: per-image shares are not stored" in dash_text(linearscope.headline_view(3))
+    assert "probekit ast-probe --model nope" in dash_text(ast_probe.headline_view("nope"))
+    _, table, msg = compare.compare_view("ast-probe", "ci-model", "ci-small")
+    cmp = dash_text(table)
+    assert msg is None and "A: 95% CI (n)" in cmp and "(n=40 test snippets)" in cmp
+    assert "too few to conclude (n = 15 test snippets)" in cmp

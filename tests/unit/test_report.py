@@ -57,6 +57,10 @@ def test_tiny_report_end_to_end_and_reuse(tiny_dir, tmp_path, monkeypatch, capsy
         assert [r["headline"] for r in stage["results"]] == [results.headline(p) for p in payloads]
         n_figs += sum(len(results.figures(p)) for p in payloads)
     assert text.count("Plotly.newPlot") == n_figs  # every probe's figures are embedded
+    # every headline number beside its 95% CI and n; the tiny run's few test units say so instead of concluding
+    assert text.count("<th>95% CI (n)</th>") == sum(len(s["results"]) for s in metrics["stages"].values())
+    assert "best F1</td><td>too few to conclude (n = " in text
+    assert "best test accuracy: " in text and "test functions) — too few to conclude" in text
     assert text.count("* plotly.js v") == 1  # inlined once: opens offline
     assert metrics["model_source"]["sha256"]  # local folder: sha256 of its weight files
     assert set(metrics["versions"]) >= {"python", "torch", "transformers"}
