@@ -38,7 +38,8 @@ from .figure_layout import fit_figure
 from .probes.ast_figures import AST_METRICS
 
 __all__ = ["RESULT_KINDS", "WEIGHT_METRICS", "HOOK_STATS", "AST_METRICS", "CE_SPLICES", "load", "find",
-           "figures", "headline", "headline_rows", "CI_SUFFIX", "build_result", "layer_accuracy_figure", "hook_stats_figure", "ast_layer_figure",
+           "figures", "headline", "headline_rows", "CI_SUFFIX", "build_result", "layer_accuracy_figure",
+           "hook_stats_figure", "ast_layer_figure",
            "fvu_split_figure", "error_r2_figure", "ce_figure", "error_scatter_figure", "digit_rows_figure",
            "bias_share_figure", "token_contributions_figure", "overlap_heatmap_figure", "overlap_lines_figure",
            "refusal_figure", "REFUSAL_VIEWS", "projection_curves",

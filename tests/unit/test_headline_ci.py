@@ -223,7 +223,8 @@ def _walk_payloads(layer_payload) -> dict[str, list[dict]]:
     sweep = dict(best_k_separate=32, max_abs_gap=0.06)
     return {
         "layer_probes": [layer_payload, old_layer],
-        "ast_probe": [_ast_payload(40), {**_ast_payload(15), "k_sweep": sweep}, old_ast, _ast_payload(40, random=False)],
+        "ast_probe": [_ast_payload(40), {**_ast_payload(15), "k_sweep": sweep}, old_ast,
+                      _ast_payload(40, random=False)],
         "linearscope_digits": [_digits_payload(), old_digits],
         "linearscope_lm": [dict(kind="linearscope_lm", reconstruction={"float32": dict(relative_error=1e-7),
                                                                        "float64": dict(relative_error=1e-15)})],
