@@ -371,7 +371,33 @@ def _dark_matter_figures(p: dict) -> list:
         figs.append(error_scatter_figure(p))
     figs += build_result(PerTokenScalingResult, p["per_token_scaling"], ("r2", "r2_with_nonlinear", "gain")).figures()
     figs += build_result(EarlierLayerResult, p["earlier_layer"]).figures()
+    if (p.get("norm_question") or {}).get("rows"):
+        figs.append(norm_question_figure(p))
     return figs
+
+
+@_fitted
+def norm_question_figure(p: dict) -> Any:
+    """Held-out R² of the widest SAE's error norm from x under each token selection of the run's norm question
+    (position 0 excluded or kept, …), 95% CIs over held-out documents as error bars
+    (``NormSweepResult.figure``). Reads ``norm_question`` (``NormSweepResult.to_dict``)."""
+    from .probes.dark_matter_norms import NormSelection, NormSweepResult, NormSweepRow
+    from .stats import Estimate
+
+    def est(d: dict | None) -> Estimate | None:
+        keys = ("value", "low", "high", "n", "unit", "level", "method", "min_n")
+        return None if d is None else Estimate(**{k: d[k] for k in keys if k in d})
+
+    def nan(v: float | None) -> float:  # to_dict writes a non-finite number as None
+        return float("nan") if v is None else float(v)
+
+    nq = p["norm_question"]
+    rows = [NormSweepRow(selection=NormSelection(**r["selection"]), r2=est(r["r2"]), r2_train=nan(r["r2_train"]),
+                         diff_vs_reference=est(r.get("diff_vs_reference")), n_train_tokens=r["n_train_tokens"],
+                         n_test_tokens=r["n_test_tokens"], n_train_docs=r["n_train_docs"],
+                         tokens_per_dim=r["tokens_per_dim"], max_token_share=nan(r.get("max_token_share")),
+                         max_doc_share=nan(r.get("max_doc_share"))) for r in nq["rows"]]
+    return NormSweepResult(rows=rows, d_in=nq["d_in"], label=nq.get("label", ""), notes=nq.get("notes", [])).figure()
 
 
 def _linearscope_digit_figures(p: dict) -> list:
@@ -643,14 +669,15 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
             out["best k (separate fits)"] = payload["k_sweep"]["best_k_separate"]
             out["max |Matryoshka − separate|"] = payload["k_sweep"]["max_abs_gap"]
         return out
-    if kind == "dark_matter":
+    if kind == "dark_matter":  # 95% CIs over held-out documents where the payload has per-document sums
+        from .claims import dark_matter_estimates
+
         out: dict[str, Any] = {}
-        for w, d in payload["decomposition"].items():
-            m = payload["sae_metrics"][w]
-            out[f"width {w}: FVU"] = m["fvu"]
-            out[f"width {w}: R²(e | x)"] = d["r2_error_vector"]
-            out[f"width {w}: R²(‖e‖² | x)"] = d["r2_error_norm_sq"]
-            out[f"width {w}: CE recovered"] = payload["ce"][w]["ce_recovered"]
+        for k, v in dark_matter_estimates(payload).items():
+            if isinstance(v, float):  # an older payload, or a width without per-document sums: say so
+                out[f"{k} (point value; no per-document sums, no CI)"] = v
+            else:
+                out[k] = v.format()
         return out
     if kind == "linearscope_digits":
         t = payload["test_set"]
