@@ -162,3 +162,26 @@ def test_dark_matter_cis_resample_documents_and_their_points_are_the_runs_number
     assert x_hat.error_y.arrayminus[-1] == pytest.approx(ci.value - ci.low)
     r2_bars = results.error_r2_figure(p).data[0]
     assert r2_bars.error_y.array[-1] == pytest.approx(r2e.high - r2e.value) and r2_bars.error_y.array[0] is None
+
+
+def test_norm_question_off_skips_the_sweep_and_the_claim_says_why(tiny_dir, tmp_path, monkeypatch):
+    from probekit import results
+    from probekit.claims import claim_rows
+    from probekit.dark_matter_run import DarkMatterRunConfig, run_dark_matter
+    from probekit.probes import dark_matter_norms
+
+    monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
+
+    def refuse(*a, **kw):
+        raise AssertionError("norm_question: False must not run the sweep")
+
+    monkeypatch.setattr(dark_matter_norms, "norm_predictability", refuse)
+    p = run_dark_matter(DarkMatterRunConfig(model=str(tiny_dir["llama"]), layer=1, expansions=(1, 2, 3), k=4,
+                                            epochs=1, batch_size=64, n_code=10, n_text=4, max_length=32, ce_docs=3,
+                                            norm_question=False, progress=False, out=str(tmp_path / "dm")))
+    assert p["norm_question"] is None and p["config"]["norm_question"] is False
+    rows = {r.claim.key: r for r in claim_rows(p)}
+    assert rows["dm_norm_r2_bos"].verdict == "not assessed" and "norm_question" in rows["dm_norm_r2_bos"].reason
+    assert rows["dm_norm_r2"].estimate is not None
+    assert not any(k.startswith("norm question") for k in results.headline(p))
+    assert len(results.figures(p)) == 7
