@@ -243,6 +243,8 @@ def dark_matter_estimates(p: dict) -> dict[str, Estimate | float]:
     mean pooled per resample) and ``norm question: <selection>`` for each selection of the norm sweep. Each
     CI's point is the run's pooled number: the statistic is the same pooled ratio recomputed from the sums.
     Only the widest SAE has the error-vector and norm sums (its R²s get CIs; the other widths' are points).
+    FVU's resamples keep x̄ at the mean of all held-out tokens (each document's Σ‖x − x̄‖² is stored, not Σx);
+    the R² of e recomputes the error's mean per resample from Σe.
     """
     unit = "documents"
     out: dict[str, Estimate | float] = {}
