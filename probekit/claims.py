@@ -31,7 +31,8 @@ import numpy as np
 
 from .stats import MIN_N, Estimate, bootstrap_ci, bootstrap_ratio, paired_difference, proportion
 
-__all__ = ["Claim", "ClaimRow", "CLAIMS", "VERDICTS", "verdict", "claim_rows", "finding", "refusal_flags"]
+__all__ = ["Claim", "ClaimRow", "CLAIMS", "VERDICTS", "verdict", "claim_rows", "dark_matter_estimates", "finding",
+           "refusal_flags"]
 
 VERDICTS = ("reproduced", "partly", "not", "too few to conclude", "not assessed")
 _KINDS = ("range", "positive", "negative", "at_least")
@@ -103,10 +104,15 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
               "chat models (Arditi et al.)", "large drop (< 0)", "METHODS.md §2 (refusal direction)", "negative"),
     ),
     "dark_matter": (
-        Claim("dm_norm_r2", _DM, "R²(‖e‖ | x): the error norm is linearly predictable", "Gemma 2 / Llama 3.1 SAEs",
-              "> 0.9", "METHODS.md §3", "at_least", (0.9,)),
-        Claim("dm_vector_r2", _DM, "share of the error vector linearly predictable, 1 − Σ‖nonlinear‖²/Σ‖e‖²",
-              "Gemma 2 / Llama 3.1 SAEs", "about 0.5", "METHODS.md §3", "range", (0.4, 0.6)),
+        Claim("dm_norm_r2", _DM, "R²(‖e‖² | x): the squared error norm regressed on x (OLS with an intercept, "
+              "fitted on training documents, pooled over held-out tokens, position 0 excluded)",
+              "Gemma 2 / Llama 3.1 SAEs", "> 0.9", "METHODS.md §3", "at_least", (0.9,)),
+        Claim("dm_norm_r2_bos", _DM, "R²(‖e‖² | x) with position 0 (BOS) kept in training and scoring (the norm "
+              "question: the same regression on every token)", "Gemma 2 / Llama 3.1 SAEs", "> 0.9",
+              "METHODS.md §3", "at_least", (0.9,)),
+        Claim("dm_vector_r2", _DM, "R²(e | x): share of the error variance linearly predictable, centred, "
+              "1 − Σ‖nonlinear‖² / (Σ‖e‖² − ‖Σe‖²/N)", "Gemma 2 / Llama 3.1 SAEs", "about 0.5", "METHODS.md §3",
+              "range", (0.4, 0.6)),
     ),
     "linearscope_digits": (
         Claim("ls_bias_share", _LS, "bias share b_c / y_c of the predicted logit (test images)",
@@ -214,26 +220,126 @@ def _r2_from_sums(rows: np.ndarray) -> float:
     return float(1 - sse / sst) if sst > 0 else float("nan")
 
 
+def _centred_vector_r2(rows: np.ndarray) -> float:
+    """Centred R² of e from x from per-document rows [Σ‖nl‖², Σ‖e‖², n, Σe (d columns)] pooled over the rows:
+    ``1 − Σ‖nl‖² / (Σ‖e‖² − ‖Σe‖²/N)`` (the error's mean is recomputed from the rows, as the run's R² does)."""
+    s = rows.sum(axis=0)
+    sst = s[1] - float(s[3:] @ s[3:]) / s[2]
+    return float(1 - s[0] / sst) if sst > 0 else float("nan")
+
+
+def _estimate(d: dict) -> Estimate:
+    """An :class:`Estimate` from its ``to_dict`` form (extra keys such as ``too_small`` ignored)."""
+    keys = ("value", "low", "high", "n", "unit", "level", "method", "min_n")
+    return Estimate(**{k: d[k] for k in keys if k in d})
+
+
+def dark_matter_estimates(p: dict) -> dict[str, Estimate | float]:
+    """Every dark-matter headline number of a payload, as an :class:`Estimate` (95% CI over held-out documents,
+    METHODS.md §5) where the payload has its per-document sums, else the run's point value (a float).
+
+    Keys: ``width {w}: FVU``, ``… R²(e | x)``, ``… R²(‖e‖² | x)``, ``… R²(‖e‖ | x)``, ``… CE recovered``,
+    ``… CE(x̂ + nonlinear) − CE(x̂ + linear)`` (nats; a paired bootstrap over CE documents, each series' per-token
+    mean pooled per resample) and ``norm question: <selection>`` for each selection of the norm sweep. Each
+    CI's point is the run's pooled number: the statistic is the same pooled ratio recomputed from the sums.
+    Only the widest SAE has the error-vector and norm sums (its R²s get CIs; the other widths' are points).
+    FVU's resamples keep x̄ at the mean of all held-out tokens (each document's Σ‖x − x̄‖² is stored, not Σx);
+    the R² of e recomputes the error's mean per resample from Σe.
+    """
+    unit = "documents"
+    out: dict[str, Estimate | float] = {}
+    per, fvu_doc, ce_doc = p.get("per_document") or {}, p.get("fvu_per_document") or {}, p.get("ce_per_document")
+    for w, d in p["decomposition"].items():
+        sse = (fvu_doc.get("sse") or {}).get(w)
+        out[f"width {w}: FVU"] = (bootstrap_ratio(sse, fvu_doc["sst"], unit=unit) if sse
+                                  else float(p["sae_metrics"][w]["fvu"]))
+        widest = str(per.get("width")) == w and "error_sum" in per
+        if widest:
+            vec = np.column_stack([per["nonlinear_sq"], per["norm_sq"], per["n_tokens"],
+                                   np.asarray(per["error_sum"], dtype=np.float64)]).astype(np.float64)
+            out[f"width {w}: R²(e | x)"] = bootstrap_ci(vec, _centred_vector_r2, unit=unit)
+            sq = np.column_stack([per["norm_sq_sse"], per["norm_sq"], per["norm_pow4"], per["n_tokens"]])
+            out[f"width {w}: R²(‖e‖² | x)"] = bootstrap_ci(sq.astype(np.float64), _r2_from_sums, unit=unit)
+            nm = np.column_stack([per["norm_sse"], per["norm"], per["norm_sq"], per["n_tokens"]])
+            out[f"width {w}: R²(‖e‖ | x)"] = bootstrap_ci(nm.astype(np.float64), _r2_from_sums, unit=unit)
+        else:
+            out[f"width {w}: R²(e | x)"] = float(d["r2_error_vector"])
+            out[f"width {w}: R²(‖e‖² | x)"] = float(d["r2_error_norm_sq"])
+        cw = (ce_doc or {}).get("widths", {}).get(w)
+        if cw:
+            n = np.asarray(ce_doc["n_tokens"], dtype=np.float64)
+            keep = n > 0  # a one-token document has no next-token target: it adds nothing to any sum
+            rec = np.column_stack([ce_doc["nll_zero"], cw["nll_sae"], ce_doc["nll_clean"]])[keep]
+            out[f"width {w}: CE recovered"] = bootstrap_ci(
+                rec, lambda r: float((r[:, 0].sum() - r[:, 1].sum()) / (r[:, 0].sum() - r[:, 2].sum())),
+                unit=unit)
+            nl, lin = (np.column_stack([cw[k], n])[keep] for k in ("nll_nonlinear", "nll_linear"))
+            out[f"width {w}: CE(x̂ + nonlinear) − CE(x̂ + linear), nats"] = paired_difference(
+                nl, lin, lambda r: float(r[:, 0].sum() / r[:, 1].sum()), unit=unit)
+        elif w in (p.get("ce") or {}):
+            c = p["ce"][w]
+            out[f"width {w}: CE recovered"] = float(c["ce_recovered"])
+            if "ce_nonlinear" in c and "ce_linear" in c:
+                out[f"width {w}: CE(x̂ + nonlinear) − CE(x̂ + linear), nats"] = float(c["ce_nonlinear"] -
+                                                                                       c["ce_linear"])
+    for r in (p.get("norm_question") or {}).get("rows", []):
+        out[f"norm question: {r['selection']['name']}"] = _estimate(r["r2"])
+    return out
+
+
 def _dark_matter_rows(p: dict) -> list[ClaimRow]:
     c = {cl.key: cl for cl in CLAIMS["dark_matter"]}
     model = str(p.get("model", "?"))
     per = p.get("per_document")
+    nq = (p.get("norm_question") or {}).get("rows")
+    bos = None
+    if nq and len(nq) > 1 and nq[1]["selection"].get("min_position") == 0:
+        bos = nq[1]
     if not per:
         w = list(p["decomposition"])[-1]
         why = "the payload has no per_document sums (rerun dark-matter with this version)"
-        return [_row(c[k], f"{model}, widest SAE ({w})", None, why) for k in ("dm_norm_r2", "dm_vector_r2")]
-    where = f"{model}, widest SAE ({per['width']} latents), held-out documents"
+        rows = [_row(c[k], f"{model}, widest SAE ({w})", None, why) for k in ("dm_norm_r2", "dm_vector_r2")]
+        rows.insert(1, _bos_row(c["dm_norm_r2_bos"], f"{model}, widest SAE ({w})", bos))
+        return rows
+    w = str(per["width"])
+    where = f"{model}, widest SAE ({w} latents), held-out documents"
     unit = "documents"
-    # R² of ‖e‖ from x with documents resampled whole (the fitted map stays fixed: the CI covers the evaluation
-    # sample, not the fit); the point equals the run's pooled r2_error_norm
-    cols = np.column_stack([per["norm_sse"], per["norm"], per["norm_sq"], per["n_tokens"]]).astype(np.float64)
-    norm = bootstrap_ci(cols, _r2_from_sums, unit=unit)
-    # share of ‖e‖² not in the nonlinear error, 1 − Σ‖nl‖²/Σ‖e‖² (uncentred: per-document mean vectors are not
-    # stored; the run's r2_error_vector is the centred form)
-    rat = bootstrap_ratio(per["nonlinear_sq"], per["norm_sq"], unit=unit)
-    vec = Estimate(1 - rat.value, 1 - rat.high, 1 - rat.low, rat.n, unit, rat.level, rat.method + ", 1 − ratio",
-                   rat.min_n)
-    return [_row(c["dm_norm_r2"], where, norm), _row(c["dm_vector_r2"], where, vec)]
+    # R² with documents resampled whole (the fitted map stays fixed: the CI covers the evaluation sample, not the
+    # fit); each point equals the run's pooled number
+    est = dark_matter_estimates(p) if ("norm_sq_sse" in per or "error_sum" in per) else {}
+    if "norm_sq_sse" in per:
+        norm_row = _row(c["dm_norm_r2"], where, est[f"width {w}: R²(‖e‖² | x)"])
+        sec = est[f"width {w}: R²(‖e‖ | x)"]
+        norm_row.extra["r2_norm"] = sec
+        norm_row.reason += f"; secondary, target ‖e‖ instead of ‖e‖²: {sec.format()}"
+    else:
+        norm_row = _row(c["dm_norm_r2"], where, None, "the payload's per-document sums are of ‖e‖, not METHODS' "
+                        "target ‖e‖² (rerun dark-matter with this version)")
+        cols = np.column_stack([per["norm_sse"], per["norm"], per["norm_sq"], per["n_tokens"]]).astype(np.float64)
+        norm_row.extra["r2_norm"] = bootstrap_ci(cols, _r2_from_sums, unit=unit)
+    if "error_sum" in per:
+        vec = _row(c["dm_vector_r2"], where, est[f"width {w}: R²(e | x)"])
+    else:
+        # an older payload: no per-document Σe, so only the uncentred share 1 − Σ‖nl‖²/Σ‖e‖² can be resampled
+        rat = bootstrap_ratio(per["nonlinear_sq"], per["norm_sq"], unit=unit)
+        est_u = Estimate(1 - rat.value, 1 - rat.high, 1 - rat.low, rat.n, unit, rat.level,
+                         rat.method + ", 1 − ratio", rat.min_n)
+        vec = _row(c["dm_vector_r2"], where, est_u)
+        vec.reason = ("uncentred share 1 − Σ‖nl‖²/Σ‖e‖², not the centred R² (the payload has no per-document Σe; "
+                      "rerun dark-matter with this version): " + vec.reason)
+    return [norm_row, _bos_row(c["dm_norm_r2_bos"], where, bos), vec]
+
+
+def _bos_row(claim: Claim, where: str, bos: dict | None) -> ClaimRow:
+    """The norm question's BOS-included R², with its paired difference from the run's choice in the reason."""
+    if bos is None:
+        return _row(claim, where, None, "the payload has no norm_question (rerun dark-matter with this version, "
+                                        "norm_question: true)")
+    row = _row(claim, where + ", position 0 kept", _estimate(bos["r2"]))
+    if bos.get("diff_vs_reference"):
+        d = _estimate(bos["diff_vs_reference"])
+        row.reason += f"; minus the run's choice (BOS excluded), paired over documents: {d.format()}"
+    return row
 
 
 def _linearscope_rows(p: dict) -> list[ClaimRow]:

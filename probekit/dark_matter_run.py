@@ -13,6 +13,12 @@ Pipeline (METHODS.md §3):
    x̂ + nonlinear error spliced in. Across widths: the FVU split and per-token scaling. For one width: gradient
    pursuit re-encoding and the earlier-layer regressions.
 
+5. Per held-out document (the unit of every CI, METHODS.md §5), float64 sums: FVU numerator and denominator per
+   width; for the widest SAE Σe (a d-vector), Σ‖e‖², Σ‖e‖⁴, Σ‖nonlinear error‖² and the norm regressions'
+   squared residuals; per CE document the NLL under each splice. The norm question: R²(‖e‖² | x) of the widest
+   SAE with position 0 left out (the run's choice) and kept, from position 4, and with target ‖e‖
+   (:func:`probekit.probes.dark_matter_norms.norm_predictability`).
+
 Stated choices: position 0 of every document (the BOS / attention-sink token, whose norm is far larger than
 any other's) is left out of SAE training and every metric, and the splices leave it untouched; activations
 are stored in the cache as bfloat16 and converted to float32 for training and analysis.
@@ -61,6 +67,7 @@ class DarkMatterRunConfig:
     ce_docs: int = 64  # test documents for the CE splices (each splice costs a full forward over them)
     pursuit_tokens: int = 6000
     pursuit_width_index: int = 0  # which width gets gradient pursuit and the earlier-layer regressions
+    norm_question: bool = True  # R²(‖e‖² | x) of the widest SAE under a few token selections (BOS in / out, …)
     cache_dtype: str = "bfloat16"
     device: str | None = None
     budget_gb: float = 4.0
@@ -155,20 +162,149 @@ def _splices(w: int, sae, W: torch.Tensor, b: torch.Tensor, device) -> dict:
             f"{w}/nonlinear": _keep_first(lambda a: a - a @ W - b, device)}
 
 
-def _per_document(res, doc_of_token: np.ndarray, width: int) -> dict:
-    """Per held-out document sums (the unit of the CIs, METHODS.md §5) for the widest SAE: of ‖e‖, ‖e‖²,
-    (‖e‖ − predicted ‖e‖)², ‖nonlinear error‖² and the token count; the test tokens are in ``doc_of_token`` order."""
-    from .stats import cluster_sums
+def _doc_slots(doc_of_token: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """Sorted document ids and, per token, its slot among them (a long tensor for ``index_add_``)."""
+    ids, inv = np.unique(np.asarray(doc_of_token), return_inverse=True)
+    return ids, torch.as_tensor(inv.reshape(-1), dtype=torch.long)
 
-    e = res.error_norm.double().numpy()
-    cols = dict(norm=e, norm_sq=e ** 2, norm_sse=(e - res.error_norm_pred.double().numpy()) ** 2,
-                nonlinear_sq=res.nonlinear_norm.double().numpy() ** 2)
-    out: dict = dict(width=width)
-    for k, v in cols.items():
-        ids, sums, counts = cluster_sums(v, doc_of_token)
-        out[k] = sums.tolist()
-    out.update(doc=ids.tolist(), n_tokens=counts.astype(int).tolist())
+
+def _per_document(sae, vec, train_batches, test_batches, doc_of_token: np.ndarray, width: int) -> dict:
+    """Per held-out document float64 sums for the widest SAE (the unit of the CIs, METHODS.md §5).
+
+    Recomputes ``e = x − x̂`` and the linear error ``xW*`` exactly as :func:`error_decomposition` does (same
+    batches, same reconstruction, the run's fitted ``vec``), so the pooled sums reproduce its held-out numbers;
+    the norm regressions ``[‖e‖², ‖e‖] ~ x`` (with an intercept) are refitted on the same training tokens in
+    one streamed pass. Per document (in sorted ``doc`` order): ``n_tokens``; ``norm``, ``norm_sq``, ``norm_pow4``
+    (Σ‖e‖, Σ‖e‖², Σ‖e‖⁴); ``norm_sse`` and ``norm_sq_sse`` (Σ of the squared residuals of ‖e‖ and ‖e‖² from x);
+    ``nonlinear_sq`` (Σ‖e − xW*‖²); ``error_sum`` (Σe, one d-vector per document: the centred R² of e needs it).
+
+    Parameters
+    ----------
+    train_batches, test_batches : iterables of DeviceCache batch dicts ``{hook: (b, d)}`` or of (b, d) tensors
+    doc_of_token : int array (n_test,), the document of each held-out token in batch order
+    """
+    from .probes.dark_matter import sae_reconstruct
+    from .probes.lstsq import StreamedLeastSquares
+
+    rec = sae_reconstruct(sae)
+    x_of = (lambda b: next(iter(b.values())) if isinstance(b, dict) else b)  # noqa: E731
+    nrm = StreamedLeastSquares(fit_intercept=True)
+    with torch.no_grad():
+        for b in train_batches:
+            x = x_of(b)
+            sq = (x - rec(x)[0]).double().pow(2).sum(-1)
+            nrm.partial_fit(x, torch.stack([sq, sq.sqrt()], 1))
+        ids, slot = _doc_slots(doc_of_token)
+        n_docs, start = len(ids), 0
+        cols = {k: torch.zeros(n_docs, dtype=torch.float64)
+                for k in ("n_tokens", "norm", "norm_sq", "norm_pow4", "norm_sse", "norm_sq_sse", "nonlinear_sq")}
+        e_sum = None
+        for b in test_batches:
+            x = x_of(b)
+            e = (x - rec(x)[0]).double()
+            nl = e - vec.predict(x.double())
+            sq = e.pow(2).sum(-1)
+            pred = nrm.predict(x.double())
+            s = slot[start:start + len(x)].to(x.device)
+            start += len(x)
+            if e_sum is None:
+                e_sum = torch.zeros(n_docs, e.shape[1], dtype=torch.float64, device=x.device)
+            e_sum.index_add_(0, s, e)
+            for k, v in (("n_tokens", torch.ones_like(sq)), ("norm", sq.sqrt()), ("norm_sq", sq),
+                         ("norm_pow4", sq * sq), ("norm_sq_sse", (sq - pred[:, 0]) ** 2),
+                         ("norm_sse", (sq.sqrt() - pred[:, 1]) ** 2), ("nonlinear_sq", nl.pow(2).sum(-1))):
+                cols[k] = cols[k].to(x.device).index_add_(0, s, v)
+    if start != len(doc_of_token):
+        raise ValueError(f"the held-out batches gave {start} tokens for {len(doc_of_token)} document labels")
+    out: dict = dict(width=width, doc=ids.tolist(), sums_dtype="float64")
+    out.update({k: v.cpu().tolist() for k, v in cols.items()})
+    out["n_tokens"] = [int(v) for v in out["n_tokens"]]
+    out["error_sum"] = e_sum.cpu().tolist()
     return out
+
+
+def _fvu_per_document(saes: dict, test_batches_of, doc_of_token: np.ndarray) -> dict:
+    """Per held-out document float64 sums of FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² for every width, as
+    :func:`~probekit.probes.sae.sae_metrics` computes them (x̂ in float32, the difference in float64).
+
+    ``sst`` is each document's Σ‖x − x̄‖² about the mean x̄ of *all* held-out tokens (so the pooled ratio is the
+    run's FVU; a bootstrap then holds x̄ at the held-out mean: stated). ``sse[w]`` is Σ‖x − x̂‖² of width ``w``.
+    ``test_batches_of()`` returns a fresh iterable of held-out batches in ``doc_of_token`` order.
+    """
+    ids, slot = _doc_slots(doc_of_token)
+    n_docs = len(ids)
+    sx = sxx = None
+    n = 0
+    for b in test_batches_of():  # Σx and Σ‖x‖² per document: Σ_d‖x − x̄‖² = Σ‖x‖² − 2x̄·Σx + n_d‖x̄‖²
+        xd = (next(iter(b.values())) if isinstance(b, dict) else b).double()
+        s = slot[n:n + len(xd)].to(xd.device)
+        n += len(xd)
+        if sx is None:
+            sx = torch.zeros(n_docs, xd.shape[1], dtype=torch.float64, device=xd.device)
+            sxx = torch.zeros(n_docs, dtype=torch.float64, device=xd.device)
+        sx.index_add_(0, s, xd)
+        sxx.index_add_(0, s, xd.pow(2).sum(-1))
+    counts = torch.as_tensor(np.bincount(slot.numpy(), minlength=n_docs), dtype=torch.float64, device=sx.device)
+    xbar = sx.sum(0) / n
+    sst = sxx - 2 * sx @ xbar + counts * xbar.pow(2).sum()
+    sse = {}
+    with torch.no_grad():
+        for w, sae in saes.items():
+            acc = torch.zeros(n_docs, dtype=torch.float64, device=sx.device)
+            start = 0
+            for b in test_batches_of():
+                x = next(iter(b.values())) if isinstance(b, dict) else b
+                x_hat = sae.decode(sae.encode(x), x=x)
+                s = slot[start:start + len(x)].to(x.device)
+                start += len(x)
+                acc.index_add_(0, s, (x.double() - x_hat.double()).pow(2).sum(-1))
+            sse[str(w)] = acc.cpu().tolist()
+    return dict(doc=ids.tolist(), n_tokens=counts.cpu().long().tolist(), sst=sst.cpu().tolist(), sse=sse,
+                centre="mean of all held-out tokens", sums_dtype="float64")
+
+
+def _ce_per_document(ces: dict, widths: list[int], doc_ids: list[int]) -> dict:
+    """Per CE document (a held-out document, in the order the splices saw them) the NLL / KL sums of
+    :func:`~probekit.probes.sae.ce_recovered_many`: shared clean and zero columns once, then per width those of
+    x̂, x̂ + linear error and x̂ + nonlinear error."""
+    first = ces[f"{widths[0]}/sae"].per_document
+    out: dict = dict(doc=list(doc_ids), n_tokens=np.asarray(first["n_tokens"]).astype(int).tolist(),
+                     nll_clean=np.asarray(first["nll_clean"]).tolist(), nll_zero=np.asarray(first["nll_zero"]).tolist(),
+                     kl_zero=np.asarray(first["kl_zero"]).tolist(), widths={})
+    for w in widths:
+        cols = {}
+        for k in ("sae", "linear", "nonlinear"):
+            per = ces[f"{w}/{k}"].per_document
+            cols[f"nll_{k}"] = np.asarray(per["nll_sae"]).tolist()
+            cols[f"kl_{k}"] = np.asarray(per["kl_sae"]).tolist()
+        out["widths"][str(w)] = cols
+    return out
+
+
+#: The norm question's selections: the run's choice first (the reference), then one change each.
+NORM_QUESTION = (("run's choice: ‖e‖², position 0 (BOS) excluded", dict(min_position=1)),
+                 ("BOS (position 0) included", dict(min_position=0)),
+                 ("first 4 positions excluded", dict(min_position=4)),
+                 ("target ‖e‖ (BOS excluded)", dict(min_position=1, target="norm")))
+
+
+def _norm_question(dc, hook: str, sae, doc: np.ndarray, pos: np.ndarray, is_test: np.ndarray, kinds: list[str],
+                   label: str, seed: int) -> dict:
+    """R²(‖e‖² | x) of ``sae`` under :data:`NORM_QUESTION` on every token (position 0 included), with 95% CIs
+    over held-out documents (:func:`~probekit.probes.dark_matter_norms.norm_predictability`); its ``to_dict``
+    plus ``seconds``, or ``{"error": why}`` when a selection leaves too few tokens."""
+    from .probes.dark_matter_norms import NormSelection, norm_predictability, sae_error_sq
+
+    t0 = time.perf_counter()
+    rows = np.arange(len(doc))
+    x = torch.cat([b[hook].cpu() for b in dc.batches(hook, 4096, rows=rows, dtype=torch.float32)])
+    err = sae_error_sq(sae, x)
+    try:
+        res = norm_predictability(x, err, doc, pos, is_test, doc_domain=kinds, seed=seed, label=label,
+                                  selections=[NormSelection(n, **kw) for n, kw in NORM_QUESTION])
+    except ValueError as exc:
+        return dict(error=f"norm question not assessed: {exc}")
+    return {**res.to_dict(), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[str, Any]:
@@ -238,7 +374,8 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
     # one clean and one zero-ablated forward per batch serve every width's three splices
     ces = ce_recovered_many(bridge, _token_batches(test_docs, pad_id), hook, splices)
     for w in widths:
-        base, lin, nonlin = (ces[f"{w}/{k}"].to_dict() for k in ("sae", "linear", "nonlinear"))
+        base, lin, nonlin = ({k: v for k, v in ces[f"{w}/{k}"].to_dict().items() if k != "per_document"}
+                             for k in ("sae", "linear", "nonlinear"))
         ce[str(w)] = {**base, "ce_linear": lin["ce_sae"], "ce_nonlinear": nonlin["ce_sae"],
                       "kl_linear": lin["kl_sae"], "kl_nonlinear": nonlin["kl_sae"]}
         say(f"[probekit dark-matter] width {w}: CE recovered {base['ce_recovered']:.3f} on {base['n_tokens']} "
@@ -263,8 +400,27 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
         f"{pursuit.fvu_nonlinear:.4f} (gradient pursuit); earlier-layer nonlinear error removed "
         f"{ {k: round(v, 3) for k, v in earlier.nonlinear_reduction.items()} }")
 
+    # per-document sums for the CIs, and the norm question (timed: they add passes over the cached tokens)
+    t_doc = time.perf_counter()
+    wl = widths[-1]
+    with torch.no_grad():
+        per_doc = _per_document(saes[wl], decomp[wl].estimator, batches(train_rows), batches(test_rows),
+                                doc[test_rows], wl)
+        fvu_doc = _fvu_per_document(saes, lambda: batches(test_rows), doc[test_rows])
+        norm_q = (_norm_question(dc, hook, saes[wl], doc, pos, is_test, kinds, f"{cfg.model} layer {layer}, "
+                                 f"{wl}-latent TopK SAE", cfg.seed) if cfg.norm_question else None)
+    ce_doc = _ce_per_document(ces, widths, [int(i) for i in np.nonzero(is_test)[0][: cfg.ce_docs]])
+    doc_seconds = round(time.perf_counter() - t_doc, 2)
+    if norm_q is not None and "rows" in norm_q:
+        r0, r1 = norm_q["rows"][0]["r2"], norm_q["rows"][1]["r2"]
+        say(f"[probekit dark-matter] norm question, width {wl}: R²(‖e‖² | x) {r0['value']:.3f} "
+            f"[{r0['low']:.3f}, {r0['high']:.3f}] BOS excluded vs {r1['value']:.3f} [{r1['low']:.3f}, "
+            f"{r1['high']:.3f}] BOS included (n = {r0['n']} documents)")
+    say(f"[probekit dark-matter] per-document sums and the norm question: {doc_seconds:.1f} s")
+
     hover = _hover(tok, token_id, doc, pos, test_rows)
-    payload = dict(per_document=_per_document(decomp[widths[-1]], doc[test_rows], widths[-1]),
+    payload = dict(per_document=per_doc, fvu_per_document=fvu_doc, ce_per_document=ce_doc,
+        norm_question=norm_q, per_document_seconds=doc_seconds,
         kind="dark_matter", model=cfg.model, layer=layer, hook=hook, previous_hook=prev, config=asdict(cfg),
         device=device, cache_run=run.run_id, n_documents=dict(code=kinds.count("code"), text=kinds.count("text")),
         n_tokens=dict(train=int(len(train_rows)), test=int(len(test_rows))), widths=widths,

@@ -222,12 +222,31 @@ def error_r2_figure(p: dict) -> Any:
     ----------
     p : dict
         The payload; reads ``decomposition`` = {width: ``DarkMatterResult.to_dict()``} (``r2_error_vector``,
-        ``r2_error_norm_sq``, ``r2_error_norm``).
+        ``r2_error_norm_sq``, ``r2_error_norm``), and ``per_document`` when present: the widest SAE's bars then
+        carry 95% CIs over held-out documents as error bars (the other widths have no per-document sums).
     """
+    from .claims import dark_matter_estimates
     from .probes.dark_matter import DarkMatterResult, r2_bars_figure
 
     dec = {w: build_result(DarkMatterResult, d, partial=True) for w, d in (p.get("decomposition") or {}).items()}
-    return r2_bars_figure(dec, xaxis_title="SAE width")
+    fig = r2_bars_figure(dec, xaxis_title="SAE width")
+    if "error_sum" not in (p.get("per_document") or {}):
+        return fig
+    est = dark_matter_estimates(p)
+    for trace, label in zip(fig.data, ("R²(e | x)", "R²(‖e‖² | x)", "R²(‖e‖ | x)")):
+        cis = [est.get(f"width {w}: {label}") for w in dec]
+        _error_bars(trace, [None if isinstance(e, float) else e for e in cis])
+    fig.update_layout(yaxis_title="R² from x (held out; 95% CI over documents, widest SAE)")
+    return fig
+
+
+def _error_bars(trace: Any, estimates: list) -> None:
+    """Asymmetric error bars on a bar trace from one :class:`~probekit.stats.Estimate` (or None) per bar."""
+    trace.error_y = dict(type="data", symmetric=False,
+                         array=[None if e is None else e.high - e.value for e in estimates],
+                         arrayminus=[None if e is None else e.value - e.low for e in estimates])
+    trace.customdata = [None if e is None else e.format() for e in estimates]
+    trace.hovertemplate = "%{x}: %{y:.3f}<br>%{customdata}<extra>%{fullData.name}</extra>"
 
 
 CE_SPLICES = (("clean", "ce_clean"), ("x̂", "ce_sae"), ("x̂ + linear error", "ce_linear"),
@@ -241,15 +260,28 @@ def ce_figure(p: dict) -> Any:
     Parameters
     ----------
     p : dict
-        The payload; reads ``ce`` = {width: {key: nats}} for each key of :data:`CE_SPLICES`.
+        The payload; reads ``ce`` = {width: {key: nats}} for each key of :data:`CE_SPLICES`, and
+        ``ce_per_document`` when present: each bar then carries its 95% CI over the CE documents (the pooled
+        per-token mean Σ NLL / Σ tokens, documents resampled) as an error bar.
     """
     import plotly.graph_objects as go
 
+    from .stats import bootstrap_ratio
+
     ce = p.get("ce") or {}
+    per = p.get("ce_per_document")
     fig = go.Figure()
     for name, key in CE_SPLICES:
         fig.add_trace(go.Bar(x=list(ce), y=[v.get(key) for v in ce.values()], name=name))
-    fig.update_layout(barmode="group", template="plotly_white", xaxis_title="SAE width", yaxis_title="CE (nats)",
+        if per:
+            col = {"ce_clean": "nll_clean", "ce_zero": "nll_zero", "ce_sae": "nll_sae", "ce_linear": "nll_linear",
+                   "ce_nonlinear": "nll_nonlinear"}[key]
+            n = per["n_tokens"]
+            _error_bars(fig.data[-1], [bootstrap_ratio(per[col] if col in per else per["widths"][w][col], n,
+                                                       unit="documents") if w in per["widths"] else None
+                                       for w in ce])
+    fig.update_layout(barmode="group", template="plotly_white", xaxis_title="SAE width",
+                      yaxis_title="CE (nats)" + ("; 95% CI over documents" if per else ""),
                       title="Next-token CE with each reconstruction spliced in")
     fig.update_xaxes(type="category")
     return fig
@@ -372,7 +404,33 @@ def _dark_matter_figures(p: dict) -> list:
         figs.append(error_scatter_figure(p))
     figs += build_result(PerTokenScalingResult, p["per_token_scaling"], ("r2", "r2_with_nonlinear", "gain")).figures()
     figs += build_result(EarlierLayerResult, p["earlier_layer"]).figures()
+    if (p.get("norm_question") or {}).get("rows"):
+        figs.append(norm_question_figure(p))
     return figs
+
+
+@_fitted
+def norm_question_figure(p: dict) -> Any:
+    """Held-out R² of the widest SAE's error norm from x under each token selection of the run's norm question
+    (position 0 excluded or kept, …), 95% CIs over held-out documents as error bars
+    (``NormSweepResult.figure``). Reads ``norm_question`` (``NormSweepResult.to_dict``)."""
+    from .probes.dark_matter_norms import NormSelection, NormSweepResult, NormSweepRow
+    from .stats import Estimate
+
+    def est(d: dict | None) -> Estimate | None:
+        keys = ("value", "low", "high", "n", "unit", "level", "method", "min_n")
+        return None if d is None else Estimate(**{k: d[k] for k in keys if k in d})
+
+    def nan(v: float | None) -> float:  # to_dict writes a non-finite number as None
+        return float("nan") if v is None else float(v)
+
+    nq = p["norm_question"]
+    rows = [NormSweepRow(selection=NormSelection(**r["selection"]), r2=est(r["r2"]), r2_train=nan(r["r2_train"]),
+                         diff_vs_reference=est(r.get("diff_vs_reference")), n_train_tokens=r["n_train_tokens"],
+                         n_test_tokens=r["n_test_tokens"], n_train_docs=r["n_train_docs"],
+                         tokens_per_dim=r["tokens_per_dim"], max_token_share=nan(r.get("max_token_share")),
+                         max_doc_share=nan(r.get("max_doc_share"))) for r in nq["rows"]]
+    return NormSweepResult(rows=rows, d_in=nq["d_in"], label=nq.get("label", ""), notes=nq.get("notes", [])).figure()
 
 
 def _linearscope_digit_figures(p: dict) -> list:
@@ -755,14 +813,15 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
         return _layer_probe_headline(payload)
     if kind == "ast_probe":
         return _ast_headline(payload)
-    if kind == "dark_matter":
+    if kind == "dark_matter":  # 95% CIs over held-out documents where the payload has per-document sums
+        from .claims import dark_matter_estimates
+
         out: dict[str, Any] = {}
-        for w, d in payload["decomposition"].items():
-            m = payload["sae_metrics"][w]
-            out[f"width {w}: FVU"] = m["fvu"]
-            out[f"width {w}: R²(e | x)"] = d["r2_error_vector"]
-            out[f"width {w}: R²(‖e‖² | x)"] = d["r2_error_norm_sq"]
-            out[f"width {w}: CE recovered"] = payload["ce"][w]["ce_recovered"]
+        for k, v in dark_matter_estimates(payload).items():
+            if isinstance(v, float):  # an older payload, or a width without per-document sums: say so
+                _put(out, k, v, "the payload has no per-document sums for this number (point value)")
+            else:
+                _put(out, k, v.value, v)
         return out
     if kind == "linearscope_digits":
         return _linearscope_digits_headline(payload)

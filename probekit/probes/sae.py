@@ -1278,6 +1278,11 @@ class CEResult:
 
     ce_recovered = (ce_zero − ce_sae) / (ce_zero − ce_clean); kl_* = mean over tokens of
     KL(p_clean ‖ p_spliced) = Σ_v p_clean(v) (log p_clean(v) − log p_spliced(v)), in nats.
+
+    ``per_document`` (from :func:`ce_recovered_many`): per input sequence, in input order, the float64 *sums*
+    over its target tokens — ``nll_clean``, ``nll_zero``, ``nll_sae`` (negative log-likelihoods), ``kl_sae``,
+    ``kl_zero`` — and ``n_tokens`` (its target-token count), each an array (n_sequences,). The pooled means above
+    are their column sums over ``Σ n_tokens``; a sequence is the unit a CI resamples (METHODS.md §5).
     """
 
     ce_clean: float
@@ -1287,9 +1292,14 @@ class CEResult:
     kl_sae: float
     kl_zero: float
     n_tokens: int
+    per_document: dict[str, np.ndarray] | None = None
 
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """Scalars, plus ``per_document`` as lists when present (JSON-safe)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_document"}
+        if self.per_document is not None:
+            d["per_document"] = {k: np.asarray(v).tolist() for k, v in self.per_document.items()}
+        return d
 
 
 def _token_batches(token_batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -1359,50 +1369,61 @@ def ce_recovered_many(model: torch.nn.Module, token_batches, hook_name: str,
     -------
     dict str -> CEResult
         One result per name, in ``replacements``' order; ``ce_clean``, ``ce_zero``, ``kl_zero`` and ``n_tokens``
-        are the same in all of them.
+        are the same in all of them. ``per_document`` holds each input sequence's sums (no extra forwards).
     """
     names = list(replacements)
     if not names:
         raise ValueError("ce_recovered_many needs at least one replacement")
     param = next(model.parameters())
-    shared = {k: 0.0 for k in ("clean", "zero", "kl_zero")}
-    ce = {k: 0.0 for k in names}
-    kl = {k: 0.0 for k in names}
-    n = 0
+    # per-sequence sums (float64), one list entry per batch; the pooled numbers are their totals
+    shared: dict[str, list[np.ndarray]] = {k: [] for k in ("nll_clean", "nll_zero", "kl_zero", "n_tokens")}
+    ce: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    kl: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for ids, mask in _token_batches(token_batches):
         ids, mask = ids.to(param.device), mask.to(param.device)
         valid = (mask[:, :-1] * mask[:, 1:]).bool()
         target = ids[:, 1:][valid]
+        seq = valid.nonzero()[:, 0]  # the sequence of each target token (row-major, as valid selects them)
+
+        def per_seq(v: torch.Tensor) -> np.ndarray:
+            out = torch.zeros(ids.shape[0], dtype=torch.float64, device=v.device)
+            return out.index_add_(0, seq, v.double()).cpu().numpy()
 
         def logp(fn):
             with splice(model, hook_name, fn, prefer_plain=prefer_plain) as r:
                 return F.log_softmax(lm_logits(r, ids, mask)[:, :-1][valid].double(), dim=-1)
 
         def nll(lp):
-            return float(-lp.gather(1, target[:, None]).sum())
+            return per_seq(-lp.gather(1, target[:, None])[:, 0])
 
         # clean through an identity splice: the same forward path as the spliced runs, so only ``fn`` differs
         lp_clean = logp(lambda a: a)
         p_clean = lp_clean.exp()
         lp_zero = logp(torch.zeros_like)
-        shared["clean"] += nll(lp_clean)
-        shared["zero"] += nll(lp_zero)
-        shared["kl_zero"] += float((p_clean * (lp_clean - lp_zero)).sum())
+        shared["nll_clean"].append(nll(lp_clean))
+        shared["nll_zero"].append(nll(lp_zero))
+        shared["kl_zero"].append(per_seq((p_clean * (lp_clean - lp_zero)).sum(-1)))
         del lp_zero
         for k in names:  # one (tokens, vocab) log-prob matrix at a time besides the clean one
             lp = logp(replacements[k])
-            ce[k] += nll(lp)
-            kl[k] += float((p_clean * (lp_clean - lp)).sum())
+            ce[k].append(nll(lp))
+            kl[k].append(per_seq((p_clean * (lp_clean - lp)).sum(-1)))
             del lp
-        n += int(valid.sum())
+        shared["n_tokens"].append(valid.sum(1).cpu().numpy().astype(np.int64))
+    per = {k: np.concatenate(v) if v else np.zeros(0) for k, v in shared.items()}
+    n = int(per["n_tokens"].sum())
     if n == 0:
         raise ValueError("ce_recovered got no target tokens (every sequence shorter than 2 real tokens?)")
-    clean, zero, kl_zero = shared["clean"] / n, shared["zero"] / n, shared["kl_zero"] / n
+    clean, zero, kl_zero = float(per["nll_clean"].sum()) / n, float(per["nll_zero"].sum()) / n, \
+        float(per["kl_zero"].sum()) / n
     denom = zero - clean
     out = {}
     for k in names:
-        c = ce[k] / n
+        nll_k, kl_k = np.concatenate(ce[k]), np.concatenate(kl[k])
+        c = float(nll_k.sum()) / n
         rec = (zero - c) / denom if denom != 0 else float("nan")
-        out[k] = CEResult(ce_clean=clean, ce_sae=c, ce_zero=zero, ce_recovered=rec, kl_sae=kl[k] / n,
-                          kl_zero=kl_zero, n_tokens=n)
+        out[k] = CEResult(ce_clean=clean, ce_sae=c, ce_zero=zero, ce_recovered=rec, kl_sae=float(kl_k.sum()) / n,
+                          kl_zero=kl_zero, n_tokens=n,
+                          per_document=dict(nll_clean=per["nll_clean"], nll_zero=per["nll_zero"], nll_sae=nll_k,
+                                            kl_sae=kl_k, kl_zero=per["kl_zero"], n_tokens=per["n_tokens"]))
     return out

@@ -115,11 +115,11 @@ def test_seeds_report_tiny_end_to_end(tiny_dir, tmp_path, monkeypatch):
     act = json.loads(next((folder / "safety_activation").rglob("activation.json")).read_text())
     assert srows["refusal_base"]["ours"]["value"] == act["refusal"]["refusal_rate"]["baseline"]["harmful"]
 
-    # dark matter: per-document sums stored; their pooled R² is the run's own r2_error_norm
+    # dark matter: per-document sums stored; their pooled R² is the run's own R²(‖e‖² | x) (METHODS §3)
     dm = json.loads(next((folder / "dark_matter").rglob("dark_matter.json")).read_text())
     drows = {r["key"]: r for r in metrics["stages"]["dark_matter"]["claims"]}
     w = str(dm["per_document"]["width"])
-    assert abs(drows["dm_norm_r2"]["ours"]["value"] - dm["decomposition"][w]["r2_error_norm"]) < 1e-6
+    assert abs(drows["dm_norm_r2"]["ours"]["value"] - dm["decomposition"][w]["r2_error_norm_sq"]) < 1e-9
     assert sum(dm["per_document"]["n_tokens"]) == dm["n_tokens"]["test"]
 
     # LinearScope: per-image bias shares whose mean is the test-set mean; a CI over test images

@@ -322,6 +322,37 @@ def test_ce_many_equals_separate_calls_and_shares_clean_and_zero(tiny_llama, tok
         ce_recovered_many(bridge, batches, HOOK, {})
 
 
+def test_ce_many_per_document_sums_are_each_sequence_alone_and_pool_to_the_means(tiny_llama, tokens):
+    """Per-sequence sums in input order: each equals that sequence run alone (unpadded); their totals over the
+    target tokens are the pooled means, with no extra forwards (the counts are checked above)."""
+    import json
+
+    bridge, _ = tiny_llama
+    ids, mask = tokens
+    sae = SAE(SAEConfig(d_in=64, d_sae=128, k=8, hook_name=HOOK))
+    reps = {"sae": sae, "half": lambda a: 0.5 * a}
+    many = ce_recovered_many(bridge, [(ids[:2], mask[:2]), (ids[2:], mask[2:])], HOOK, reps)
+    for k, f in reps.items():
+        per = many[k].per_document
+        assert set(per) == {"nll_clean", "nll_zero", "nll_sae", "kl_sae", "kl_zero", "n_tokens"}
+        assert all(len(v) == len(ids) for v in per.values())
+        for i in range(len(ids)):
+            alone = ce_recovered(bridge, [ids[i : i + 1, : int(mask[i].sum())]], HOOK, f)
+            assert per["n_tokens"][i] == alone.n_tokens
+            for col, attr in (("nll_clean", "ce_clean"), ("nll_zero", "ce_zero"), ("nll_sae", "ce_sae"),
+                              ("kl_sae", "kl_sae"), ("kl_zero", "kl_zero")):
+                assert per[col][i] == pytest.approx(getattr(alone, attr) * alone.n_tokens, rel=1e-5, abs=1e-6)
+        n = per["n_tokens"].sum()
+        r = many[k]
+        assert n == r.n_tokens
+        assert per["nll_sae"].sum() / n == pytest.approx(r.ce_sae, rel=1e-12)
+        assert per["kl_sae"].sum() / n == pytest.approx(r.kl_sae, rel=1e-12)
+        z, c, s = per["nll_zero"].sum(), per["nll_clean"].sum(), per["nll_sae"].sum()
+        assert (z - s) / (z - c) == pytest.approx(r.ce_recovered, rel=1e-12)
+        d = json.loads(json.dumps(r.to_dict()))
+        assert d["per_document"]["n_tokens"] == per["n_tokens"].tolist() and d["ce_sae"] == r.ce_sae
+
+
 def test_splice_plain_module_and_shape_check(tiny_llama, tokens):
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     x = torch.randn(3, 4)
