@@ -618,6 +618,45 @@ def figures(payload: dict[str, Any]) -> list[Any]:
     return [fit_figure(f) for f in _FIGURES[kind](payload)]
 
 
+def _safety_weight_headline(payload: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints' refusal rates (Wilson 95% CI over harmful prompts) and task losses (ratio bootstrap over
+    useful prompts), and every svd-vs-random pair at equal task loss (paired bootstrap over the same prompts).
+    A payload without per-prompt outcomes shows its point values and says why no CI is given."""
+    from .probes.weight_space import compare_at_equal_task_loss
+    from .stats import bootstrap_ratio, proportion
+
+    ck, rows = payload["checkpoints"], payload["projections"]
+    out: dict[str, Any] = {}
+
+    def model_numbers(name: str, c: dict) -> None:
+        per = c.get("per_prompt")
+        if per:
+            out[f"{name}: refusal rate, 95% CI"] = proportion(per["harmful_refused"], unit="harmful prompts").format()
+            out[f"{name}: task loss, 95% CI"] = bootstrap_ratio(per["useful_nll"], per["useful_tokens"],
+                                                                unit="useful prompts").format()
+        else:  # an old payload: the point values only
+            out[f"{name}: refusal rate"], out[f"{name}: task loss"] = c["refusal_rate"], c["task_loss"]
+
+    for n, c in ck.items():
+        model_numbers(n, c)
+    for r in rows:
+        if r["basis"] == "svd" and r["fraction"] in (0.25, 0.75):
+            model_numbers(f"svd {r['variant']} f={r['fraction']}", r)
+    if rows and all(r.get("per_prompt") for r in rows):
+        for q in compare_at_equal_task_loss(rows):
+            head = f"{q['variant']}: svd f={q['fraction']} − random f={q['control_fraction']} (equal task loss)"
+            out[f"{head}: refusal rate, paired 95% CI"] = q["refusal"].format()
+            out[f"{head}: task-loss gap, paired 95% CI"] = q["task_loss_gap"].format()
+    elif rows:
+        out["svd − random at equal task loss"] = ("not assessed: the projection rows hold no per-prompt outcomes "
+                                                  "(rerun safety weight with this version)")
+    pts = list(ck.values()) + rows
+    if len(pts) >= 3:
+        out["corr(harmful, harmless refusal score) over models"] = float(np.corrcoef(
+            [q["refusal_score"] for q in pts], [q["harmless_refusal_score"] for q in pts])[0, 1])
+    return out
+
+
 def headline(payload: dict[str, Any]) -> dict[str, Any]:
     """The summary-table numbers of one result payload (flat dict of str -> number or str)."""
     kind = payload.get("kind")
@@ -673,6 +712,12 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
             flags = refusal_flags(payload, c)
             if flags:  # Wilson 95% interval over the harmful test prompts
                 out[f"harmful refusal rate ({c}), 95% CI"] = proportion(flags, unit="prompts").format()
+        abl, rnd = refusal_flags(payload, "ablation"), refusal_flags(payload, "random_ablation")
+        if abl and rnd and len(abl) == len(rnd):  # the claim-carrying comparison: paired over the same prompts
+            from .stats import paired_difference
+
+            out["refusal rate: ablated − random direction, paired 95% CI"] = paired_difference(
+                abl, rnd, unit="harmful prompts").format()
         if payload.get("induce"):
             out["harmless refusal rate (actadd)"] = payload["induce"]["refusal_rate"]["actadd"]["harmless"]
         def cells(ov: dict, key: str) -> float:  # mean over the late layers at η ≈ 0.9; None (k = 0) skipped
@@ -686,18 +731,7 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
             out["centred baseline (same cells)"] = cells(c, "baseline")
         return out
     if kind == "safety_weight":
-        ck = payload["checkpoints"]
-        out = {f"{n}: refusal rate": c["refusal_rate"] for n, c in ck.items()}
-        out.update({f"{n}: task loss": c["task_loss"] for n, c in ck.items()})
-        for r in payload["projections"]:
-            if r["basis"] == "svd" and r["fraction"] in (0.25, 0.75):
-                out[f"{r['variant']} f={r['fraction']}: refusal rate / task loss"] = \
-                    f"{r['refusal_rate']:.3f} / {r['task_loss']:.3f}"
-        pts = list(ck.values()) + payload["projections"]
-        if len(pts) >= 3:
-            out["corr(harmful, harmless refusal score) over models"] = float(np.corrcoef(
-                [q["refusal_score"] for q in pts], [q["harmless_refusal_score"] for q in pts])[0, 1])
-        return out
+        return _safety_weight_headline(payload)
     if kind == "linearscope_sr":  # every number with its 95% interval over test patches, and the verdict
         return {**_estimates(payload["headline"]), "verdict": payload["verdict"]["text"]}
     if kind == "linearscope_i2i":

@@ -105,7 +105,20 @@ def test_weight_run_end_to_end_and_resume(tiny_dir, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "weight.json").read_text())
     assert saved["projections"] == p["projections"]
     assert (tmp_path / "weight.html").stat().st_size > 10_000
-    assert len(results.figures(saved)) >= 7 and "aligned: refusal rate" in results.headline(saved)
+    head = results.headline(saved)
+    assert len(results.figures(saved)) >= 7 and "(n=2 harmful prompts)" in head["aligned: refusal rate, 95% CI"]
+    from probekit.claims import claim_rows
+    from probekit.probes.weight_space import compare_at_equal_task_loss
+
+    pairs = compare_at_equal_task_loss(saved["projections"])
+    assert len(pairs) == 2 * 2  # svd fractions x variants, each against a random row
+    for q in pairs:
+        key = f"{q['variant']}: svd f={q['fraction']} − random f={q['control_fraction']} (equal task loss)"
+        assert head[f"{key}: refusal rate, paired 95% CI"] == q["refusal"].format()
+        assert head[f"{key}: refusal rate, paired 95% CI"].endswith("(n=2 harmful prompts) — too few to conclude")
+
+    (crow,) = claim_rows(saved)
+    assert crow.claim.key == "svd_vs_random_equal_loss" and crow.verdict == "too few to conclude"
 
     # a rerun reuses the checkpoints and every evaluation: nothing is trained or evaluated again
     real_eval = sr.evaluate_model
