@@ -20,6 +20,11 @@ The tests, per claim ``kind``:
 - ``positive`` / ``negative``: a paired difference (ours − the control) with the published sign. Reproduced when
   the interval excludes 0 on that side; partly when only the point has that sign; not otherwise.
 - ``at_least`` ``lo``: reproduced when the interval's low end reaches ``lo``; partly when its high end does.
+- ``null`` ``margin``: a published *absence* of a difference (e.g. "no selective safety subspace"), tested as
+  equivalence within ``±margin`` on a paired difference. Reproduced when the whole interval lies within
+  ``[−margin, margin]`` (any difference is too small to matter, even if the interval excludes 0); partly when
+  the interval contains 0 but reaches beyond the margin (no difference shown, none ruled out); not when the
+  interval excludes 0 and reaches beyond the margin (a difference the paper says is absent).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ __all__ = ["Claim", "ClaimRow", "CLAIMS", "VERDICTS", "verdict", "claim_rows", "
            "refusal_flags"]
 
 VERDICTS = ("reproduced", "partly", "not", "too few to conclude", "not assessed")
-_KINDS = ("range", "positive", "negative", "at_least")
+_KINDS = ("range", "positive", "negative", "at_least", "null")
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,11 @@ class Claim:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"claim {self.key!r}: kind must be one of {_KINDS}, got {self.kind!r}")
-        need = {"range": 2, "at_least": 1, "positive": 0, "negative": 0}[self.kind]
+        need = {"range": 2, "at_least": 1, "positive": 0, "negative": 0, "null": 1}[self.kind]
         if len(self.bounds) != need:
             raise ValueError(f"claim {self.key!r}: kind {self.kind!r} needs {need} bound(s), got {self.bounds}")
+        if self.kind == "null" and not self.bounds[0] > 0:
+            raise ValueError(f"claim {self.key!r}: a null claim's margin must be > 0, got {self.bounds[0]}")
 
 
 @dataclass
@@ -103,6 +110,17 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
         Claim("ablation_vs_random", _SAFETY, "refusal rate: ablated direction − random direction (harmful prompts)",
               "chat models (Arditi et al.)", "large drop (< 0)", "METHODS.md §2 (refusal direction)", "negative"),
     ),
+    # The paper's weight-space headline is a null: a subspace that keeps refusal keeps the task too, so V's svd
+    # basis does no better than a random one once both cost the task equally. Margin 0.1 in refusal rate: a gap
+    # smaller than one prompt in ten is not a "selective" subspace. The other headline (V and U overlap above the
+    # random baseline) has no claim row: its MSO is a mean over weight matrices, which are not sampled units, so
+    # no honest bootstrap CI exists for it.
+    "safety_weight": (
+        Claim("svd_vs_random_equal_loss", _SAFETY,
+              "refusal rate: U projected on V's svd basis − on a random basis at equal task loss (harmful prompts)",
+              "Llama-2 / Qwen chat models (CERT-Lab)", "no selective safety subspace (difference ≈ 0)",
+              "METHODS.md §2 (weight space)", "null", (0.1,)),
+    ),
     "dark_matter": (
         Claim("dm_norm_r2", _DM, "R²(‖e‖² | x): the squared error norm regressed on x (OLS with an intercept, "
               "fitted on training documents, pooled over held-out tokens, position 0 excluded)",
@@ -145,6 +163,13 @@ def verdict(claim: Claim, est: Estimate | None, *, missing: str = "") -> tuple[s
         if sign * est.value > 0:
             return "partly", f"the difference {est.value:+.3f} has the published sign but {ci} includes 0"
         return "not", f"the difference {est.value:+.3f} does not have the published sign ({ci})"
+    if claim.kind == "null":
+        (m,) = claim.bounds
+        if -m <= est.low and est.high <= m:
+            return "reproduced", f"{ci} lies within the margin ±{m}: no difference that matters"
+        if est.low <= 0 <= est.high:
+            return "partly", f"{ci} includes 0 but reaches beyond the margin ±{m}: a difference is not ruled out"
+        return "not", f"{ci} excludes 0 and reaches beyond the margin ±{m}: a difference of {est.value:+.3f}"
     (lo,) = claim.bounds
     if est.low >= lo:
         return "reproduced", f"{ci} lies at or above {lo}"
@@ -211,6 +236,33 @@ def _safety_rows(p: dict) -> list[ClaimRow]:
         rows.append(_row(c["ablation_vs_random"], model, None,
                          "conditions 'ablation' and 'random_ablation' were not both run"))
     return rows
+
+
+def _safety_weight_rows(p: dict) -> list[ClaimRow]:
+    """The svd-vs-random claim on the matched pair of the ``same`` variant (the paper's "amplify" projection;
+    else the first variant run) whose task-loss gap is smallest — a choice made on task loss alone, blind to
+    refusal. Every pair is in :func:`probekit.results.headline`."""
+    from .probes.weight_space import compare_at_equal_task_loss, match_equal_task_loss
+
+    (cl,) = CLAIMS["safety_weight"]
+    model = str(p.get("model", "?"))
+    rows = p.get("projections") or []
+    pairs = match_equal_task_loss(rows)
+    if not pairs:
+        return [_row(cl, model, None, "the run has no svd and random projections of one variant to compare")]
+    variants = [v for v in ("same",) if any(q["variant"] == v for q in pairs)] or [pairs[0]["variant"]]
+    sel = [q for q in pairs if q["variant"] == variants[0]]
+    best = min(sel, key=lambda q: (abs(q["task_loss_gap"]), q["fraction"]))
+    if not best["row"].get("per_prompt") or not best["control"].get("per_prompt"):
+        return [_row(cl, model, None, "the projection rows hold no per-prompt outcomes (rerun safety weight with "
+                     "this version)")]
+    (cmp,) = compare_at_equal_task_loss([best["row"], best["control"]])
+    g = cmp["task_loss_gap"]
+    where = (f"{model}, {best['variant']}: svd f={best['fraction']} vs random f={best['control_fraction']} "
+             f"(task loss gap {g.value:+.3f} [{g.low:+.3f}, {g.high:+.3f}] nats/token, n={g.n} {g.unit})")
+    row = _row(cl, where, cmp["refusal"])
+    row.extra["task_loss_gap"] = g
+    return [row]
 
 
 def _r2_from_sums(rows: np.ndarray) -> float:
@@ -355,7 +407,8 @@ def _linearscope_rows(p: dict) -> list[ClaimRow]:
     return [row]
 
 
-_ROWS = {"ast_probe": _ast_rows, "safety_activation": _safety_rows, "dark_matter": _dark_matter_rows,
+_ROWS = {"ast_probe": _ast_rows, "safety_activation": _safety_rows, "safety_weight": _safety_weight_rows,
+         "dark_matter": _dark_matter_rows,
          "linearscope_digits": _linearscope_rows}
 
 

@@ -797,6 +797,95 @@ def _linearscope_lm_headline(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _safety_activation_headline(payload: dict[str, Any]) -> dict[str, Any]:
+    """Refusal rates per condition (Wilson 95% CI over harmful test prompts), the claim-carrying ablated − random
+    direction difference (paired over the same prompts), and the late-layer MSO means (stated points: their cells
+    are layers and η values, not sampled units)."""
+    from .claims import refusal_flags
+    from .stats import paired_difference, proportion
+
+    rr, o = payload["refusal"]["refusal_rate"], payload["overlap"]["harmful_vs_useful"]
+    j = _nearest(o["etas"], 0.9)
+    L = payload["n_layers"]
+    late = [i for i, l in enumerate(o["layers"]) if 0.65 * L <= l < 0.9 * L] or list(range(len(o["layers"])))
+    out: dict[str, Any] = {"refusal-direction layer": payload["layer"]}
+    why = "the payload holds no completions for this condition (no per-prompt outcomes)"
+    for c in rr:
+        flags, est = refusal_flags(payload, c), why
+        if flags:  # the flags must give the stored rate, else the CI would describe another number
+            est = (proportion(flags, unit="harmful prompts") if abs(np.mean(flags) - rr[c]["harmful"]) < 1e-9
+                   else "the completions' phrase matches do not reproduce the stored rate")
+        _put(out, f"harmful refusal rate ({c})", rr[c]["harmful"], est)
+    abl, rnd = refusal_flags(payload, "ablation"), refusal_flags(payload, "random_ablation")
+    if abl and rnd and len(abl) == len(rnd):  # the claim-carrying comparison: paired over the same prompts
+        d = paired_difference(abl, rnd, unit="harmful prompts")
+        _put(out, "refusal rate: ablated − random direction", d.value, d)
+    if payload.get("induce"):
+        ind = payload["induce"]
+        comp = ((ind.get("completions") or {}).get("actadd") or {}).get("harmless")
+        rate, est = ind["refusal_rate"]["actadd"]["harmless"], why
+        if comp:
+            from .probes.safety import refusal_phrase_match
+
+            prefix = (ind.get("config") or {}).get("prefix_chars")
+            flags = [float(h) for h in refusal_phrase_match(comp, **({} if prefix is None else
+                                                                       {"prefix_chars": prefix}))]
+            # the flags must give the stored rate, else the CI would describe another number
+            est = (proportion(flags, unit="harmless prompts") if abs(np.mean(flags) - rate) < 1e-9 else
+                   "the completions' phrase matches do not reproduce the stored rate")
+        _put(out, "harmless refusal rate (actadd)", rate, est)
+
+    def cells(ov: dict, key: str) -> float:  # mean over the late layers at η ≈ 0.9; None (k = 0) skipped
+        return float(np.nanmean([np.nan if ov[key][i][j] is None else ov[key][i][j] for i in late]))
+
+    point = "a mean over layers at η ≈ 0.9 (subspaces of the training prompts), not over sampled units"
+    _put(out, "MSO harmful vs useful, η≈0.9, 65–90% depth", cells(o, "mso"), point)
+    _put(out, "random baseline (same cells)", cells(o, "baseline"), point)
+    c = (payload.get("overlap_centred") or {}).get("harmful_vs_useful")
+    if c:
+        _put(out, "centred MSO harmful vs useful, same cells", cells(c, "mso"), point)
+        _put(out, "centred baseline (same cells)", cells(c, "baseline"), point)
+    return out
+
+
+def _safety_weight_headline(payload: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints' refusal rates (Wilson 95% CI over harmful prompts) and task losses (ratio bootstrap over
+    useful prompts), and every svd-vs-random pair at equal task loss (paired bootstrap over the same prompts).
+    A payload without per-prompt outcomes shows its point values and says why no CI is given."""
+    from .probes.weight_space import compare_at_equal_task_loss
+    from .stats import bootstrap_ratio, proportion
+
+    ck, rows = payload["checkpoints"], payload["projections"]
+    out: dict[str, Any] = {}
+    why = "the evaluation holds no per-prompt outcomes (rerun safety weight with this version)"
+
+    def model_numbers(name: str, c: dict) -> None:
+        per = c.get("per_prompt")
+        _put(out, f"{name}: refusal rate", c["refusal_rate"],
+             proportion(per["harmful_refused"], unit="harmful prompts") if per else why)
+        _put(out, f"{name}: task loss", c["task_loss"],
+             bootstrap_ratio(per["useful_nll"], per["useful_tokens"], unit="useful prompts") if per else why)
+
+    for n, c in ck.items():
+        model_numbers(n, c)
+    for r in rows:
+        if r["basis"] == "svd" and r["fraction"] in (0.25, 0.75):
+            model_numbers(f"svd {r['variant']} f={r['fraction']}", r)
+    if rows and all(r.get("per_prompt") for r in rows):
+        for q in compare_at_equal_task_loss(rows):
+            head = f"{q['variant']}: svd f={q['fraction']} − random f={q['control_fraction']} (equal task loss)"
+            _put(out, f"{head}: refusal rate difference", q["refusal"].value, q["refusal"])
+            _put(out, f"{head}: task-loss gap", q["task_loss_gap"].value, q["task_loss_gap"])
+    elif rows:
+        out["svd − random at equal task loss"] = f"not assessed: {why}"
+    pts = list(ck.values()) + rows
+    if len(pts) >= 3:
+        _put(out, "corr(harmful, harmless refusal score) over models", float(np.corrcoef(
+            [q["refusal_score"] for q in pts], [q["harmless_refusal_score"] for q in pts])[0, 1]),
+            "a correlation over the evaluated models, which are not sampled units (a stated point)")
+    return out
+
+
 def headline(payload: dict[str, Any]) -> dict[str, Any]:
     """The summary-table numbers of one result payload (flat dict of str -> number or str).
 
@@ -828,44 +917,9 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
     if kind == "linearscope_lm":
         return _linearscope_lm_headline(payload)
     if kind == "safety_activation":
-        rr, o = payload["refusal"]["refusal_rate"], payload["overlap"]["harmful_vs_useful"]
-        j = _nearest(o["etas"], 0.9)
-        L = payload["n_layers"]
-        late = [i for i, l in enumerate(o["layers"]) if 0.65 * L <= l < 0.9 * L] or list(range(len(o["layers"])))
-        out = {"refusal-direction layer": payload["layer"]}
-        from .claims import refusal_flags
-        from .stats import proportion
-
-        for c in rr:
-            out[f"harmful refusal rate ({c})"] = rr[c]["harmful"]
-            flags = refusal_flags(payload, c)
-            if flags:  # Wilson 95% interval over the harmful test prompts
-                out[f"harmful refusal rate ({c}), 95% CI"] = proportion(flags, unit="prompts").format()
-        if payload.get("induce"):
-            out["harmless refusal rate (actadd)"] = payload["induce"]["refusal_rate"]["actadd"]["harmless"]
-        def cells(ov: dict, key: str) -> float:  # mean over the late layers at η ≈ 0.9; None (k = 0) skipped
-            return float(np.nanmean([np.nan if ov[key][i][j] is None else ov[key][i][j] for i in late]))
-
-        out["MSO harmful vs useful, η≈0.9, 65–90% depth"] = cells(o, "mso")
-        out["random baseline (same cells)"] = cells(o, "baseline")
-        c = (payload.get("overlap_centred") or {}).get("harmful_vs_useful")
-        if c:
-            out["centred MSO harmful vs useful, same cells"] = cells(c, "mso")
-            out["centred baseline (same cells)"] = cells(c, "baseline")
-        return out
+        return _safety_activation_headline(payload)
     if kind == "safety_weight":
-        ck = payload["checkpoints"]
-        out = {f"{n}: refusal rate": c["refusal_rate"] for n, c in ck.items()}
-        out.update({f"{n}: task loss": c["task_loss"] for n, c in ck.items()})
-        for r in payload["projections"]:
-            if r["basis"] == "svd" and r["fraction"] in (0.25, 0.75):
-                out[f"{r['variant']} f={r['fraction']}: refusal rate / task loss"] = \
-                    f"{r['refusal_rate']:.3f} / {r['task_loss']:.3f}"
-        pts = list(ck.values()) + payload["projections"]
-        if len(pts) >= 3:
-            out["corr(harmful, harmless refusal score) over models"] = float(np.corrcoef(
-                [q["refusal_score"] for q in pts], [q["harmless_refusal_score"] for q in pts])[0, 1])
-        return out
+        return _safety_weight_headline(payload)
     if kind == "linearscope_sr":  # every number with its 95% interval over test patches, and the verdict
         return {**_estimates(payload["headline"]), "verdict": payload["verdict"]["text"]}
     if kind == "linearscope_i2i":

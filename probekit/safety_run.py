@@ -14,7 +14,10 @@ Weight space (``run_weight_space``; default SmolLM2-135M-Instruct, which barely 
     5. Every model (base, aligned, fine-tuned and each projection) is evaluated on held-out prompts: refusal rate
        (phrase match on a greedy continuation of ``max_new_tokens``) and mean log-probability refusal score on
        harmful test prompts, the refusal score on harmless test prompts, and the task loss (response
-       cross-entropy, nats per token) on held-out coding requests.
+       cross-entropy, nats per token) on held-out coding requests. Each prompt's outcome is kept too
+       (``per_prompt``), so every number carries a bootstrap CI over prompts and the svd basis is compared with
+       the random one at equal task loss, paired on the same prompts
+       (:func:`~probekit.probes.weight_space.compare_at_equal_task_loss`, the ``safety_weight`` claim).
 
 Activation space and refusal direction (``run_activation_space``; default Qwen2.5-Coder-0.5B-Instruct)
     1. Last-token activations (``blocks.{l}.hook_resid_pre``, every block) of the harmful, harmless and useful
@@ -53,7 +56,8 @@ from .html_page import write_figures_page
 from .paths import results_dir
 from .results import figures as result_figures
 
-__all__ = ["REFUSALS", "WeightRunConfig", "ActivationRunConfig", "run_weight_space", "run_activation_space"]
+__all__ = ["REFUSALS", "WeightRunConfig", "ActivationRunConfig", "evaluate_model", "task_loss_sums",
+           "run_weight_space", "run_activation_space"]
 
 # Refusals the aligned model learns; prompt i gets REFUSALS[i % len(REFUSALS)].
 REFUSALS: tuple[str, ...] = (
@@ -160,29 +164,56 @@ def _useful_test(ps, n: int | None) -> tuple[list[str], list[str]]:
     return [ps.prompts[i] for i in idx], [ps.references[i] for i in idx]
 
 
+def task_loss_sums(model, tok, prompts: list[str], refs: list[str], cfg: WeightRunConfig
+                   ) -> tuple[list[float], list[int]]:
+    """Per useful prompt, the summed response NLL (nats) and the number of response tokens, each shape ``(n,)``.
+
+    The pooled task loss is ``Σ nll / Σ tokens`` (a ratio of sums, so a prompt weighs by its length, as in
+    :func:`~probekit.finetune.response_loss`); keeping both sums lets it be bootstrapped over prompts.
+    """
+    from .finetune import encode_pairs
+
+    kw = dict(chat_template=cfg.chat_template, max_length=cfg.max_length)
+    means = response_loss(model, tok, prompts, refs, batch_size=cfg.eval_batch_size, per_example=True, **kw)
+    # encode_pairs' second entry is the prompt length: the response tokens are the rest of the (cut) sequence
+    counts = [len(ids) - start for ids, start in encode_pairs(tok, prompts, refs, **kw)]
+    return [float(m) * n for m, n in zip(means.tolist(), counts)], counts
+
+
 def evaluate_model(model, tok, data: dict[str, Any], cfg: WeightRunConfig, *, harmless_rate: bool = False,
                    keep: int = 3) -> dict[str, Any]:
     """Refusal rate and score on harmful test prompts, harmless refusal score (and rate), task loss.
 
-    ``data`` holds ``harmful``, ``harmless`` (prompt lists), ``useful`` and ``useful_refs``.
+    ``data`` holds ``harmful``, ``harmless`` (prompt lists), ``useful`` and ``useful_refs``. Besides the pooled
+    numbers, ``per_prompt`` keeps every prompt's outcome in prompt order, so each number can carry a bootstrap
+    CI over prompts and two models can be compared paired on the same prompts (METHODS.md §5):
+    ``harmful_refused`` (0/1 phrase match), ``harmful_score``, ``harmless_score``, ``useful_nll`` and
+    ``useful_tokens`` (:func:`task_loss_sums`), and ``harmless_refused`` when ``harmless_rate``.
     """
     from .probes.safety import generate_greedy, refusal_phrase_match, refusal_score
 
     kw = dict(batch_size=cfg.eval_batch_size, chat_template=cfg.chat_template)
     texts = generate_greedy(model, tok, data["harmful"], max_new_tokens=cfg.max_new_tokens, progress=False, **kw)
+    refused = [float(x) for x in refusal_phrase_match(texts)]
+    h_score = refusal_score(model, tok, data["harmful"], **kw).tolist()
+    b_score = refusal_score(model, tok, data["harmless"], **kw).tolist()
+    nll, n_tok = task_loss_sums(model, tok, data["useful"], data["useful_refs"], cfg)
+    per = dict(harmful_refused=refused, harmful_score=h_score, harmless_score=b_score, useful_nll=nll,
+               useful_tokens=n_tok)
     out: dict[str, Any] = {
-        "refusal_rate": float(sum(refusal_phrase_match(texts)) / len(texts)),
-        "refusal_score": float(refusal_score(model, tok, data["harmful"], **kw).mean()),
-        "harmless_refusal_score": float(refusal_score(model, tok, data["harmless"], **kw).mean()),
-        "task_loss": float(response_loss(model, tok, data["useful"], data["useful_refs"], max_length=cfg.max_length,
-                                         batch_size=cfg.eval_batch_size, chat_template=cfg.chat_template)),
+        "refusal_rate": float(sum(refused) / len(refused)),
+        "refusal_score": float(sum(h_score) / len(h_score)),
+        "harmless_refusal_score": float(sum(b_score) / len(b_score)),
+        "task_loss": float(sum(nll) / sum(n_tok)),
         "examples": [{"prompt": p, "completion": t} for p, t in zip(data["harmful"][:keep], texts[:keep])],
     }
     if harmless_rate:
         ht = generate_greedy(model, tok, data["harmless"], max_new_tokens=cfg.max_new_tokens, progress=False, **kw)
-        out["harmless_refusal_rate"] = float(sum(refusal_phrase_match(ht)) / len(ht))
+        per["harmless_refused"] = [float(x) for x in refusal_phrase_match(ht)]
+        out["harmless_refusal_rate"] = float(sum(per["harmless_refused"]) / len(ht))
         out["harmless_examples"] = [{"prompt": p, "completion": t}
                                     for p, t in zip(data["harmless"][:keep], ht[:keep])]
+    out["per_prompt"] = per
     return out
 
 
@@ -222,8 +253,13 @@ def _train_checkpoint(load_start, tok, prompts, responses, ft_cfg: FinetuneConfi
     return model, info
 
 
-def _eval_cached(name: str, evals_path: Path, fn) -> dict[str, Any]:
-    """Evaluate once: results are appended to ``evals_path`` (JSON lines) and reused on a rerun."""
+def _eval_cached(name: str, evals_path: Path, fn, require: tuple[str, ...] = ("per_prompt",)) -> dict[str, Any]:
+    """Evaluate once: results are appended to ``evals_path`` (JSON lines) and reused on a rerun.
+
+    A stored result lacking a ``require`` d key (a line written before per-prompt outcomes were kept) is
+    evaluated again rather than reused, so a payload never mixes models with and without per-prompt data; the
+    new line is appended and, being last, wins on the next read.
+    """
     done = {}
     if evals_path.is_file():
         for line in evals_path.read_text().splitlines():
@@ -233,7 +269,7 @@ def _eval_cached(name: str, evals_path: Path, fn) -> dict[str, Any]:
                 except json.JSONDecodeError:  # a line cut by a crash: evaluate that model again
                     continue
                 done[rec["name"]] = rec["result"]
-    if name in done:
+    if name in done and all(k in done[name] for k in require):
         return done[name]
     res = fn()
     with open(evals_path, "a") as f:
@@ -368,7 +404,8 @@ def run_weight_space(cfg: WeightRunConfig = WeightRunConfig()) -> dict[str, Any]
         r = _eval_cached(nm, evals_path, run_one)
         rows.append(dict(basis=b, fraction=f, variant=v, energy_kept=pooled[b].get(f),
                          **{k: r[k] for k in ("refusal_rate", "refusal_score", "harmless_refusal_score",
-                                              "task_loss")}, example=r["examples"][0] if r["examples"] else None))
+                                              "task_loss")}, example=r["examples"][0] if r["examples"] else None,
+                         per_prompt=r["per_prompt"]))
     timings["projections_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 

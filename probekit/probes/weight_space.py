@@ -45,6 +45,8 @@ update_bases, project_update, frob_cos, update_diagnostics, projected_weight
 iter_projected, projected_state_dict, project_into
 WeightSpaceConfig, WeightSpaceResult, weight_space_analysis
 UpdateOverlapResult, update_space_overlap
+match_equal_task_loss, compare_at_equal_task_loss (svd vs random projection at equal task loss, paired over
+prompts)
 
 Example
 -------
@@ -92,6 +94,8 @@ __all__ = [
     "weight_space_analysis",
     "UpdateOverlapResult",
     "update_space_overlap",
+    "match_equal_task_loss",
+    "compare_at_equal_task_loss",
 ]
 
 BASIS_KINDS = ("svd", "random", "randomk")
@@ -751,3 +755,94 @@ def update_space_overlap(pair_a: tuple[StateSource, StateSource], pair_b: tuple[
     lm = [Marr[[i for i, l in enumerate(LK) if l == ly]].mean(0).tolist() for ly in layers]
     lb = [Barr[[i for i, l in enumerate(LK) if l == ly]].mean(0).tolist() for ly in layers]
     return UpdateOverlapResult(fractions, keys, LK, M, BL, layers, lm, lb, tuple(names))
+
+
+# ------------------------------------------------------------------------- svd vs random at equal task loss
+
+
+def match_equal_task_loss(rows: Sequence[Mapping[str, Any]], *, basis: str = "svd",
+                          control: str = "random") -> list[dict[str, Any]]:
+    """Pair each ``basis`` projection with the ``control`` projection of the same variant at the nearest task loss.
+
+    The paper's question (METHODS.md §2) is whether projecting the fine-tuning update onto V's top singular
+    subspace keeps refusal better than a random subspace *that costs the task as much*; comparing at equal rank
+    fraction would confound the subspace with how much of U it keeps. Rule: among the ``control`` rows of the same
+    variant (any fraction), the one whose pooled task loss is nearest (smallest ``|Δ task loss|``); a tie goes to
+    the control row at the same fraction, then to the smaller fraction. Only evaluated models are paired — no
+    interpolation between the two control fractions that bracket the loss, because the paired bootstrap needs
+    each prompt's outcome under one real model — so the task-loss gap that remains is reported with the pair.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        Projection rows of a ``safety_weight`` payload (``basis``, ``fraction``, ``variant``, ``task_loss``, …).
+    basis, control : str
+        The two basis kinds compared (:data:`BASIS_KINDS`).
+
+    Returns
+    -------
+    list of dict
+        One per ``basis`` row that has a control of its variant, in row order: ``variant``, ``fraction``,
+        ``control_fraction``, ``row``, ``control`` (the two rows) and ``task_loss_gap`` (basis − control, pooled).
+    """
+    for b in (basis, control):
+        if b not in BASIS_KINDS:
+            raise ValueError(f"basis kinds must be among {BASIS_KINDS}, got {b!r}")
+    out = []
+    for r in rows:
+        if r["basis"] != basis:
+            continue
+        cands = [c for c in rows if c["basis"] == control and c["variant"] == r["variant"]]
+        if not cands:
+            continue
+        c = min(cands, key=lambda c: (abs(c["task_loss"] - r["task_loss"]), c["fraction"] != r["fraction"],
+                                      c["fraction"]))
+        out.append(dict(variant=r["variant"], fraction=r["fraction"], control_fraction=c["fraction"], row=r,
+                        control=c, task_loss_gap=float(r["task_loss"] - c["task_loss"])))
+    return out
+
+
+def _pooled_loss(v: np.ndarray) -> float:
+    """Pooled task loss of rows ``[Σ nll, tokens]`` (one per useful prompt): a ratio of sums."""
+    return float(v[:, 0].sum() / v[:, 1].sum())
+
+
+def compare_at_equal_task_loss(rows: Sequence[Mapping[str, Any]], *, basis: str = "svd", control: str = "random",
+                               seed: int = 0) -> list[dict[str, Any]]:
+    """Paired comparisons of each :func:`match_equal_task_loss` pair over the same prompts (METHODS.md §5).
+
+    Per pair: ``refusal`` — refusal rate (basis) − refusal rate (control) on the same harmful test prompts, a
+    paired percentile bootstrap over prompts (:func:`probekit.stats.paired_difference`); ``task_loss_gap`` —
+    pooled task loss (basis) − (control), paired bootstrap of the ratio of sums over useful prompts; and each
+    model's refusal rate with its Wilson interval (``refusal_basis``, ``refusal_control``). Estimates are
+    :class:`~probekit.stats.Estimate` s.
+
+    Raises
+    ------
+    ValueError
+        When a matched row has no ``per_prompt`` outcomes (a payload written before they were kept) or the two
+        rows were evaluated on different numbers of prompts.
+    """
+    from ..stats import paired_difference, proportion
+
+    out = []
+    for m in match_equal_task_loss(rows, basis=basis, control=control):
+        pa, pb = m["row"].get("per_prompt"), m["control"].get("per_prompt")
+        if not pa or not pb:
+            raise ValueError(f"projection rows {basis}/{m['fraction']}/{m['variant']} and "
+                             f"{control}/{m['control_fraction']}/{m['variant']} hold no per_prompt outcomes; rerun "
+                             "the weight-space experiment with this version")
+        for k in ("harmful_refused", "useful_nll"):
+            if len(pa[k]) != len(pb[k]):
+                raise ValueError(f"paired rows disagree on the number of prompts in {k}: {len(pa[k])} vs "
+                                 f"{len(pb[k])}")
+        la = np.column_stack([pa["useful_nll"], pa["useful_tokens"]]).astype(np.float64)
+        lb = np.column_stack([pb["useful_nll"], pb["useful_tokens"]]).astype(np.float64)
+        out.append(dict(
+            variant=m["variant"], fraction=m["fraction"], control_fraction=m["control_fraction"],
+            refusal=paired_difference(pa["harmful_refused"], pb["harmful_refused"], seed=seed,
+                                      unit="harmful prompts"),
+            task_loss_gap=paired_difference(la, lb, _pooled_loss, seed=seed, unit="useful prompts"),
+            refusal_basis=proportion(pa["harmful_refused"], unit="harmful prompts"),
+            refusal_control=proportion(pb["harmful_refused"], unit="harmful prompts")))
+    return out

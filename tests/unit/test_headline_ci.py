@@ -210,8 +210,42 @@ def test_linearscope_headline_of_older_payloads():
 
 # ----------------------------------------------------------------------------------------- the convention walk
 
-#: Kinds whose walk lands with their payload changes: safety_activation, safety_weight.
-_LATER = {"safety_activation", "safety_weight"}
+#: Every kind is in the walk.
+_LATER: set[str] = set()
+
+
+def _weight_model(basis, fraction, refused, nll, tokens, per_prompt):
+    r = dict(basis=basis, fraction=fraction, variant="same", refusal_rate=float(np.mean(refused)),
+             refusal_score=float(np.mean(refused)), harmless_refusal_score=float(np.mean(nll)),
+             task_loss=float(np.sum(nll) / np.sum(tokens)), energy_kept=None, example=None)
+    if per_prompt:
+        r["per_prompt"] = dict(harmful_refused=list(map(float, refused)), useful_nll=list(map(float, nll)),
+                               useful_tokens=list(map(int, tokens)))
+    return r
+
+
+def _weight_payload(per_prompt: bool) -> dict:
+    rng = np.random.default_rng(1)
+    tok = rng.integers(5, 30, 35)
+
+    def model(basis, f, rate, loss):
+        return _weight_model(basis, f, (rng.uniform(size=40) < rate).astype(float), tok * loss, tok, per_prompt)
+
+    ck = {"aligned": model(None, None, 0.9, 2.2), "finetuned": model(None, None, 0.4, 1.7)}
+    rows = [model("svd", 0.25, 0.6, 1.9), model("random", 0.25, 0.8, 2.0), model("svd", 0.75, 0.5, 1.75),
+            model("random", 0.75, 0.55, 1.78)]
+    return dict(kind="safety_weight", model="m", checkpoints=ck, projections=rows)
+
+
+def _activation_payload(completions: bool) -> dict:
+    refuse, comply = "I'm sorry, but I cannot help with that.", "Sure, here is how."
+    n = {"baseline": 28, "ablation": 2, "random_ablation": 27}
+    refusal = dict(config={}, refusal_rate={c: {"harmful": k / 36} for c, k in n.items()})
+    if completions:
+        refusal["completions"] = {c: {"harmful": [refuse] * k + [comply] * (36 - k)} for c, k in n.items()}
+    o = dict(etas=[0.9], layers=[0, 1], mso=[[0.5], [0.4]], baseline=[[0.1], [0.1]])
+    return dict(kind="safety_activation", model="m", layer=1, n_layers=2, refusal=refusal,
+                overlap={"harmful_vs_useful": o}, overlap_centred={"harmful_vs_useful": o})
 
 
 def _walk_payloads(layer_payload) -> dict[str, list[dict]]:
@@ -229,6 +263,8 @@ def _walk_payloads(layer_payload) -> dict[str, list[dict]]:
                                                                        "float64": dict(relative_error=1e-15)})],
         "linearscope_sr": [dict(kind="linearscope_sr", headline={"operator energy": est}, verdict=dict(text="v"))],
         "linearscope_i2i": [dict(kind="linearscope_i2i", estimates={"copy-move share": est})],
+        "safety_activation": [_activation_payload(True), _activation_payload(False)],
+        "safety_weight": [_weight_payload(True), _weight_payload(False)],
         # an older dark-matter payload (point values only); the per-document case is in test_claims
         "dark_matter": [dict(kind="dark_matter", model="m", sae_metrics={"64": dict(fvu=0.2)}, ce={"64": dict(
             ce_recovered=0.9)}, decomposition={"64": dict(r2_error_vector=0.4, r2_error_norm_sq=0.8)})],

@@ -83,17 +83,67 @@ def test_weight_run_end_to_end_and_resume(tiny_dir, tmp_path, monkeypatch):
     for k in ("refusal_rate", "task_loss", "refusal_score", "harmless_refusal_score"):
         assert row[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-5), k
 
+    # per-prompt outcomes: one per test prompt, pooling to the row's numbers; the task loss also equals the
+    # batched token-weighted mean of finetune.response_loss (an independent path through padding)
+    per = row["per_prompt"]
+    n = p["data"]["n_eval"]
+    assert [len(per[k]) for k in ("harmful_refused", "harmful_score", "harmless_score", "useful_nll",
+                                  "useful_tokens")] == [n["harmful"], n["harmful"], n["harmless"], n["useful"],
+                                                        n["useful"]]
+    assert per["harmful_refused"] == pytest.approx(ref["per_prompt"]["harmful_refused"])
+    assert row["refusal_rate"] == pytest.approx(sum(per["harmful_refused"]) / n["harmful"])
+    assert row["refusal_score"] == pytest.approx(sum(per["harmful_score"]) / n["harmful"])
+    assert row["task_loss"] == pytest.approx(sum(per["useful_nll"]) / sum(per["useful_tokens"]))
+    batched = sr.response_loss(model, tok, data["useful"], data["useful_refs"], max_length=cfg.max_length,
+                               batch_size=4, chat_template=False)
+    assert ref["task_loss"] == pytest.approx(batched, rel=1e-4)
+    for c in p["checkpoints"].values():
+        assert len(c["per_prompt"]["harmless_refused"]) == n["harmless"]
+        assert c["harmless_refusal_rate"] == pytest.approx(sum(c["per_prompt"]["harmless_refused"]) / n["harmless"])
+
     # files, figures, headline
     saved = json.loads((tmp_path / "weight.json").read_text())
     assert saved["projections"] == p["projections"]
     assert (tmp_path / "weight.html").stat().st_size > 10_000
-    assert len(results.figures(saved)) >= 7 and "aligned: refusal rate" in results.headline(saved)
+    head = results.headline(saved)
+    assert len(results.figures(saved)) >= 7 and "(n=2 harmful prompts)" in head["aligned: refusal rate, 95% CI"]
+    from probekit.claims import claim_rows
+    from probekit.probes.weight_space import compare_at_equal_task_loss
+
+    pairs = compare_at_equal_task_loss(saved["projections"])
+    assert len(pairs) == 2 * 2  # svd fractions x variants, each against a random row
+    for q in pairs:
+        key = f"{q['variant']}: svd f={q['fraction']} − random f={q['control_fraction']} (equal task loss)"
+        assert head[f"{key}: refusal rate, paired 95% CI"] == q["refusal"].format()
+        assert head[f"{key}: refusal rate, paired 95% CI"].endswith("(n=2 harmful prompts) — too few to conclude")
+
+    (crow,) = claim_rows(saved)
+    assert crow.claim.key == "svd_vs_random_equal_loss" and crow.verdict == "too few to conclude"
 
     # a rerun reuses the checkpoints and every evaluation: nothing is trained or evaluated again
+    real_eval = sr.evaluate_model
     monkeypatch.setattr(sr, "evaluate_model", lambda *a, **k: pytest.fail("evaluated again"))
     monkeypatch.setattr(sr, "finetune", lambda *a, **k: pytest.fail("trained again"))
     again = sr.run_weight_space(cfg)
     assert again["projections"] == p["projections"] and again["checkpoints"] == p["checkpoints"]
+
+    # evals.jsonl lines written before per-prompt outcomes were kept: those models are evaluated again, never
+    # mixed into a payload without them
+    evals = work / "evals.jsonl"
+    old = [json.loads(line) for line in evals.read_text().splitlines()]
+    for rec in old:
+        rec["result"].pop("per_prompt")
+    evals.write_text("".join(json.dumps(rec) + "\n" for rec in old))
+    calls = []
+    monkeypatch.setattr(sr, "evaluate_model", lambda *a, **k: calls.append(1) or real_eval(*a, **k))
+    redone = sr.run_weight_space(cfg)
+    assert len(calls) == 3 + len(p["projections"])
+    assert all(r["per_prompt"] for r in redone["projections"]) and all(c["per_prompt"]
+                                                                         for c in redone["checkpoints"].values())
+    for a, b in zip(redone["projections"], p["projections"]):
+        assert a["per_prompt"]["harmful_refused"] == b["per_prompt"]["harmful_refused"]
+    calls.clear()
+    assert sr.run_weight_space(cfg)["projections"] == redone["projections"] and not calls
 
 
 def test_weight_config_errors():
