@@ -17,7 +17,7 @@ from dash import Input, Output, State, dcc, html, no_update
 from probekit import results as pr
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, drawn, error, graph, missing, options
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, headline_table, missing, options
 from ..jobs import MAX_PROMPT_CHARS, build_safety_spec, run_safety_prompt_job
 from ..security import UnsafePathError, choice_or
 from ..urlstate import PageState
@@ -78,34 +78,20 @@ def result_label(result_id: str) -> str:
 # --------------------------------------------------------------------------------------------- pure views
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return "" if v is None else str(v)
-
-
 def headline_view(result_id: str | None) -> html.Div:
     """The headline numbers of both parts (:func:`probekit.results.headline`) as a small table."""
     if not result_id:
         return safety_message()
-    rows, notes = [], []
+    parts = []
     for kind, part in (("safety-activation", "activation"), ("safety-weight", "weight")):
         p, _, msg = _load(kind, result_id)
         if p is None:
-            notes.append(msg)
+            parts.append(msg)
             continue
-        try:
-            h = pr.headline(p)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            notes.append(error(f"{part} headline cannot be read: {e}"))
-            continue
-        if kind == "safety-activation":
-            rows.append(html.Tr([html.Td("model"), html.Td(str(p.get("model", "")))]))
-        rows += [html.Tr([html.Td(f"{part}: {k}" if kind == "safety-weight" else k), html.Td(_fmt(v))])
-                 for k, v in h.items()]
-    table = html.Div(html.Table([html.Tbody(rows)], className="table", id="safety-headline-table"),
-                     className="table-wrap") if rows else None
-    return html.Div([table, *notes])
+        # each number beside its 95% CI with n (or why there is none), as on every other page
+        parts += [html.H4(f"{'Activation space' if part == 'activation' else 'Weight space'} — {p.get('model', '')}"),
+                  headline_table(p, kind.replace("-", "_"), id=f"safety-headline-{part}")]
+    return html.Div(parts)
 
 
 def activation_view(result_id: str | None, pair: str | None, heat: str | None, eta: float | None,

@@ -100,7 +100,8 @@ def test_weight_figures_and_headline(root):
     assert trace["y"] == [r["task_loss"] for r in svd_same] and trace["x"] == [0.25, 1.0]
     assert table["data"][0]["type"] == "table" and len(table["data"][0]["cells"]["values"][0]) == 3 + 4
     head = dash_text(safety.headline_view("tiny-llama"))
-    assert "refusal-direction layer" in head and "weight: aligned: refusal rate" in head
+    assert "refusal-direction layer" in head and "Weight space" in head and "aligned: refusal rate" in head
+    assert "95% CI (n)" in head and "harmful prompts)" in head  # each rate beside its interval and n
     # a folder with only the weight part: its figures, and the command for the missing activation part
     assert safety.weight_view("weight-only", "refusal_rate")[2] is None
     *_, msg = safety.activation_view("weight-only", None, None, None, None)
