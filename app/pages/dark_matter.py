@@ -8,7 +8,7 @@ from dash import Input, Output, dcc, html
 from probekit import results as pr
 
 from .. import data
-from ..components import EMPTY_FIGURE, card, drawn, error, graph, info, missing
+from ..components import EMPTY_FIGURE, card, drawn, error, graph, headline_table, info, missing
 from ..security import UnsafePathError, choice_or
 from ..urlstate import PageState
 from . import latents
@@ -46,6 +46,13 @@ def figures_view(model: str | None, fvu_mode: str | None) -> tuple[dict, dict, d
 
     (f1, f2, f3), msg = drawn(("dm-figs", stamp, mode), build, n=3, what=f"dark_matter.json of {model}")
     return f1, f2, f3, msg
+
+
+def headline_view(model: str | None) -> object:
+    """The headline numbers (FVU, R² of e and of ‖e‖², CE recovered, the norm question), each beside its 95% CI
+    over held-out documents and n, or why a number has none; or why the result cannot be shown."""
+    p, _, msg = _load(model)
+    return msg if p is None else headline_table(p, "dark_matter", id="dm-headline-table")
 
 
 def scatter_view(model: str | None) -> tuple[dict, object]:
@@ -88,6 +95,8 @@ def layout(params: dict) -> html.Div:
                            value=fvu, inline=True),
         ]),
         html.Div(id="dm-msg"),
+        card("Headline numbers (95% CI over held-out documents)", dcc.Loading(html.Div(id="dm-headline"),
+                                                                          type="dot")),
         card("FVU split by width", graph("dm-fvu-fig")),
         card("R² of the error from x", graph("dm-r2-fig")),
         card("CE with splices", graph("dm-ce-fig")),
@@ -99,6 +108,7 @@ def layout(params: dict) -> html.Div:
 def register(app) -> None:
     app.callback(Output("dm-fvu-fig", "figure"), Output("dm-r2-fig", "figure"), Output("dm-ce-fig", "figure"),
                  Output("dm-msg", "children"), Input("dm-model", "value"), Input("dm-fvu", "value"))(figures_view)
+    app.callback(Output("dm-headline", "children"), Input("dm-model", "value"))(headline_view)
     app.callback(Output("dm-scatter-fig", "figure"), Output("dm-scatter-msg", "children"),
                  Input("dm-model", "value"))(scatter_view)
     STATE.register(app)

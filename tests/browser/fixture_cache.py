@@ -71,12 +71,13 @@ def dark_matter_result(model: str = "smollm2-135m") -> dict:
     dec = {str(w): dict(fvu=0.3 - 0.05 * i, fvu_linear=0.1, fvu_nonlinear=0.15, fvu_cross=0.0,
                         r2_error_vector=0.4 + 0.05 * i, r2_error_norm_sq=0.8, r2_error_norm=0.85)
            for i, w in enumerate(widths)}
-    ce = {str(w): dict(ce_clean=2.0, ce_sae=2.5 - 0.1 * i, ce_zero=8.0, ce_linear=2.2, ce_nonlinear=2.4)
-          for i, w in enumerate(widths)}
+    ce = {str(w): dict(ce_clean=2.0, ce_sae=2.5 - 0.1 * i, ce_zero=8.0, ce_linear=2.2, ce_nonlinear=2.4,
+                       ce_recovered=(8.0 - (2.5 - 0.1 * i)) / 6.0) for i, w in enumerate(widths)}
+    metrics = {str(w): dict(fvu=0.3 - 0.05 * i, l0=32.0, dead_fraction=0.0) for i, w in enumerate(widths)}
     rng = np.random.default_rng(0)
     e = rng.random(50).tolist()
     return dict(kind="dark_matter", model=model, layer=3, hook="blocks.3.hook_resid_post", widths=widths,
-                decomposition=dec, ce=ce,
+                decomposition=dec, ce=ce, sae_metrics=metrics,
                 fvu_split=dict(widths=widths, fvu=[0.3, 0.25, 0.2], absent=[0.05, 0.02, 0.0], linear=[0.1, 0.1, 0.1],
                                nonlinear=[0.15, 0.13, 0.1], cross=[0.0, 0.0, 0.0], reference_width=512),
                 scatter=dict(width=512, actual=e, predicted=[v * 0.9 for v in e],

@@ -126,6 +126,9 @@ def test_dark_matter_and_linearscope_views(root):
     assert len(ce["data"]) == 5
     sc, _ = dark_matter.scatter_view("smollm2-135m")
     assert len(sc["data"][0]["x"]) == 50 and sc["data"][0]["text"][0] == "…ctx[tok0]"
+    head = dash_text(dark_matter.headline_view("smollm2-135m"))  # every number beside its CI or why it has none
+    assert "95% CI (n)" in head and "FVU" in head and ("documents)" in head or "not assessed: " in head)
+    assert "notice" in dash_text(dark_matter.headline_view("no-such-model"))
     rows, share, msg = linearscope.digit_view(3)
     assert msg is None and len(rows["data"]) == 11 and len(share["data"][0]["y"]) == 10
     bars, _ = linearscope.prompt_view("smollm2-135m", "bars")
