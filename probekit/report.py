@@ -28,7 +28,8 @@ the same numbers (claims included) for machines.
 
 A config may name setting overrides per scale (``scales: {paper: {ast_probe: {n_functions: 20000}}}``);
 ``probekit report CONFIG --scale paper`` applies them and writes ``reports/<name>-paper/``
-(``configs/seeds.yaml``).
+(``configs/seeds.yaml``). A scale may also name a probe that ``probes`` leaves out: that stage runs at that
+scale only (after the others).
 """
 
 from __future__ import annotations
@@ -153,10 +154,14 @@ class ReportConfig:
         for scale, over in self.scales.items():
             if not isinstance(over, dict):
                 raise ReportConfigError(f"scales.{scale} must be a mapping of probe -> settings")
-            for probe in over:
-                if probe not in self.probes:
-                    raise ReportConfigError(f"scales.{scale}: probe {probe!r} is not in probes "
-                                            f"({list(self.probes)})")
+            for probe, settings in over.items():
+                # a scale may add a stage the default size leaves out (the paper scale's weight-space stage)
+                if probe not in STAGES:
+                    raise ReportConfigError(f"scales.{scale}: unknown probe {probe!r}; allowed probes: "
+                                            f"{list(STAGES)}")
+                if settings is not None and not isinstance(settings, dict):
+                    raise ReportConfigError(f"scales.{scale}.{probe} must be a mapping of settings, got "
+                                            f"{type(settings).__name__}")
         self.stage_configs()  # every probe's settings checked up front, before anything runs
         for scale in self.scales:
             try:
@@ -173,7 +178,9 @@ class ReportConfig:
             return self
         if scale not in self.scales:
             raise ReportConfigError(f"--scale {scale!r}: this config defines the scales {sorted(self.scales)}")
-        probes = {p: {**(v or {}), **(self.scales[scale].get(p) or {})} for p, v in self.probes.items()}
+        over = self.scales[scale]
+        probes = {p: {**(v or {}), **(over.get(p) or {})} for p, v in self.probes.items()}
+        probes.update({p: dict(v or {}) for p, v in over.items() if p not in self.probes})  # stages it adds
         return ReportConfig(name=f"{self.name}-{scale}", model=self.model, probes=probes, out=self.out)
 
     @property
@@ -374,6 +381,16 @@ def _claims(payloads: list[dict]) -> list:
     return [row for pl in payloads for row in claim_rows(pl)]
 
 
+def _absent_weight_claims() -> list:
+    """The safety paper's weight-space claim rows, "not assessed" because this config has no weight stage (so the
+    safety section still lists every headline claim of the paper, and says where it is measured)."""
+    from .claims import CLAIMS, ClaimRow
+
+    why = ("the weight-space stage is not in this config (about 48 min alone on 2 CPU cores at a reduced size): "
+           "`probekit report configs/seeds.yaml --scale paper` adds it, `probekit report configs/safety.yaml` runs it")
+    return [ClaimRow(c, "—", None, "not assessed", why) for c in CLAIMS["safety_weight"]]
+
+
 def run_report(cfg: ReportConfig) -> dict[str, Any]:
     """Run every stage (reusing finished ones) and write ``index.html`` and ``metrics.json``."""
     from tqdm.auto import tqdm
@@ -401,6 +418,8 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
         marker.write_text(json.dumps(dict(settings=settings, seconds=seconds), indent=2))
         stages[probe] = dict(payloads=_stage_payloads(folder), seconds=seconds, reused=False)
         stages[probe]["claims"] = _claims(stages[probe]["payloads"])
+    if "safety_activation" in stages and "safety_weight" not in stages:
+        stages["safety_activation"]["claims"].extend(_absent_weight_claims())
     meta = dict(generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=_versions(),
                 model_source=_model_source(cfg.model),
                 timings={p: round(s["seconds"], 1) for p, s in stages.items()})

@@ -114,6 +114,9 @@ def test_seeds_report_tiny_end_to_end(tiny_dir, tmp_path, monkeypatch):
     assert srows["refusal_base"]["verdict"] == "too few to conclude"
     act = json.loads(next((folder / "safety_activation").rglob("activation.json")).read_text())
     assert srows["refusal_base"]["ours"]["value"] == act["refusal"]["refusal_rate"]["baseline"]["harmful"]
+    # the weight-space claim is listed, not assessed, and says where it is measured (no weight stage here)
+    assert srows["svd_vs_random_equal_loss"]["verdict"] == "not assessed"
+    assert "--scale paper" in srows["svd_vs_random_equal_loss"]["reason"]
 
     # dark matter: per-document sums stored; their pooled R² is the run's own R²(‖e‖² | x) (METHODS §3)
     dm = json.loads(next((folder / "dark_matter").rglob("dark_matter.json")).read_text())
@@ -150,8 +153,14 @@ def test_scales_are_checked_up_front_and_named(tmp_path, capsys):
     with pytest.raises(ReportConfigError, match=r"--scale 'huge': this config defines the scales \['paper', 'tiny'\]"):
         cfg.with_scale("huge")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nprobes: {ast_probe: {}}\nscales: {paper: {dark_matter: {epochs: 2}}}\n")
-    with pytest.raises(ReportConfigError, match="scales.paper: probe 'dark_matter' is not in probes"):
+    # the paper scale adds the weight-space stage the CPU size leaves out; a scale may not name an unknown one
+    assert "safety_weight" not in cfg.stage_configs() and paper["safety_weight"].n_useful == 1000
+    assert list(paper)[-1] == "safety_weight" and paper["safety_weight"].out.endswith("seeds-paper/safety_weight")
+    bad.write_text("name: x\nprobes: {ast_probe: {}}\nscales: {paper: {dark_mater: {epochs: 2}}}\n")
+    with pytest.raises(ReportConfigError, match="scales.paper: unknown probe 'dark_mater'; allowed probes"):
+        load_config(bad)
+    bad.write_text("name: x\nprobes: {ast_probe: {}}\nscales: {paper: {dark_matter: {epoch: 2}}}\n")
+    with pytest.raises(ReportConfigError, match="scales.paper: probes.dark_matter: unknown setting 'epoch'"):
         load_config(bad)
     bad.write_text("name: x\nprobes: {ast_probe: {}}\nscales: {paper: {ast_probe: {n_function: 2}}}\n")
     with pytest.raises(ReportConfigError, match="scales.paper: probes.ast_probe: unknown setting 'n_function'"):
