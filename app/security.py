@@ -228,7 +228,7 @@ def request_refusal(*, method: str, host: str | None, origin: str | None, refere
         asked[0] in names or (bind in WILDCARD_BINDS and _is_ip(asked[0])))
     if not ok:
         return (f"refused: Host {str(host)[:100]!r} is not an address this app serves (port {port}); open it as "
-                f"http://127.0.0.1:{port}/ (a name of its own needs `create_app(..., extra_hosts=[name])`)")
+                f"http://127.0.0.1:{port}/ (a name of its own needs `probekit app --allow-host NAME`)")
     if method.upper() in SAFE_METHODS:
         return None
     for header, value in (("Origin", origin), ("Referer", referer)):

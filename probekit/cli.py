@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -247,6 +248,10 @@ def _cmd_report(args) -> int:
     return 0
 
 
+_HOST_NAME = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                        r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])$")
+
+
 def _cmd_app(args) -> int:
     """Serve the Dash app (``app/`` beside the package) on loopback unless --host is given."""
     try:
@@ -258,8 +263,12 @@ def _cmd_app(args) -> int:
         sys.path.insert(0, str(repo))
         from app import create_app
 
+    for name in args.allow_host:
+        if not _HOST_NAME.match(name):
+            raise SystemExit(f"probekit app: --allow-host {name!r} is not a host name (letters, digits, '.', '-', "
+                             "or a bracketed IPv6 address; no scheme, port or path)")
     try:
-        dash_app = create_app(args.cache_root, reports=args.reports)
+        dash_app = create_app(args.cache_root, reports=args.reports, extra_hosts=tuple(args.allow_host))
     except FileNotFoundError as e:  # a --reports folder that does not exist
         raise SystemExit(f"probekit app: {e}") from None
     print(f"probekit app: serving {dash_app.title} for cache root {args.cache_root or '$PROBEKIT_CACHE or ./cache'} "
@@ -420,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8050)
     ap.add_argument("--debug", action="store_true", help="Dash debug mode (reloader, dev tools); off by default")
     ap.add_argument("--cache-root", help="cache root (default: $PROBEKIT_CACHE or ./cache)")
+    ap.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a host name the app also answers to (repeatable), e.g. the name a reverse proxy forwards; "
+                         "requests naming any other Host are refused")
     ap.add_argument("--reports", nargs="+", metavar="DIR",
                     help="report folders whose results the app also shows (folders holding the <name>/ folders "
                          "of `probekit report`; default: ./reports when it exists)")

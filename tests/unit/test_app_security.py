@@ -335,3 +335,28 @@ def test_malformed_callback_requests_get_a_400(client, app_cache, body, named):
     r = client.post("/_dash-update-component", data=json.dumps(body), content_type="application/json")
     assert r.status_code == 400 and named in r.data.decode()
     assert tree(app_cache["root"]) == before
+
+
+def test_allow_host_flag_reaches_the_request_gate(tmp_path, monkeypatch, capsys):
+    """`probekit app --allow-host NAME`: requests naming NAME are served, others still refused; a value that is
+    not a host name is refused before the app starts."""
+    import app as app_pkg
+    from probekit.cli import main
+
+    served = {}
+
+    def fake_run(self, host, port, debug):  # capture the app instead of serving it
+        served.update(app=self, host=host, port=port)
+
+    monkeypatch.setattr("dash.Dash.run", fake_run)
+    assert main(["app", "--cache-root", str(tmp_path), "--allow-host", "probe.lab.example", "--reports",
+                 str(tmp_path)]) == 0
+    client = served["app"].server.test_client()
+    assert client.get("/", headers={"Host": "probe.lab.example"}).status_code == 200
+    assert client.get("/", headers={"Host": "other.example"}).status_code == 403
+    refused = served["app"].server.test_client().get("/", headers={"Host": "other.example"}).data
+    assert b"--allow-host" in refused  # the refusal names the flag that admits a name
+    for bad in ["http://x.example", "x.example:8050", "x.example/path", "a b", ""]:
+        with pytest.raises(SystemExit, match="--allow-host"):
+            main(["app", "--cache-root", str(tmp_path), "--allow-host", bad])
+    assert app_pkg.create_app is not None
