@@ -6,14 +6,10 @@ logit effects comes from the run's model when it lies inside the cache root (els
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
-
-def emit(**event) -> None:
-    print(json.dumps(event), flush=True)
+from app.worker_io import emit, serve
 
 
 def run(spec: dict, root: str) -> dict:
@@ -59,14 +55,7 @@ def run(spec: dict, root: str) -> dict:
 
 
 def main() -> int:
-    try:
-        spec = json.loads(sys.stdin.read())
-    except json.JSONDecodeError as e:
-        emit(event="error", message=f"bad request: {e}")
-        return 1
-    final = run(spec, os.environ.get("PROBEKIT_CACHE") or "cache")
-    emit(**final)
-    return 0 if final["event"] == "done" else 1
+    return serve(run)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,11 @@ process so the web server never holds a model; the direction file is opened only
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from typing import Callable
 
-
-def emit(**event) -> None:
-    print(json.dumps(event), flush=True)
+from app.worker_io import emit, serve
 
 
 def prompt_report(model, tok, direction, prompt: str, *, chat_template: bool = True,
@@ -80,15 +76,7 @@ def run(spec: dict, root: str, say: Callable[..., None] = emit) -> dict:
 
 
 def main() -> int:
-    try:
-        spec = json.loads(sys.stdin.read())
-    except json.JSONDecodeError as e:
-        emit(event="error", message=f"bad request: {e}")
-        return 1
-    emit(event="status", message="reading the refusal direction")
-    final = run(spec, os.environ.get("PROBEKIT_CACHE") or "cache")
-    emit(**final)
-    return 0 if final["event"] == "done" else 1
+    return serve(run, first_status="reading the refusal direction")
 
 
 if __name__ == "__main__":
