@@ -83,11 +83,16 @@ class PageState:
     forward, a pasted link): a single callback, because Dash allows a cycle only inside one callback. It listens
     to the page's own ``dcc.Location`` (:meth:`location`, put in the page's layout), so it exists only while its
     page is shown; every ``dcc.Location`` of the document follows the browser's URL.
+
+    ``settle=True`` (for pages whose controls are all choices): when a control moves, the controls are also passed
+    through ``from_query(to_query(...))`` and any that the page's defaults change are set in the same callback, so
+    a change that implies others (Compare's probe switch resets A and B) writes one history entry, not two. Off by
+    default: a free-text control longer than the URL keeps would be reset by it.
     """
 
     def __init__(self, path: str, schema: Mapping[str, Any], controls: list[tuple[str, str]],
-                 from_query: Callable[[dict], list], to_query: Callable[..., dict]):
-        self.path, self.schema, self.controls = path, schema, controls
+                 from_query: Callable[[dict], list], to_query: Callable[..., dict], *, settle: bool = False):
+        self.path, self.schema, self.controls, self.settle = path, schema, controls, settle
         self.from_query, self.to_query = from_query, to_query
         self.id = "url" + path.replace("/", "-").rstrip("-")
 
@@ -107,8 +112,15 @@ class PageState:
         if triggered == self.id:  # the query string moved (history, link): it drives the controls
             want = self.from_query(parse_query(search, self.schema))
             return [no_update] + [w if w != v else no_update for w, v in zip(want, values)]
-        query = encode_query(self.to_query(*values))
-        return [query if query != (search or "") else no_update] + [no_update] * n
+        if not self.settle:
+            query = encode_query(self.to_query(*values))
+            return [query if query != (search or "") else no_update] + [no_update] * n
+        # a control moved and the page's defaults settle what it implies (a probe switch picks that probe's runs
+        # for A and B): the URL and every implied control change in this one callback, so one history entry
+        want = self.from_query(parse_query(encode_query(self.to_query(*values)), self.schema))
+        query = encode_query(self.to_query(*want))
+        return ([query if query != (search or "") else no_update]
+                + [w if w != v else no_update for w, v in zip(want, values)])
 
     def register(self, app) -> None:
         from dash import Input, Output, State, callback_context

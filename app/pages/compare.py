@@ -77,7 +77,7 @@ def controls(params: dict) -> list:
 
 
 STATE = PageState(PATH, SCHEMA, [("cmp-kind", "value"), ("cmp-a", "value"), ("cmp-b", "value")], controls,
-                  lambda kind, a, b: dict(kind=kind, a=a, b=b))
+                  lambda kind, a, b: dict(kind=kind, a=a, b=b), settle=True)
 
 
 def layout(params: dict) -> html.Div:

@@ -186,3 +186,28 @@ def test_latent_job_offers_only_runs_the_sae_can_read(root, tmp_path):
     import shutil
 
     shutil.rmtree(other.path)
+
+
+def test_compare_probe_switch_settles_a_and_b_in_one_url_change(root):
+    """Switching the probe picks that probe's result sets for A and B in the same callback that writes the URL,
+    so the browser gets one history entry (before: the URL kept A/B of the old probe, then a second entry)."""
+    from dash import no_update
+
+    from app import data
+    from app.pages import compare
+
+    kinds = [k for k in compare.KINDS if data.list_results(k)]
+    assert "demo" in kinds and len(kinds) >= 2
+    new = next(k for k in kinds if k != "demo")
+    ids = data.list_results(new)
+    out = compare.STATE.sync("cmp-kind", compare.PATH, "?kind=demo&a=smollm2-135m&b=tiny-llama",
+                             [new, "smollm2-135m", "tiny-llama"])
+    a, b = compare.controls({"kind": new, "a": "smollm2-135m", "b": "tiny-llama"})[1:]
+    assert a in ids and b in ids and "tiny-llama" not in ids  # B of the old probe is not a result of the new one
+    assert out[0] == f"?kind={new}&a={a}&b={b}"
+    assert out[1] is no_update and out[2] == (a if a != "smollm2-135m" else no_update)
+    assert out[3] == (b if b != "tiny-llama" else no_update)
+    # a change that implies nothing else writes only the URL
+    out = compare.STATE.sync("cmp-b", compare.PATH, "?kind=demo&a=smollm2-135m&b=tiny-llama",
+                             ["demo", "smollm2-135m", "smollm2-135m"])
+    assert out == ["?kind=demo&a=smollm2-135m&b=smollm2-135m", no_update, no_update, no_update]
