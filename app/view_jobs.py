@@ -75,6 +75,22 @@ def run_forward_job(spec: ForwardSpec, root: Path, on_event: Callable[[dict], No
     return run_worker("app.forward_worker", spec.to_dict(), root, on_event, what="forward worker")
 
 
+def forward_button(set_progress: Callable[[list], None], root: Path, build: Callable[[], ForwardSpec]) -> tuple:
+    """What a page's "Compute" callback returns: ``(fid, "done")``, or ``(no_update, message)`` when ``build``
+    refuses the request (its ValueError's text) or the worker fails. Progress messages go to ``set_progress``."""
+    from dash import no_update
+
+    try:
+        spec = build()
+    except ValueError as e:
+        return no_update, str(e)
+    set_progress(["starting the worker …"])
+    final = run_forward_job(spec, root, lambda ev: set_progress([ev.get("message", "")]))
+    if final.get("event") != "done":
+        return no_update, final.get("message", "the forward failed")
+    return final["fid"], "done"
+
+
 @dataclass
 class LatentJobSpec:
     """Latent statistics of the SAE folder ``sae`` over run ``run_id`` at ``hook``, into results/latents/<name>."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from dash import Input, Output, State, dcc, html, no_update
+from dash import Input, Output, State, dcc, html
 
 from probekit.cache import CacheError
 
@@ -20,7 +20,7 @@ from ..components import EMPTY_FIGURE, card, error, graph, info, options
 from ..security import UnsafePathError, check_run_id
 from ..tokenspans import visible
 from ..urlstate import PageState
-from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, run_forward_job
+from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, forward_button
 
 PATH = "/attention"
 TITLE = "Attention"
@@ -184,25 +184,18 @@ def register(app) -> None:
                   background=True, progress=[Output("attn-status", "children")],
                   running=[(Output("attn-go", "disabled"), True, False)])
     def _go(set_progress, n, source, run, doc, model, text):
-        try:
-            if source == "cached":
-                if not run or doc is None:
-                    raise ValueError("Choose a run and a document.")
-                r = data.open_run(run)
-                model = str(r.config.get("key", {}).get("model", ""))
-                m = r.meta_tensors(["doc_index", "position", "token_id"])
-                sel = (m["doc_index"] == int(doc)).nonzero().flatten()
-                ids = m["token_id"][sel][m["position"][sel].argsort()].tolist()
-                spec = build_forward_spec(data.get_root(), model=model, token_ids=ids, attention=True,
-                                          source=f"run {run[:12]} document {doc}")
-            else:
-                spec = build_forward_spec(data.get_root(), model=model, text=text, attention=True)
-        except ValueError as e:
-            return no_update, str(e)
-        set_progress(["starting the worker …"])
-        final = run_forward_job(spec, data.get_root(), lambda ev: set_progress([ev.get("message", "")]))
-        if final.get("event") != "done":
-            return no_update, final.get("message", "the forward failed")
-        return final["fid"], "done"
+        def build():
+            if source != "cached":
+                return build_forward_spec(data.get_root(), model=model, text=text, attention=True)
+            if not run or doc is None:
+                raise ValueError("Choose a run and a document.")
+            r = data.open_run(run)
+            m = r.meta_tensors(["doc_index", "position", "token_id"])
+            sel = (m["doc_index"] == int(doc)).nonzero().flatten()
+            ids = m["token_id"][sel][m["position"][sel].argsort()].tolist()
+            return build_forward_spec(data.get_root(), model=str(r.config.get("key", {}).get("model", "")),
+                                      token_ids=ids, attention=True, source=f"run {run[:12]} document {doc}")
+
+        return forward_button(set_progress, data.get_root(), build)
 
     STATE.register(app)

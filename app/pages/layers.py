@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from dash import Input, Output, State, dcc, html, no_update
+from dash import Input, Output, State, dcc, html
 
 from probekit import results as pr
 
@@ -15,7 +15,7 @@ from ..components import EMPTY_FIGURE, card, drawn, error, graph, headline_table
 from ..security import UnsafePathError, check_index, choice_or
 from ..tokenspans import visible
 from ..urlstate import PageState
-from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, run_forward_job
+from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, forward_button
 
 PATH = "/layers"
 TITLE = "Layers"
@@ -276,15 +276,8 @@ def register(app) -> None:
                   running=[(Output("layers-probe-go", "disabled"), True, False)])
     def _go(set_progress, n, model, text):
         # the same forward as the Tokens page (every resid_post), plus hook_embed for the embedding probe
-        try:
-            spec = build_forward_spec(data.get_root(), model=model, text=text, hooks=["hook_embed"], all_resid=True)
-        except ValueError as e:
-            return no_update, str(e)
-        set_progress(["starting the worker …"])
-        final = run_forward_job(spec, data.get_root(), lambda ev: set_progress([ev.get("message", "")]))
-        if final.get("event") != "done":
-            return no_update, final.get("message", "the forward failed")
-        return final["fid"], "done"
+        return forward_button(set_progress, data.get_root(), lambda: build_forward_spec(
+            data.get_root(), model=model, text=text, hooks=["hook_embed"], all_resid=True))
 
     app.callback(Output("layers-stats-fig", "figure"), Output("layers-stats-msg", "children"),
                  Input("layers-run", "value"), Input("layers-stat", "value"))(stats_view)

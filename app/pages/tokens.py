@@ -10,13 +10,13 @@ out of it by default. Hover a token for its position, decoded text and value.
 
 from __future__ import annotations
 
-from dash import Input, Output, State, dcc, html, no_update
+from dash import Input, Output, State, dcc, html
 
 from .. import data, viewdata
 from ..components import card, error, info, options
 from ..tokenspans import legend, robust_scale, token_spans
 from ..urlstate import PageState
-from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, run_forward_job
+from ..view_jobs import MAX_TEXT_CHARS, build_forward_spec, forward_button
 
 PATH = "/tokens"
 TITLE = "Tokens"
@@ -184,14 +184,7 @@ def register(app) -> None:
                   background=True, progress=[Output("tok-status", "children")],
                   running=[(Output("tok-go", "disabled"), True, False)])
     def _go(set_progress, n, model, text):
-        try:
-            spec = build_forward_spec(data.get_root(), model=model, text=text, all_resid=True)
-        except ValueError as e:
-            return no_update, str(e)
-        set_progress(["starting the worker …"])
-        final = run_forward_job(spec, data.get_root(), lambda ev: set_progress([ev.get("message", "")]))
-        if final.get("event") != "done":
-            return no_update, final.get("message", "the forward failed")
-        return final["fid"], "done"
+        return forward_button(set_progress, data.get_root(),
+                              lambda: build_forward_spec(data.get_root(), model=model, text=text, all_resid=True))
 
     STATE.register(app)
