@@ -286,6 +286,20 @@ def _estimate(d: dict) -> Estimate:
     return Estimate(**{k: d[k] for k in keys if k in d})
 
 
+def error_r2_estimates(per: dict, *, unit: str = "documents") -> dict[str, Estimate]:
+    """R²(e | x) (centred), R²(‖e‖² | x) and R²(‖e‖ | x) with 95% CIs over documents, from one width's
+    per-document sums (``dark_matter_run``'s ``per_document`` form: ``nonlinear_sq``, ``norm``, ``norm_sq``,
+    ``norm_pow4``, ``norm_sse``, ``norm_sq_sse``, ``n_tokens``, ``error_sum``). Each point is the pooled R² the
+    run prints; each resample recomputes it, the means included, from the resampled documents' sums."""
+    vec = np.column_stack([per["nonlinear_sq"], per["norm_sq"], per["n_tokens"],
+                           np.asarray(per["error_sum"], dtype=np.float64)]).astype(np.float64)
+    sq = np.column_stack([per["norm_sq_sse"], per["norm_sq"], per["norm_pow4"], per["n_tokens"]])
+    nm = np.column_stack([per["norm_sse"], per["norm"], per["norm_sq"], per["n_tokens"]])
+    return {"R²(e | x)": bootstrap_ci(vec, _centred_vector_r2, unit=unit),
+            "R²(‖e‖² | x)": bootstrap_ci(sq.astype(np.float64), _r2_from_sums, unit=unit),
+            "R²(‖e‖ | x)": bootstrap_ci(nm.astype(np.float64), _r2_from_sums, unit=unit)}
+
+
 def dark_matter_estimates(p: dict) -> dict[str, Estimate | float]:
     """Every dark-matter headline number of a payload, as an :class:`Estimate` (95% CI over held-out documents,
     METHODS.md §5) where the payload has its per-document sums, else the run's point value (a float).
@@ -294,7 +308,8 @@ def dark_matter_estimates(p: dict) -> dict[str, Estimate | float]:
     ``… CE(x̂ + nonlinear) − CE(x̂ + linear)`` (nats; a paired bootstrap over CE documents, each series' per-token
     mean pooled per resample) and ``norm question: <selection>`` for each selection of the norm sweep. Each
     CI's point is the run's pooled number: the statistic is the same pooled ratio recomputed from the sums.
-    Only the widest SAE has the error-vector and norm sums (its R²s get CIs; the other widths' are points).
+    Only the widest SAE's error-vector and norm sums are stored; the other widths' R² CIs are computed by the run
+    from theirs (``error_r2_by_width``), and an older payload without them gives those R²s as points.
     FVU's resamples keep x̄ at the mean of all held-out tokens (each document's Σ‖x − x̄‖² is stored, not Σx);
     the R² of e recomputes the error's mean per resample from Σe.
     """
@@ -306,14 +321,11 @@ def dark_matter_estimates(p: dict) -> dict[str, Estimate | float]:
         out[f"width {w}: FVU"] = (bootstrap_ratio(sse, fvu_doc["sst"], unit=unit) if sse
                                   else float(p["sae_metrics"][w]["fvu"]))
         widest = str(per.get("width")) == w and "error_sum" in per
+        stored = (p.get("error_r2_by_width") or {}).get(w)
         if widest:
-            vec = np.column_stack([per["nonlinear_sq"], per["norm_sq"], per["n_tokens"],
-                                   np.asarray(per["error_sum"], dtype=np.float64)]).astype(np.float64)
-            out[f"width {w}: R²(e | x)"] = bootstrap_ci(vec, _centred_vector_r2, unit=unit)
-            sq = np.column_stack([per["norm_sq_sse"], per["norm_sq"], per["norm_pow4"], per["n_tokens"]])
-            out[f"width {w}: R²(‖e‖² | x)"] = bootstrap_ci(sq.astype(np.float64), _r2_from_sums, unit=unit)
-            nm = np.column_stack([per["norm_sse"], per["norm"], per["norm_sq"], per["n_tokens"]])
-            out[f"width {w}: R²(‖e‖ | x)"] = bootstrap_ci(nm.astype(np.float64), _r2_from_sums, unit=unit)
+            out.update({f"width {w}: {k}": v for k, v in error_r2_estimates(per, unit=unit).items()})
+        elif stored:  # computed by the run from this width's per-document sums (not stored: Σe is d floats a doc)
+            out.update({f"width {w}: {k}": _estimate(v) for k, v in stored.items()})
         else:
             out[f"width {w}: R²(e | x)"] = float(d["r2_error_vector"])
             out[f"width {w}: R²(‖e‖² | x)"] = float(d["r2_error_norm_sq"])

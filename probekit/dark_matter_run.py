@@ -316,6 +316,7 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
     from .probes.dark_matter import (earlier_layer_prediction, error_decomposition, fvu_split_across_widths,
                                      per_token_scaling, pursuit_refit)
     from .probes.sae import SAEConfig, ce_recovered_many, sae_metrics, save_sae, train_sae
+    from .claims import error_r2_estimates
 
     t0 = time.perf_counter()
     say = print
@@ -407,6 +408,10 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
         per_doc = _per_document(saes[wl], decomp[wl].estimator, batches(train_rows), batches(test_rows),
                                 doc[test_rows], wl)
         fvu_doc = _fvu_per_document(saes, lambda: batches(test_rows), doc[test_rows])
+        # the narrower widths' R² CIs from their own sums (the sums are not kept: Σe is d floats per document)
+        r2_by_width = {str(w): {k: e.to_dict() for k, e in error_r2_estimates(_per_document(
+            saes[w], decomp[w].estimator, batches(train_rows), batches(test_rows), doc[test_rows], w)).items()}
+            for w in widths[:-1]}
         norm_q = (_norm_question(dc, hook, saes[wl], doc, pos, is_test, kinds, f"{cfg.model} layer {layer}, "
                                  f"{wl}-latent TopK SAE", cfg.seed) if cfg.norm_question else None)
     ce_doc = _ce_per_document(ces, widths, [int(i) for i in np.nonzero(is_test)[0][: cfg.ce_docs]])
@@ -420,6 +425,7 @@ def run_dark_matter(cfg: DarkMatterRunConfig = DarkMatterRunConfig()) -> dict[st
 
     hover = _hover(tok, token_id, doc, pos, test_rows)
     payload = dict(per_document=per_doc, fvu_per_document=fvu_doc, ce_per_document=ce_doc,
+        error_r2_by_width=r2_by_width,
         norm_question=norm_q, per_document_seconds=doc_seconds,
         kind="dark_matter", model=cfg.model, layer=layer, hook=hook, previous_hook=prev, config=asdict(cfg),
         device=device, cache_run=run.run_id, n_documents=dict(code=kinds.count("code"), text=kinds.count("text")),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from probekit.stats import Estimate
 import torch
 
 from probekit.cli import main
@@ -119,6 +121,12 @@ def test_dark_matter_cis_resample_documents_and_their_points_are_the_runs_number
     assert r2e.n == n_test and r2e.unit == "documents" and r2e.low <= r2e.value <= r2e.high
     assert est[f"width {wl}: R²(‖e‖² | x)"].value == pytest.approx(dec["r2_error_norm_sq"], abs=1e-9)
     assert est[f"width {wl}: R²(‖e‖ | x)"].value == pytest.approx(dec["r2_error_norm"], abs=1e-9)
+    # the narrower widths' R²s carry CIs too (computed by the run from their own per-document sums)
+    for w in map(str, p["widths"][:-1]):
+        d = p["decomposition"][w]
+        for key, run_value in (("R²(e | x)", d["r2_error_vector"]), ("R²(‖e‖² | x)", d["r2_error_norm_sq"])):
+            e = est[f"width {w}: {key}"]
+            assert isinstance(e, Estimate) and e.n == n_test and e.value == pytest.approx(run_value, abs=1e-9)
     for w in map(str, p["widths"]):
         fvu = est[f"width {w}: FVU"]
         assert fvu.value == pytest.approx(p["sae_metrics"][w]["fvu"], rel=1e-9) and fvu.n == n_test
@@ -162,7 +170,9 @@ def test_dark_matter_cis_resample_documents_and_their_points_are_the_runs_number
     assert x_hat.error_y.array[-1] == pytest.approx(ci.high - ci.value)
     assert x_hat.error_y.arrayminus[-1] == pytest.approx(ci.value - ci.low)
     r2_bars = results.error_r2_figure(p).data[0]
-    assert r2_bars.error_y.array[-1] == pytest.approx(r2e.high - r2e.value) and r2_bars.error_y.array[0] is None
+    assert r2_bars.error_y.array[-1] == pytest.approx(r2e.high - r2e.value)
+    narrow = est[f"width {p['widths'][0]}: R²(e | x)"]  # every width's bar carries its CI
+    assert r2_bars.error_y.array[0] == pytest.approx(narrow.high - narrow.value)
 
 
 def test_norm_question_off_skips_the_sweep_and_the_claim_says_why(tiny_dir, tmp_path, monkeypatch):
