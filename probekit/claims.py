@@ -132,6 +132,28 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
               "1 − Σ‖nonlinear‖² / (Σ‖e‖² − ‖Σe‖²/N)", "Gemma 2 / Llama 3.1 SAEs", "about 0.5", "METHODS.md §3",
               "range", (0.4, 0.6)),
     ),
+    "linearscope_sr": (
+        Claim("ls_sr_energy_vs_random", _LS, "share of ‖A(x)‖²_F on the best k Haar atoms − on k random atoms "
+              "(k = 8, output side)", "SR CNNs (the paper's figures)",
+              "A(x) is built from wavelet-like atoms", "METHODS.md §4 (image-to-image)", "positive"),
+        Claim("ls_sr_energy_vs_dct", _LS, "the same share, best k Haar atoms − best k DCT atoms",
+              "SR CNNs (the paper's figures)", "wavelet-like rather than Fourier-like",
+              "METHODS.md §4 (image-to-image)", "positive"),
+        Claim("ls_sr_localised", _LS, "effective support of the top-k left singular vectors of A(x) − of random "
+              "vectors", "SR CNNs (the paper's figures)", "localised (smaller support)",
+              "METHODS.md §4 (image-to-image)", "negative"),
+        Claim("ls_sr_oscillating", _LS, "level-1 Haar detail fraction of the top-k left singular vectors − of "
+              "the output images", "SR CNNs (the paper's figures)", "oscillating (more fine detail)",
+              "METHODS.md §4 (image-to-image)", "positive"),
+    ),
+    "linearscope_i2i": (
+        Claim("ls_i2i_copy", _LS, "copy: share of a row of A(x) within ±1 pixel of its own place − random rows",
+              "image-to-image CNNs", "rows copy the input around the pixel", "METHODS.md §4 (image-to-image)",
+              "positive"),
+        Claim("ls_i2i_move", _LS, "move: fraction of rows concentrated away from their place − random rows",
+              "image-to-image CNNs", "some rows copy a shifted region", "METHODS.md §4 (image-to-image)",
+              "positive"),
+    ),
     "linearscope_digits": (
         Claim("ls_bias_share", _LS, "bias share b_c / y_c of the predicted logit (test images)",
               "image classifiers", "classifiers lean heavily on biases (large share)", "METHODS.md §4",
@@ -419,9 +441,31 @@ def _linearscope_rows(p: dict) -> list[ClaimRow]:
     return [row]
 
 
+def _linearscope_sr_rows(p: dict) -> list[ClaimRow]:
+    """Paired differences over test patches, read from the run's stored Estimates (their per-patch arrays are in
+    the payload; :class:`~probekit.probes.linearscope_sr.SRAnalysisResult` recomputes them on load)."""
+    h, k = p.get("headline") or {}, p.get("k_headline", 8)
+    where = f"×2 SR CNN (probekit), k = {k}, test patches"
+    keys = {"ls_sr_energy_vs_random": f"operator_energy_k{k}_haar-random",
+            "ls_sr_energy_vs_dct": f"operator_energy_k{k}_haar-dct",
+            "ls_sr_localised": "sv_left_support-random_hr_support",
+            "ls_sr_oscillating": "sv_left_detail-image_detail"}
+    return [_row(c, where, _estimate(h[keys[c.key]]) if keys[c.key] in h else None,
+                 f"the payload has no headline estimate {keys[c.key]!r}") for c in CLAIMS["linearscope_sr"]]
+
+
+def _linearscope_i2i_rows(p: dict) -> list[ClaimRow]:
+    est = p.get("estimates") or {}
+    keys = {"ls_i2i_copy": "copy_share-random", "ls_i2i_move": "move_fraction-random"}
+    return [_row(c, "ReLU denoising CNN (probekit), test patches",
+                 _estimate(est[keys[c.key]]) if keys[c.key] in est else None,
+                 f"the payload has no estimate {keys[c.key]!r}") for c in CLAIMS["linearscope_i2i"]]
+
+
 _ROWS = {"ast_probe": _ast_rows, "safety_activation": _safety_rows, "safety_weight": _safety_weight_rows,
          "dark_matter": _dark_matter_rows,
-         "linearscope_digits": _linearscope_rows}
+         "linearscope_digits": _linearscope_rows, "linearscope_sr": _linearscope_sr_rows,
+         "linearscope_i2i": _linearscope_i2i_rows}
 
 
 def claim_rows(payload: dict[str, Any]) -> list[ClaimRow]:

@@ -60,11 +60,15 @@ def _stage_table() -> dict[str, tuple[type, Any]]:
     from .ast_probe_run import ASTProbeRunConfig, run_ast_probe
     from .dark_matter_run import DarkMatterRunConfig, run_dark_matter
     from .demo import DemoConfig, run_demo
+    from .linearscope_i2i_run import I2IAnalysisConfig, run_i2i_analysis
     from .linearscope_run import LinearScopeRunConfig, run_linearscope
+    from .linearscope_sr_run import SRAnalysisConfig, run_sr_analysis
     from .safety_run import ActivationRunConfig, WeightRunConfig, run_activation_space, run_weight_space
 
     return {"layer_probes": (DemoConfig, run_demo), "ast_probe": (ASTProbeRunConfig, run_ast_probe),
             "linearscope": (LinearScopeRunConfig, run_linearscope),
+            "linearscope_sr": (SRAnalysisConfig, run_sr_analysis),
+            "linearscope_i2i": (I2IAnalysisConfig, run_i2i_analysis),
             "dark_matter": (DarkMatterRunConfig, run_dark_matter),
             "safety_weight": (WeightRunConfig, run_weight_space),
             "safety_activation": (ActivationRunConfig, run_activation_space)}
@@ -74,10 +78,13 @@ def _stage_table() -> dict[str, tuple[type, Any]]:
 STAGE_TITLES = {"layer_probes": "Linear probes per layer (syntax labels)",
                 "ast_probe": "AST-Probe: is the syntax tree readable from a subspace?",
                 "linearscope": "LinearScope: the linear system a network applies to one input",
+                "linearscope_sr": "LinearScope on a super-resolution CNN: are its bases wavelet-like?",
+                "linearscope_i2i": "LinearScope on an image-to-image CNN: copy, move and template",
                 "dark_matter": "SAE dark matter: how much of the SAE error is predictable?",
                 "safety_weight": "Safety subspaces in weight space",
                 "safety_activation": "Safety subspaces in activation space and the refusal direction"}
-STAGES = ("layer_probes", "ast_probe", "linearscope", "dark_matter", "safety_weight", "safety_activation")
+STAGES = ("layer_probes", "ast_probe", "linearscope", "linearscope_sr", "linearscope_i2i", "dark_matter",
+          "safety_weight", "safety_activation")
 _MANAGED = ("out", "progress")  # set by the report itself
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # integer settings that count something and are meaningless below 1 (checked before any model loads)

@@ -75,7 +75,8 @@ def test_untitled_finds_missing_titles():
 def test_seeds_report_tiny_end_to_end(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PROBEKIT_CACHE", str(tmp_path / "cache"))
     cfg = yaml.safe_load(SEEDS.read_text())
-    assert set(cfg["probes"]) == {"ast_probe", "dark_matter", "safety_activation", "linearscope"}
+    assert set(cfg["probes"]) == {"ast_probe", "dark_matter", "safety_activation", "linearscope", "linearscope_sr",
+                                  "linearscope_i2i"}
     cfg["model"] = str(tiny_dir["llama"])
     cfg["probes"]["safety_activation"]["model"] = str(tiny_dir["llama"])
     cfg["out"] = str(tmp_path / "reports")
