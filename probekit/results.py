@@ -222,8 +222,8 @@ def error_r2_figure(p: dict) -> Any:
     ----------
     p : dict
         The payload; reads ``decomposition`` = {width: ``DarkMatterResult.to_dict()``} (``r2_error_vector``,
-        ``r2_error_norm_sq``, ``r2_error_norm``), and ``per_document`` when present: the widest SAE's bars then
-        carry 95% CIs over held-out documents as error bars (the other widths have no per-document sums).
+        ``r2_error_norm_sq``, ``r2_error_norm``), and ``per_document`` / ``error_r2_by_width`` when present: the
+        bars then carry 95% CIs over held-out documents as error bars (an older payload: the widest SAE's only).
     """
     from .claims import dark_matter_estimates
     from .probes.dark_matter import DarkMatterResult, r2_bars_figure
@@ -236,7 +236,10 @@ def error_r2_figure(p: dict) -> Any:
     for trace, label in zip(fig.data, ("R²(e | x)", "R²(‖e‖² | x)", "R²(‖e‖ | x)")):
         cis = [est.get(f"width {w}: {label}") for w in dec]
         _error_bars(trace, [None if isinstance(e, float) else e for e in cis])
-    fig.update_layout(yaxis_title="R² from x (held out; 95% CI over documents, widest SAE)")
+    every = all(e is not None and not isinstance(e, float) for tr in ("R²(e | x)", "R²(‖e‖² | x)")
+                for e in (est.get(f"width {w}: {tr}") for w in dec))
+    fig.update_layout(yaxis_title="R² from x (held out; 95% CI over documents"
+                                  + (")" if every else ", widest SAE)"))
     return fig
 
 
