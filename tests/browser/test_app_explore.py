@@ -50,7 +50,7 @@ def test_back_and_forward_restore_the_controls(page, server):
     page.click("#ast-metric")
     page.click("text=c accuracy")
     page.wait_for_function("() => location.search.includes('metric=c_accuracy')")
-    page.click("text=separate fits")
+    page.click("#ast-curves >> text=separate fits")  # the radio, not the headline row "best k (separate fits)"
     page.wait_for_function("() => location.search.includes('curves=separate')")
     _settle(page)
     checked = "() => document.querySelector('#ast-curves input:checked').value"
