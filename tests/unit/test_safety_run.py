@@ -114,8 +114,9 @@ def test_weight_run_end_to_end_and_resume(tiny_dir, tmp_path, monkeypatch):
     assert len(pairs) == 2 * 2  # svd fractions x variants, each against a random row
     for q in pairs:
         key = f"{q['variant']}: svd f={q['fraction']} − random f={q['control_fraction']} (equal task loss)"
-        assert head[f"{key}: refusal rate, paired 95% CI"] == q["refusal"].format()
-        assert head[f"{key}: refusal rate, paired 95% CI"].endswith("(n=2 harmful prompts) — too few to conclude")
+        assert head[f"{key}: refusal rate difference, 95% CI"] == q["refusal"].format()
+        assert head[f"{key}: refusal rate difference, 95% CI"].endswith("(n=2 harmful prompts) — too few to conclude")
+        assert head[f"{key}: refusal rate difference"] == "too few to conclude (n = 2 harmful prompts)"
 
     (crow,) = claim_rows(saved)
     assert crow.claim.key == "svd_vs_random_equal_loss" and crow.verdict == "too few to conclude"
