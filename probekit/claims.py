@@ -230,15 +230,17 @@ def _ast_rows(p: dict) -> list[ClaimRow]:
     return rows
 
 
-def refusal_flags(p: dict, condition: str) -> list[float] | None:
-    """Per harmful test prompt, 1.0 when its completion under ``condition`` opens with a refusal phrase."""
+def refusal_flags(p: dict, condition: str, *, part: str = "refusal", prompts: str = "harmful") -> list[float] | None:
+    """Per test prompt of set ``prompts``, 1.0 when its completion under ``condition`` opens with a refusal phrase;
+    ``part`` names the evaluation of the payload (``refusal``, or ``induce`` for the activation addition)."""
     from .probes.safety import refusal_phrase_match
 
-    comp = ((p.get("refusal") or {}).get("completions") or {}).get(condition, {}).get("harmful")
+    ev = p.get(part) or {}
+    comp = ((ev.get("completions") or {}).get(condition) or {}).get(prompts)
     if not comp:
         return None
     kw = {}
-    prefix = ((p.get("refusal") or {}).get("config") or {}).get("prefix_chars")
+    prefix = (ev.get("config") or {}).get("prefix_chars")
     if prefix is not None:
         kw["prefix_chars"] = prefix
     return [float(h) for h in refusal_phrase_match(comp, **kw)]
@@ -302,12 +304,6 @@ def _centred_vector_r2(rows: np.ndarray) -> float:
     return float(1 - s[0] / sst) if sst > 0 else float("nan")
 
 
-def _estimate(d: dict) -> Estimate:
-    """An :class:`Estimate` from its ``to_dict`` form (extra keys such as ``too_small`` ignored)."""
-    keys = ("value", "low", "high", "n", "unit", "level", "method", "min_n")
-    return Estimate(**{k: d[k] for k in keys if k in d})
-
-
 def error_r2_estimates(per: dict, *, unit: str = "documents") -> dict[str, Estimate]:
     """R²(e | x) (centred), R²(‖e‖² | x) and R²(‖e‖ | x) with 95% CIs over documents, from one width's
     per-document sums (``dark_matter_run``'s ``per_document`` form: ``nonlinear_sq``, ``norm``, ``norm_sq``,
@@ -347,7 +343,7 @@ def dark_matter_estimates(p: dict) -> dict[str, Estimate | float]:
         if widest:
             out.update({f"width {w}: {k}": v for k, v in error_r2_estimates(per, unit=unit).items()})
         elif stored:  # computed by the run from this width's per-document sums (not stored: Σe is d floats a doc)
-            out.update({f"width {w}: {k}": _estimate(v) for k, v in stored.items()})
+            out.update({f"width {w}: {k}": Estimate.from_dict(v) for k, v in stored.items()})
         else:
             out[f"width {w}: R²(e | x)"] = float(d["r2_error_vector"])
             out[f"width {w}: R²(‖e‖² | x)"] = float(d["r2_error_norm_sq"])
@@ -369,7 +365,7 @@ def dark_matter_estimates(p: dict) -> dict[str, Estimate | float]:
                 out[f"width {w}: CE(x̂ + nonlinear) − CE(x̂ + linear), nats"] = float(c["ce_nonlinear"] -
                                                                                        c["ce_linear"])
     for r in (p.get("norm_question") or {}).get("rows", []):
-        out[f"norm question: {r['selection']['name']}"] = _estimate(r["r2"])
+        out[f"norm question: {r['selection']['name']}"] = Estimate.from_dict(r["r2"])
     return out
 
 
@@ -421,9 +417,9 @@ def _bos_row(claim: Claim, where: str, bos: dict | None) -> ClaimRow:
     if bos is None:
         return _row(claim, where, None, "the payload has no norm_question (rerun dark-matter with this version, "
                                         "norm_question: true)")
-    row = _row(claim, where + ", position 0 kept", _estimate(bos["r2"]))
+    row = _row(claim, where + ", position 0 kept", Estimate.from_dict(bos["r2"]))
     if bos.get("diff_vs_reference"):
-        d = _estimate(bos["diff_vs_reference"])
+        d = Estimate.from_dict(bos["diff_vs_reference"])
         row.reason += f"; minus the run's choice (BOS excluded), paired over documents: {d.format()}"
     return row
 
@@ -450,7 +446,7 @@ def _linearscope_sr_rows(p: dict) -> list[ClaimRow]:
             "ls_sr_energy_vs_dct": f"operator_energy_k{k}_haar-dct",
             "ls_sr_localised": "sv_left_support-random_hr_support",
             "ls_sr_oscillating": "sv_left_detail-image_detail"}
-    return [_row(c, where, _estimate(h[keys[c.key]]) if keys[c.key] in h else None,
+    return [_row(c, where, Estimate.from_dict(h[keys[c.key]]) if keys[c.key] in h else None,
                  f"the payload has no headline estimate {keys[c.key]!r}") for c in CLAIMS["linearscope_sr"]]
 
 
@@ -458,7 +454,7 @@ def _linearscope_i2i_rows(p: dict) -> list[ClaimRow]:
     est = p.get("estimates") or {}
     keys = {"ls_i2i_copy": "copy_share-random", "ls_i2i_move": "move_fraction-random"}
     return [_row(c, "ReLU denoising CNN (probekit), test patches",
-                 _estimate(est[keys[c.key]]) if keys[c.key] in est else None,
+                 Estimate.from_dict(est[keys[c.key]]) if keys[c.key] in est else None,
                  f"the payload has no estimate {keys[c.key]!r}") for c in CLAIMS["linearscope_i2i"]]
 
 

@@ -421,8 +421,7 @@ def norm_question_figure(p: dict) -> Any:
     from .stats import Estimate
 
     def est(d: dict | None) -> Estimate | None:
-        keys = ("value", "low", "high", "n", "unit", "level", "method", "min_n")
-        return None if d is None else Estimate(**{k: d[k] for k in keys if k in d})
+        return None if d is None else Estimate.from_dict(d)
 
     def nan(v: float | None) -> float:  # to_dict writes a non-finite number as None
         return float("nan") if v is None else float(v)
@@ -662,8 +661,7 @@ def _estimates(d: dict) -> dict[str, str]:
     """Stored :class:`~probekit.stats.Estimate` dicts as ``value [low, high] (n=… unit)`` strings."""
     from .stats import Estimate
 
-    fields = ("value", "low", "high", "n", "unit", "level", "method", "min_n")
-    return {k: Estimate(**{f: e[f] for f in fields if f in e}).format() for k, e in d.items()}
+    return {k: Estimate.from_dict(e).format() for k, e in d.items()}
 
 
 _FIGURES = {"linearscope_sr": _linearscope_sr_figures, "linearscope_i2i": _linearscope_i2i_figures,
@@ -812,31 +810,25 @@ def _safety_activation_headline(payload: dict[str, Any]) -> dict[str, Any]:
     L = payload["n_layers"]
     late = [i for i, l in enumerate(o["layers"]) if 0.65 * L <= l < 0.9 * L] or list(range(len(o["layers"])))
     out: dict[str, Any] = {"refusal-direction layer": payload["layer"]}
-    why = "the payload holds no completions for this condition (no per-prompt outcomes)"
+
+    def rate_ci(flags: list[float] | None, rate: float, unit: str):
+        if not flags:
+            return "the payload holds no completions for this condition (no per-prompt outcomes)"
+        # the flags must give the stored rate, else the CI would describe another number
+        return (proportion(flags, unit=unit) if abs(np.mean(flags) - rate) < 1e-9
+                else "the completions' phrase matches do not reproduce the stored rate")
+
     for c in rr:
-        flags, est = refusal_flags(payload, c), why
-        if flags:  # the flags must give the stored rate, else the CI would describe another number
-            est = (proportion(flags, unit="harmful prompts") if abs(np.mean(flags) - rr[c]["harmful"]) < 1e-9
-                   else "the completions' phrase matches do not reproduce the stored rate")
-        _put(out, f"harmful refusal rate ({c})", rr[c]["harmful"], est)
+        _put(out, f"harmful refusal rate ({c})", rr[c]["harmful"],
+             rate_ci(refusal_flags(payload, c), rr[c]["harmful"], "harmful prompts"))
     abl, rnd = refusal_flags(payload, "ablation"), refusal_flags(payload, "random_ablation")
     if abl and rnd and len(abl) == len(rnd):  # the claim-carrying comparison: paired over the same prompts
         d = paired_difference(abl, rnd, unit="harmful prompts")
         _put(out, "refusal rate: ablated − random direction", d.value, d)
     if payload.get("induce"):
-        ind = payload["induce"]
-        comp = ((ind.get("completions") or {}).get("actadd") or {}).get("harmless")
-        rate, est = ind["refusal_rate"]["actadd"]["harmless"], why
-        if comp:
-            from .probes.safety import refusal_phrase_match
-
-            prefix = (ind.get("config") or {}).get("prefix_chars")
-            flags = [float(h) for h in refusal_phrase_match(comp, **({} if prefix is None else
-                                                                       {"prefix_chars": prefix}))]
-            # the flags must give the stored rate, else the CI would describe another number
-            est = (proportion(flags, unit="harmless prompts") if abs(np.mean(flags) - rate) < 1e-9 else
-                   "the completions' phrase matches do not reproduce the stored rate")
-        _put(out, "harmless refusal rate (actadd)", rate, est)
+        rate = payload["induce"]["refusal_rate"]["actadd"]["harmless"]
+        _put(out, "harmless refusal rate (actadd)", rate, rate_ci(
+            refusal_flags(payload, "actadd", part="induce", prompts="harmless"), rate, "harmless prompts"))
 
     def cells(ov: dict, key: str) -> float:  # mean over the late layers at η ≈ 0.9; None (k = 0) skipped
         return float(np.nanmean([np.nan if ov[key][i][j] is None else ov[key][i][j] for i in late]))

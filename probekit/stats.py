@@ -22,7 +22,7 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -60,6 +60,11 @@ class Estimate:
         d = asdict(self)
         d["too_small"] = self.too_small
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Estimate:
+        """The inverse of :meth:`to_dict` (derived keys such as ``too_small`` are recomputed, not read)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def format(self, digits: int = 3) -> str:
         """``0.750 [0.625, 0.875] (n=40 prompts)``, with "too few to conclude" when ``n < min_n``."""
