@@ -162,6 +162,11 @@ def _splices(w: int, sae, W: torch.Tensor, b: torch.Tensor, device) -> dict:
             f"{w}/nonlinear": _keep_first(lambda a: a - a @ W - b, device)}
 
 
+def _rows(batch) -> torch.Tensor:
+    """The (b, d) activations of one batch: a DeviceCache batch dict of one hook, or the tensor itself."""
+    return next(iter(batch.values())) if isinstance(batch, dict) else batch
+
+
 def _doc_slots(doc_of_token: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
     """Sorted document ids and, per token, its slot among them (a long tensor for ``index_add_``)."""
     ids, inv = np.unique(np.asarray(doc_of_token), return_inverse=True)
@@ -187,11 +192,10 @@ def _per_document(sae, vec, train_batches, test_batches, doc_of_token: np.ndarra
     from .probes.lstsq import StreamedLeastSquares
 
     rec = sae_reconstruct(sae)
-    x_of = (lambda b: next(iter(b.values())) if isinstance(b, dict) else b)  # noqa: E731
     nrm = StreamedLeastSquares(fit_intercept=True)
     with torch.no_grad():
         for b in train_batches:
-            x = x_of(b)
+            x = _rows(b)
             sq = (x - rec(x)[0]).double().pow(2).sum(-1)
             nrm.partial_fit(x, torch.stack([sq, sq.sqrt()], 1))
         ids, slot = _doc_slots(doc_of_token)
@@ -200,7 +204,7 @@ def _per_document(sae, vec, train_batches, test_batches, doc_of_token: np.ndarra
                 for k in ("n_tokens", "norm", "norm_sq", "norm_pow4", "norm_sse", "norm_sq_sse", "nonlinear_sq")}
         e_sum = None
         for b in test_batches:
-            x = x_of(b)
+            x = _rows(b)
             e = (x - rec(x)[0]).double()
             nl = e - vec.predict(x.double())
             sq = e.pow(2).sum(-1)
@@ -236,7 +240,7 @@ def _fvu_per_document(saes: dict, test_batches_of, doc_of_token: np.ndarray) -> 
     sx = sxx = None
     n = 0
     for b in test_batches_of():  # Σx and Σ‖x‖² per document: Σ_d‖x − x̄‖² = Σ‖x‖² − 2x̄·Σx + n_d‖x̄‖²
-        xd = (next(iter(b.values())) if isinstance(b, dict) else b).double()
+        xd = _rows(b).double()
         s = slot[n:n + len(xd)].to(xd.device)
         n += len(xd)
         if sx is None:
@@ -253,7 +257,7 @@ def _fvu_per_document(saes: dict, test_batches_of, doc_of_token: np.ndarray) -> 
             acc = torch.zeros(n_docs, dtype=torch.float64, device=sx.device)
             start = 0
             for b in test_batches_of():
-                x = next(iter(b.values())) if isinstance(b, dict) else b
+                x = _rows(b)
                 x_hat = sae.decode(sae.encode(x), x=x)
                 s = slot[start:start + len(x)].to(x.device)
                 start += len(x)
