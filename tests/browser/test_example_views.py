@@ -38,14 +38,20 @@ def test_view_pages_load_without_console_errors(page, server, path):
     assert page.errors == []
 
 
-def test_typed_text_gives_coloured_tokens(page, server):
-    page.goto(server + "/tokens?source=typed")
+def typed_tokens(page, url: str, text_in: str, go: str, tokens: str, text: str) -> list:
+    """Open ``url``, type ``text`` into ``text_in``, press ``go`` and return the token spans under ``tokens``
+    once the worker's forward has drawn them."""
+    page.goto(url)
     _settle(page)
+    page.fill(text_in, text)
+    page.click(go)
+    page.wait_for_selector(f"{tokens} .tok", timeout=120_000)
+    return page.query_selector_all(f"{tokens} .tok")
+
+
+def test_typed_text_gives_coloured_tokens(page, server):
     text = "def add(a, b):\n    return a + b"
-    page.fill("#tok-text-in", text)
-    page.click("#tok-go")
-    page.wait_for_selector("#tok-text .tok", timeout=120_000)
-    spans = page.query_selector_all("#tok-text .tok")
+    spans = typed_tokens(page, server + "/tokens?source=typed", "#tok-text-in", "#tok-go", "#tok-text", text)
     assert len(spans) == len(text.encode()) + 1  # byte tokens + BOS
     first_cls = spans[0].get_attribute("class")
     assert "tok-excluded" in first_cls, "BOS is greyed and left out of the scale"

@@ -4,18 +4,14 @@ misclassified test tokens in context; saved at 1366 and 1920 px wide to artifact
 
 from __future__ import annotations
 
-from tests.browser.test_app_browser import _settle, _wait_fig
-from tests.browser.test_example_views import _graph_height, _layout, _shots
+from tests.browser.test_app_browser import _wait_fig
+from tests.browser.test_example_views import _graph_height, _layout, _shots, typed_tokens
 
 
 def test_probe_on_typed_text_confusion_and_errors(page, server):
-    page.goto(server + "/layers?model=tiny-llama&probe=1")
-    _settle(page)
     text = "def add(a, b):\n    return a + b"
-    page.fill("#layers-probe-text", text)
-    page.click("#layers-probe-go")
-    page.wait_for_selector("#layers-probe-tokens .tok", timeout=120_000)
-    spans = page.query_selector_all("#layers-probe-tokens .tok")
+    spans = typed_tokens(page, server + "/layers?model=tiny-llama&probe=1", "#layers-probe-text",
+                         "#layers-probe-go", "#layers-probe-tokens", text)
     assert len(spans) == len(text.encode()) + 1  # byte tokens + BOS
     labels = [s.get_attribute("data-label") for s in spans]
     assert set(labels) <= {"letter", "space", "punct"} and len(set(labels)) >= 2

@@ -222,10 +222,16 @@ def test_figures_carry_an_image_fallback(kernel_name, chromium_for_figures, tmp_
                 assert sizes == [[True, 700, 500]] * 2, f"the fallback images did not load: {sizes}"
                 assert offline.locator(".probekit-figure .js-plotly-plot").count() == 0
 
+                def cdn_from_disk(r):  # plotly.js from the CDN is served from disk; other remote requests fail
+                    if "cdn.plot.ly" in r.request.url:
+                        r.fulfill(path=str(plotly_js), content_type="application/javascript")
+                    elif r.request.url.startswith("file:"):
+                        r.continue_()
+                    else:
+                        r.abort()
+
                 online = browser.new_page(viewport={"width": 1100, "height": 1400})
-                online.route("**/*", lambda r: r.fulfill(path=str(plotly_js), content_type="application/javascript")
-                             if "cdn.plot.ly" in r.request.url else
-                             (r.continue_() if r.request.url.startswith("file:") else r.abort()))
+                online.route("**/*", cdn_from_disk)
                 online.goto(page.as_uri())
                 online.locator(".probekit-figure .js-plotly-plot").nth(1).wait_for(timeout=30_000)
                 assert online.locator(".probekit-figure .js-plotly-plot").count() == 2
@@ -243,9 +249,7 @@ def test_figures_carry_an_image_fallback(kernel_name, chromium_for_figures, tmp_
                     };
                     window.requirejs.config = function (c) { window.requirejs.paths = c.paths; };
                     Object.defineProperty(window, "requirejs", {writable: false});""")
-                amd.route("**/*", lambda r: r.fulfill(path=str(plotly_js), content_type="application/javascript")
-                          if "cdn.plot.ly" in r.request.url else
-                          (r.continue_() if r.request.url.startswith("file:") else r.abort()))
+                amd.route("**/*", cdn_from_disk)
                 amd.goto(page.as_uri())
                 amd.locator(".probekit-figure .js-plotly-plot").nth(1).wait_for(timeout=30_000)
                 assert amd.locator("img.probekit-static").count() == 0
